@@ -1,0 +1,280 @@
+"""Config validation and derived paths.
+
+`validate` checks every field before any data is touched and raises one `ConfigError` that names
+every problem (field, bad value, what is allowed), so a long run never dies on a typo an hour in.
+`data_paths` derives the metadata, image and embedding locations from `data.dataset` and
+`data.use_local` as the original did, with explicit paths taking precedence.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import numbers
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from ml_collections import config_dict
+
+from dermjax.models.registry import BACKBONES
+
+DATASETS = ("fitzpatrick17k", "ddi", "isic", "derm1m", "scin")
+DERM1M_SOURCES = ("IIYI", "edu", "note", "public", "pubmed", "reddit", "twitter", "youtube")
+MONITORS = ("val/accuracy", "val/loss", "val/macro_f1", "val/balanced_accuracy")
+ACTIVATIONS = ("relu", "gelu", "silu", "swish", "leaky_relu")
+VIT_PATCH = {"vit_b_16": 16, "vit_b_32": 32, "vit_l_16": 16, "vit_l_32": 32}
+
+
+class ConfigError(ValueError):
+    """Raised with every problem of a config, one per line."""
+
+    def __init__(self, problems: Sequence[str]):
+        self.problems = list(problems)
+        lines = "\n".join(f"  - {p}" for p in self.problems)
+        super().__init__(f"{len(self.problems)} invalid config field(s):\n{lines}")
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+def _is_num(x: Any) -> bool:
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+
+class _Checker:
+    """Collects problems instead of raising on the first."""
+
+    def __init__(self, cfg: config_dict.ConfigDict):
+        self.cfg = cfg
+        self.problems: list[str] = []
+
+    def get(self, path: str) -> Any:
+        node: Any = self.cfg
+        for part in path.split("."):
+            node = node[part]
+        return node
+
+    def check(self, path: str, ok: Callable[[Any], bool], allowed: str, optional=False) -> Any:
+        value = self.get(path)
+        if value is None and optional:
+            return None
+        try:
+            good = ok(value)
+        except (TypeError, ValueError):
+            good = False
+        if not good:
+            self.problems.append(f"{path}={value!r}: expected {allowed}")
+        return value
+
+    def choice(self, path: str, options: Sequence[str], optional=False) -> Any:
+        return self.check(path, lambda v: v in options, f"one of {list(options)}", optional)
+
+    def number(self, path: str, lo=None, hi=None, *, integer=False, lo_open=False, optional=False):
+        def ok(v):
+            if not (_is_int(v) if integer else _is_num(v)):
+                return False
+            if lo is not None and (v <= lo if lo_open else v < lo):
+                return False
+            return hi is None or v <= hi
+
+        kind = "an integer" if integer else "a number"
+        lo_s = "" if lo is None else (f" > {lo}" if lo_open else f" >= {lo}")
+        hi_s = "" if hi is None else f" <= {hi}"
+        extra = " or None" if optional else ""
+        return self.check(path, ok, f"{kind}{lo_s}{hi_s}{extra}", optional)
+
+    def prob(self, path: str, optional=False):
+        return self.number(path, 0.0, 1.0, optional=optional)
+
+    def boolean(self, path: str, optional=False):
+        return self.check(path, lambda v: isinstance(v, bool), "true or false", optional)
+
+    def seq(self, path: str, item_ok, allowed: str, *, length=None, optional=False):
+        def ok(v):
+            if isinstance(v, str | bytes) or not isinstance(v, Sequence):
+                return False
+            return (length is None or len(v) == length) and all(item_ok(x) for x in v)
+
+        return self.check(path, ok, allowed, optional)
+
+
+def _check_data(c: _Checker) -> None:
+    cfg = c.cfg.data
+    c.boolean("data.use_local")
+    c.check("data.dataset", lambda v: isinstance(v, str) and v, "a non-empty string", True)
+    if cfg.dataset is None and not (cfg.metadata_path and cfg.img_prefix) and not cfg.demo:
+        c.problems.append(
+            "data.dataset=None: set data.dataset, or both data.metadata_path and data.img_prefix"
+        )
+    c.number("data.min_samples_per_label", 1, integer=True, optional=True)
+    c.seq("data.datasets", lambda x: x in DATASETS, f"a list from {list(DATASETS)}", optional=True)
+    c.seq(
+        "data.derm1m_sources",
+        lambda x: x in DERM1M_SOURCES,
+        f"a list from {list(DERM1M_SOURCES)}",
+        optional=True,
+    )
+    c.boolean("data.has_text", optional=True)
+    c.number("data.data_fraction", 0.0, 1.0, lo_open=True, optional=True)
+    test = c.number("data.test_size", 0.0, 1.0, lo_open=True)
+    val = c.number("data.val_size", 0.0, 1.0, lo_open=True, optional=True)
+    if _is_num(test) and _is_num(val) and test + val >= 1.0:
+        c.problems.append(f"data.test_size + data.val_size = {test + val}: must be < 1")
+    c.seq("data.img_size", lambda x: _is_int(x) and x >= 8, "[height, width], ints >= 8", length=2)
+    c.number("data.seed", 0, integer=True)
+    c.choice("data.on_bad_image", ("skip", "error"))
+    c.boolean("data.use_cache")
+    c.boolean("data.demo")
+    c.number("data.demo_size", 50, integer=True)
+
+
+def _check_training(c: _Checker) -> None:
+    for f in ("batch_size", "prefetch_factor", "num_epochs", "patience", "validation_interval"):
+        c.number(f"training.{f}", 1, integer=True)
+    c.number("training.eval_batch_size", 1, integer=True, optional=True)
+    c.number("training.num_workers", 0, integer=True)
+    c.number("training.n_warmup_epochs", 0, integer=True)
+    c.number("training.log_every_steps", 1, integer=True)
+    for f in ("compute_stats", "weighted_sampling", "update_frozen_bn_stats"):
+        c.boolean(f"training.{f}")
+    monitor = c.choice("training.monitor", MONITORS)
+    if monitor in MONITORS and c.cfg.data.val_size is None:
+        c.problems.append(f"training.monitor={monitor!r} needs validation: data.val_size is None")
+    c.choice("training.on_nonfinite", ("error", "skip"))
+    c.choice("training.dtype", ("float32", "bfloat16"))
+    c.boolean("training.scheduler.use_cosine_annealing")
+    c.number("training.scheduler.vision_eta_min", 0.0)
+    c.number("training.scheduler.multimodal_classifier_eta_min", 0.0)
+
+
+def _check_augmentation(c: _Checker) -> None:
+    for f in ("brightness_jitter", "contrast_jitter", "saturation_jitter"):
+        c.number(f"augmentation.{f}", 0.0, optional=True)
+    c.number("augmentation.hue_jitter", 0.0, 0.5, optional=True)
+    c.number("augmentation.rotation_degrees", 0.0, 180.0, optional=True)
+    c.seq(
+        "augmentation.translate",
+        lambda x: _is_num(x) and 0 <= x <= 1,
+        "None or two fractions in [0, 1]",
+        length=2,
+        optional=True,
+    )
+    scale = c.seq(
+        "augmentation.scale", lambda x: _is_num(x) and x > 0, "None or [min, max] > 0", length=2,
+        optional=True,
+    )  # fmt: skip
+    if scale is not None and len(scale) == 2 and all(map(_is_num, scale)) and scale[0] > scale[1]:
+        c.problems.append(f"augmentation.scale={scale!r}: min must be <= max")
+    for f in ("grayscale_prob", "horizontal_flip_prob", "vertical_flip_prob"):
+        c.prob(f"augmentation.{f}", optional=True)
+
+
+def _check_models(c: _Checker) -> None:
+    name = c.choice("vision_model.name", BACKBONES)
+    c.boolean("vision_model.pretrained")
+    c.choice("vision_model.pooling_type", ("avg", "max", "concat"))
+    c.number("vision_model.unfreeze_layers", -1, integer=True)
+    size = c.cfg.data.img_size
+    sizes_ok = isinstance(size, Sequence) and all(map(_is_int, size))
+    if name in VIT_PATCH and sizes_ok and any(s % VIT_PATCH[name] for s in size):
+        c.problems.append(
+            f"data.img_size={tuple(size)!r}: {name} needs sizes divisible by {VIT_PATCH[name]}"
+        )
+    m = "multimodal_classifier"
+    c.number(f"{m}.projection_dim", 1, integer=True)
+    for f in ("image_projection_hidden", "text_projection_hidden", "final_hidden_sizes"):
+        c.seq(f"{m}.{f}", lambda x: _is_int(x) and x > 0, "a list of positive integers")
+    for f in ("projection_activation", "final_activation"):
+        c.choice(f"{m}.{f}", ACTIVATIONS)
+    for f in ("projection_dropout", "final_dropout"):
+        c.number(f"{m}.{f}", 0.0, 1.0)
+    c.number(f"{m}.text_projection_dropout", 0.0, 1.0, optional=True)
+    c.boolean(f"{m}.use_l2_normalization")
+    c.choice(f"{m}.fusion_strategy", ("concat_mlp", "weighted_sum"))
+    c.boolean(f"{m}.use_auxiliary_loss")
+    c.number(f"{m}.auxiliary_loss_weight", 0.0)
+    c.number(f"{m}.auxiliary_vision_loss_weight", 0.0, optional=True)
+    c.number(f"{m}.auxiliary_text_loss_weight", 0.0, optional=True)
+    c.choice(f"{m}.loss_fn", ("cross_entropy", "focal"))
+    c.number(f"{m}.label_smoothing", 0.0, 1.0)
+    c.boolean(f"{m}.use_class_weights_from_data")
+    c.seq(
+        f"{m}.class_weights", lambda x: _is_num(x) and x >= 0, "None or weights >= 0", optional=True
+    )
+    alpha = c.get(f"{m}.alpha")
+    if not (alpha is None or (_is_num(alpha) and alpha >= 0)):
+        c.seq(f"{m}.alpha", lambda x: _is_num(x) and x >= 0, "None, a number or a list >= 0")
+    c.number(f"{m}.gamma", 0.0)
+    c.choice(f"{m}.reduction", ("mean",))
+
+
+def _check_rest(c: _Checker) -> None:
+    c.choice("masking.mask_complete", ("image", "text"), optional=True)
+    c.boolean("masking.random_mask.enabled")
+    c.prob("masking.random_mask.image_prob")
+    c.prob("masking.random_mask.text_prob")
+    e = c.cfg.encoder
+    c.check("encoder.embedding_filename", lambda v: isinstance(v, str) and v, "a file name", True)
+    c.check("encoder.model_name", lambda v: isinstance(v, str) and v, "a model name or path")
+    c.number("encoder.max_length", 1, integer=True)
+    c.number("encoder.batch_size", 1, integer=True)
+    pooling = c.choice("encoder.pooling_type", ("cls", "mean", "last_token"))
+    is_qwen = isinstance(e.model_name, str) and "qwen" in e.model_name.lower()
+    if is_qwen and pooling != "last_token":
+        c.problems.append(f"encoder.pooling_type={pooling!r}: Qwen models need 'last_token'")
+    if not is_qwen and pooling == "last_token":
+        c.problems.append("encoder.pooling_type='last_token': only for Qwen models")
+    for group in ("vision_model", "multimodal_classifier"):
+        p = f"optimizer.{group}"
+        c.choice(f"{p}.name", ("adam", "adamw", "sgd"))
+        c.number(f"{p}.learning_rate", 0.0, lo_open=True)
+        c.number(f"{p}.weight_decay", 0.0)
+        c.seq(f"{p}.betas", lambda x: _is_num(x) and 0 <= x < 1, "two numbers in [0, 1)", length=2)
+        c.number(f"{p}.eps", 0.0, lo_open=True)
+        c.number(f"{p}.momentum", 0.0, 1.0)
+    c.check(
+        "output.experiment_name",
+        lambda v: isinstance(v, str) and v and "/" not in v,
+        "a non-empty name without '/'",
+    )
+    c.number("checkpoint.save_frequency", 1, integer=True)
+    c.number("checkpoint.keep_last", 1, integer=True)
+    c.boolean("checkpoint.auto_resume")
+    if c.cfg.checkpoint.load_from and c.cfg.checkpoint.init_from:
+        c.problems.append("checkpoint.load_from and checkpoint.init_from: set at most one")
+
+
+def validate(cfg: config_dict.ConfigDict) -> None:
+    """Raises ConfigError listing every invalid field of `cfg` (no I/O is done)."""
+    c = _Checker(cfg)
+    for section in (_check_data, _check_training, _check_augmentation, _check_models, _check_rest):
+        section(c)
+    if c.problems:
+        raise ConfigError(c.problems)
+
+
+@dataclasses.dataclass(frozen=True)
+class DataPaths:
+    """Where a run reads its data (local paths or gs:// URLs)."""
+
+    root: str
+    metadata: str
+    img_prefix: str
+    embeddings: str | None
+    cache_dir: str
+
+
+def data_paths(cfg: config_dict.ConfigDict) -> DataPaths:
+    """Derives paths from data.dataset + data.use_local; explicit fields win."""
+    d = cfg.data
+    base = d.local_root if d.use_local else d.gcs_root
+    root = f"{base.rstrip('/')}/{d.dataset}" if d.dataset else ""
+    emb_file = cfg.encoder.embedding_filename
+    embeddings = d.embeddings_path or (f"{root}/embeddings/{emb_file}" if emb_file else None)
+    return DataPaths(
+        root=root,
+        metadata=d.metadata_path or f"{root}/metadata_all_harmonized.csv",
+        img_prefix=d.img_prefix or f"{root}/imgs",
+        embeddings=embeddings,
+        cache_dir=d.cache_dir or f"{root or '.'}/cache",
+    )

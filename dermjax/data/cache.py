@@ -1,0 +1,279 @@
+"""Prepared cache: every image decoded and resized once, stored raw in ArrayRecord shards.
+
+Each record is the output of `images.decode(..., rule)` for one path: for the `"shorter"` rule the
+shorter-side-resized image with its own shape (the random crop still happens per epoch), for
+`"exact"` the H x W image. A record is an 8-byte header (uint32 height, width) followed by the raw
+uint8 pixels; an empty record marks a bad image. Reading one is a memory copy, so the loader only
+crops.
+
+Layout of a cache directory (local disk):
+  manifest.json                         identity: version, rule, img_size, paths digest, shard size
+  paths.json                            the cached paths, in record order
+  shard-SSSSS-of-KKKKK.array_record     records [S * shard_size, (S + 1) * shard_size)
+  shard-SSSSS-of-KKKKK.done.json        written after its shard is complete (bad paths listed)
+A rebuild skips shards whose `.done.json` exists, so an interrupted build resumes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import multiprocessing
+import os
+from collections.abc import Sequence
+
+import numpy as np
+from array_record.python import array_record_module
+from array_record.python.array_record_data_source import ArrayRecordDataSource
+from tqdm import tqdm
+
+from dermjax.data import fs, images
+
+VERSION = 1
+MANIFEST = "manifest.json"
+PATHS_FILE = "paths.json"
+WRITER_OPTIONS = "group_size:1,uncompressed"  # random access; raw pixels barely compress
+_HEADER = np.dtype("<u4")
+
+
+def paths_digest(paths: Sequence[str]) -> str:
+    """sha256 of the newline-joined path list: the dataset identity."""
+    return hashlib.sha256("\n".join(paths).encode()).hexdigest()
+
+
+def encode_record(image: np.ndarray) -> bytes:
+    h, w = image.shape[:2]
+    return np.array([h, w], _HEADER).tobytes() + np.ascontiguousarray(image, np.uint8).tobytes()
+
+
+def decode_record(record: bytes) -> np.ndarray | None:
+    """The image of a record, or None for a bad-image record."""
+    if not record:
+        return None
+    h, w = np.frombuffer(record, _HEADER, count=2)
+    return np.frombuffer(record, np.uint8, offset=8).reshape(int(h), int(w), 3)
+
+
+def _shard_file(directory: str, shard: int, num_shards: int, suffix: str) -> str:
+    return os.path.join(directory, f"shard-{shard:05d}-of-{num_shards:05d}.{suffix}")
+
+
+class CacheReader:
+    """Random access to cache records; picklable (file readers are reopened in each process)."""
+
+    def __init__(self, shard_files: list[str], shard_counts: list[int]):
+        self.instructions = [f"{f}[0:{n}]" for f, n in zip(shard_files, shard_counts, strict=True)]
+        self._source: ArrayRecordDataSource | None = None
+
+    def __getstate__(self) -> dict:
+        return {"instructions": self.instructions, "_source": None}
+
+    def read(self, ids: np.ndarray) -> list[np.ndarray | None]:
+        if self._source is None:
+            self._source = ArrayRecordDataSource(self.instructions)
+        return [decode_record(r) for r in self._source.__getitems__([int(i) for i in ids])]
+
+
+class Cache:
+    """An opened, complete cache directory."""
+
+    def __init__(self, directory: str, manifest: dict, paths: list[str]):
+        self.directory = directory
+        self.rule: str = manifest["rule"]
+        self.img_size: tuple[int, int] = tuple(manifest["img_size"])
+        self.paths = paths
+        self.shard_size: int = manifest["shard_size"]
+        num_shards = -(-len(paths) // self.shard_size)
+        self.shard_files = [
+            _shard_file(directory, s, num_shards, "array_record") for s in range(num_shards)
+        ]
+        self._ids = {p: i for i, p in enumerate(paths)}
+
+    def __repr__(self) -> str:
+        return f"Cache({self.directory!r}, rule={self.rule!r}, img_size={self.img_size}, n={len(self.paths)})"
+
+    def missing(self, paths: Sequence[str]) -> list[str]:
+        return [p for p in paths if p not in self._ids]
+
+    def locate(self, paths: Sequence[str]) -> np.ndarray:
+        """Record ids of `paths` (KeyError naming the first path not in the cache)."""
+        return np.array([self._ids[p] for p in paths], dtype=np.int64)
+
+    def reader(self) -> CacheReader:
+        n = len(self.paths)
+        counts = [
+            min(self.shard_size, n - s * self.shard_size) for s in range(len(self.shard_files))
+        ]
+        return CacheReader(self.shard_files, counts)
+
+
+def _identity(paths: Sequence[str], img_size, rule: str, shard_size: int) -> dict:
+    return {
+        "version": VERSION,
+        "rule": rule,
+        "img_size": [int(img_size[0]), int(img_size[1])],
+        "paths_sha256": paths_digest(paths),
+        "num_paths": len(paths),
+        "shard_size": shard_size,
+    }
+
+
+class _Prepare:
+    """path -> (record bytes, bad reason or None); runs in the build's worker processes."""
+
+    def __init__(self, img_size, rule: str, draft: bool):
+        self.img_size, self.rule, self.draft = tuple(img_size), rule, draft
+
+    def __call__(self, path: str) -> tuple[bytes, str | None]:
+        try:
+            data = fs.read_bytes(path)
+            return encode_record(
+                images.decode(data, path, self.img_size, self.rule, draft=self.draft)
+            ), None
+        except images.BadImageError as e:
+            return b"", e.reason
+        except OSError as e:
+            return b"", f"{type(e).__name__}: {e}"
+
+
+def build_cache(
+    records_paths: Sequence[str],
+    out_dir: str,
+    *,
+    img_size: tuple[int, int],
+    rule: str,
+    num_workers: int = 0,
+    progress: bool = True,
+    shard_size: int = 1024,
+    draft: bool = True,
+) -> Cache:
+    """Build (or finish building) the cache of `records_paths` under local `out_dir`.
+
+    Duplicate paths are stored once. A directory holding a cache of other paths/size/rule is
+    cleared first. Bad images are stored as bad records and listed in the shard's `.done.json`.
+    """
+    if rule not in images.RULES:
+        raise ValueError(f"unknown resize rule {rule!r}; expected one of {images.RULES}")
+    if not fs.is_local(out_dir):
+        raise ValueError(f"the prepared cache must be on local disk, got {out_dir}")
+    paths = list(dict.fromkeys(str(p) for p in records_paths))
+    identity = _identity(paths, img_size, rule, shard_size)
+    os.makedirs(out_dir, exist_ok=True)
+    manifest_file = os.path.join(out_dir, MANIFEST)
+    if os.path.exists(manifest_file):
+        with open(manifest_file) as f:
+            old = json.load(f)
+        if {k: old.get(k) for k in identity} != identity:
+            logging.warning("cache at %s holds another dataset or size; rebuilding it", out_dir)
+            for name in os.listdir(out_dir):
+                if name.startswith("shard-") or name in (MANIFEST, PATHS_FILE):
+                    os.remove(os.path.join(out_dir, name))
+    with open(os.path.join(out_dir, PATHS_FILE), "w") as f:
+        json.dump(paths, f)
+    with open(manifest_file, "w") as f:
+        json.dump({**identity, "complete": False}, f, indent=1)
+
+    num_shards = -(-len(paths) // shard_size)
+    pending = [
+        s
+        for s in range(num_shards)
+        if not os.path.exists(_shard_file(out_dir, s, num_shards, "done.json"))
+    ]
+    done = len(paths) - sum(len(paths[s * shard_size : (s + 1) * shard_size]) for s in pending)
+    prepare = _Prepare(img_size, rule, draft)
+    pool = multiprocessing.get_context("spawn").Pool(num_workers) if num_workers > 0 else None
+    bar = tqdm(
+        total=len(paths), initial=done, disable=not progress, desc="prepare cache", unit="img"
+    )
+    try:
+        for s in pending:
+            shard_paths = paths[s * shard_size : (s + 1) * shard_size]
+            results = (
+                pool.imap(prepare, shard_paths, chunksize=4) if pool else map(prepare, shard_paths)
+            )
+            final = _shard_file(out_dir, s, num_shards, "array_record")
+            writer = array_record_module.ArrayRecordWriter(final + ".tmp", WRITER_OPTIONS)
+            bad = {}
+            for path, (record, reason) in zip(shard_paths, results, strict=True):
+                writer.write(record)
+                if reason is not None:
+                    bad[path] = reason
+                bar.update(1)
+            writer.close()
+            os.replace(final + ".tmp", final)
+            with open(_shard_file(out_dir, s, num_shards, "done.json"), "w") as f:
+                json.dump({"records": len(shard_paths), "bad": bad}, f)
+    finally:
+        bar.close()
+        if pool is not None:
+            pool.terminate()
+    with open(manifest_file, "w") as f:
+        json.dump({**identity, "complete": True}, f, indent=1)
+    return Cache(out_dir, identity, paths)
+
+
+def open_cache(directory: str, paths: Sequence[str], img_size, rule: str) -> Cache | None:
+    """The cache at `directory` if it is complete and serves `paths` at this size and rule.
+
+    Returns None and logs why otherwise (absent, incomplete, built for another size/rule/version,
+    or missing some of `paths`).
+    """
+    manifest_file = os.path.join(directory, MANIFEST)
+    if not os.path.exists(manifest_file):
+        logging.info("no prepared cache at %s", directory)
+        return None
+    try:
+        with open(manifest_file) as f:
+            manifest = json.load(f)
+        with open(os.path.join(directory, PATHS_FILE)) as f:
+            cached_paths = json.load(f)
+    except (OSError, ValueError) as e:
+        logging.warning("prepared cache at %s is unreadable: %s", directory, e)
+        return None
+    want = {"version": VERSION, "rule": rule, "img_size": [int(img_size[0]), int(img_size[1])]}
+    problems = [
+        f"{k}={manifest.get(k)!r} (need {v!r})" for k, v in want.items() if manifest.get(k) != v
+    ]
+    if not manifest.get("complete"):
+        problems.append("its build did not finish")
+    if manifest.get("paths_sha256") != paths_digest(cached_paths):
+        problems.append("paths.json does not match the manifest")
+    if not problems:
+        cache = Cache(directory, manifest, cached_paths)
+        if missing := cache.missing(paths):
+            problems.append(
+                f"{len(missing)} of {len(paths)} paths are not cached (e.g. {missing[0]})"
+            )
+    if problems:
+        logging.warning("prepared cache at %s is stale: %s", directory, "; ".join(problems))
+        return None
+    return cache
+
+
+def main(argv: Sequence[str] | None = None) -> Cache:
+    """CLI: `python -m dermjax.data.cache --paths FILE --out DIR --img-size 224 224 --rule shorter`."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--paths", required=True, help="text file, one image path per line")
+    parser.add_argument("--out", required=True, help="local cache directory")
+    parser.add_argument("--img-size", type=int, nargs=2, default=[224, 224], metavar=("H", "W"))
+    parser.add_argument("--rule", choices=images.RULES, default=images.SHORTER)
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--shard-size", type=int, default=1024)
+    args = parser.parse_args(argv)
+    with fs.open_file(args.paths, "r") as f:
+        paths = [line.strip() for line in f if line.strip()]
+    return build_cache(
+        paths,
+        args.out,
+        img_size=tuple(args.img_size),
+        rule=args.rule,
+        num_workers=args.workers,
+        shard_size=args.shard_size,
+    )
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO)
+    main()

@@ -1,0 +1,188 @@
+"""Metadata CSV: the original ml_workflow's filters, stratified splits, class list and weights.
+
+Every rule here reproduces `utils.load_metadata`, `utils.stratified_split` and the class handling
+of `create_dataloaders` (docs: ORIGINAL_WORKFLOW.md §3-4), except the original's crashes on
+`datasets=None` / `derm1m_sources=None`, which here mean "all". Splits call sklearn's
+`train_test_split` exactly as the original does, so a given seed selects the same rows.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Sequence
+
+import fsspec
+import numpy as np
+import pandas as pd
+from sklearn.model_selection import train_test_split
+
+log = logging.getLogger(__name__)
+
+IMG_ID_COL = "image_id"
+IMG_COL = "filename"
+LABEL_COL = "label"
+TEXT_DESC_COL = "text_desc"
+DATASET_COL = "dataset"
+ORIG_FILENAME_COL = "orig_filename"
+
+DATA_FRACTION_SEED = 42  # hard-coded in the original, independent of data.seed
+DERM1M = "derm1m"
+DERM1M_SOURCES = ("IIYI", "edu", "note", "public", "pubmed", "reddit", "twitter", "youtube")
+
+
+def read_metadata_csv(path: str, storage_options: dict | None = None) -> pd.DataFrame:
+    """Reads the harmonized CSV from a local path or any fsspec URL (e.g. gs://)."""
+    with fsspec.open(str(path), "rb", **(storage_options or {})) as f:
+        return pd.read_csv(f, low_memory=False)
+
+
+def require_columns(df: pd.DataFrame, columns: Iterable[str], why: str) -> None:
+    missing = [c for c in columns if c not in df.columns]
+    if missing:
+        raise ValueError(
+            f"metadata is missing column(s) {missing} needed for {why}; it has {list(df.columns)}"
+        )
+
+
+def _as_list(value: str | Sequence[str], name: str) -> list[str]:
+    if isinstance(value, str):
+        return [value]
+    if not isinstance(value, Iterable):
+        raise TypeError(f"{name} must be a list of strings or None, got {value!r}")
+    return list(value)
+
+
+def text_is_missing(text: pd.Series) -> pd.Series:
+    """True where a description is absent: NaN/None or the empty string (both occur upstream)."""
+    return text.isna() | (text == "")
+
+
+def _drop_rare_labels(df: pd.DataFrame, context: str) -> pd.DataFrame:
+    """Drops labels with fewer than 2 rows, which stratified splitting cannot place."""
+    counts = df[LABEL_COL].value_counts()
+    rare = counts[counts < 2]
+    if rare.empty:
+        return df
+    log.warning(
+        "%s: dropping %d class(es) with fewer than 2 rows (%d rows): %s",
+        context,
+        len(rare),
+        int(rare.sum()),
+        sorted(map(str, rare.index)),
+    )
+    return df[~df[LABEL_COL].isin(rare.index)]
+
+
+def load_metadata(
+    source: str | pd.DataFrame,
+    *,
+    min_samples_per_label: int | None = None,
+    datasets: Sequence[str] | None = None,
+    derm1m_sources: Sequence[str] | None = None,
+    has_text: bool | None = None,
+    data_fraction: float | None = None,
+    storage_options: dict | None = None,
+) -> pd.DataFrame:
+    """Loads and filters metadata in the original's order.
+
+    1. min_samples_per_label, counted over the whole CSV before any other filter;
+    2. datasets (None: all); 3. has_text (True: text present, False: NaN or "", None: all);
+    4. derm1m sources, the first path component of orig_filename, when derm1m is selected
+       (None: all sources); 5. data_fraction in (0, 1): stratified subsample with seed 42.
+    Row order is kept as the original leaves it, since the later splits depend on it.
+    """
+    df = (
+        source.copy()
+        if isinstance(source, pd.DataFrame)
+        else read_metadata_csv(source, storage_options)
+    )
+    require_columns(df, [IMG_ID_COL, IMG_COL, LABEL_COL], "every run")
+    log.info("metadata: %d rows, %d labels", len(df), df[LABEL_COL].nunique())
+
+    if min_samples_per_label is not None:
+        counts = df[LABEL_COL].value_counts()
+        kept = counts.index[counts >= min_samples_per_label]
+        df = df[df[LABEL_COL].isin(kept)]
+        log.info(
+            "min_samples_per_label=%d (counted over the whole CSV): %d rows, %d labels",
+            min_samples_per_label,
+            len(df),
+            len(kept),
+        )
+
+    selected = None if datasets is None else _as_list(datasets, "datasets")
+    if selected is not None:
+        require_columns(df, [DATASET_COL], "the datasets filter")
+        df = df[df[DATASET_COL].isin(selected)]
+        log.info("datasets=%s: %d rows", selected, len(df))
+
+    if has_text is not None:
+        require_columns(df, [TEXT_DESC_COL], "the has_text filter")
+        missing = text_is_missing(df[TEXT_DESC_COL])
+        df = df[~missing] if has_text else df[missing]
+        log.info("has_text=%s: %d rows", has_text, len(df))
+
+    if derm1m_sources is not None and (selected is None or DERM1M in selected):
+        sources = _as_list(derm1m_sources, "derm1m_sources")
+        require_columns(df, [DATASET_COL, ORIG_FILENAME_COL], "the derm1m_sources filter")
+        source_of_row = df[ORIG_FILENAME_COL].astype("string").str.split("/").str[0]
+        df = df[(df[DATASET_COL] != DERM1M) | source_of_row.isin(sources)]
+        log.info("derm1m_sources=%s: %d rows", sources, len(df))
+
+    if data_fraction is not None:
+        if 0 < data_fraction < 1:
+            df = _drop_rare_labels(df, "data_fraction")
+            df, _ = train_test_split(
+                df,
+                train_size=data_fraction,
+                stratify=df[LABEL_COL],
+                random_state=DATA_FRACTION_SEED,
+            )
+            log.info("data_fraction=%g (seed 42): %d rows", data_fraction, len(df))
+        elif data_fraction != 1:
+            log.warning("data_fraction=%g is outside (0, 1]; ignored", data_fraction)
+
+    log.info("metadata after filters: %d rows, %d labels", len(df), df[LABEL_COL].nunique())
+    return df
+
+
+def stratified_split(
+    df: pd.DataFrame, *, test_size: float, val_size: float | None, seed: int
+) -> tuple[pd.DataFrame, pd.DataFrame | None, pd.DataFrame]:
+    """Splits into (train, val, test), stratified on label; val is None when val_size is None.
+
+    test is taken first; val is then taken from the rest with val_size / (1 - test_size), so
+    both fractions refer to the whole. Labels with fewer than 2 rows are dropped before each
+    split (the second time from the train part only), as in the original.
+    """
+    require_columns(df, [LABEL_COL], "stratified splitting")
+    df = _drop_rare_labels(df, "split (before test)")
+    train, test = train_test_split(
+        df, test_size=test_size, stratify=df[LABEL_COL], random_state=seed
+    )
+    if val_size is None:
+        log.info("split: train %d, test %d", len(train), len(test))
+        return train, None, test
+    adjusted = val_size / (1 - test_size)
+    train = _drop_rare_labels(train, "split (train part, before val)")
+    train, val = train_test_split(
+        train, test_size=adjusted, stratify=train[LABEL_COL], random_state=seed
+    )
+    log.info("split: train %d, val %d, test %d", len(train), len(val), len(test))
+    return train, val, test
+
+
+def class_list(df: pd.DataFrame) -> list[str]:
+    """Sorted unique labels (as str) of the filtered metadata, taken before splitting."""
+    return sorted(df[LABEL_COL].astype(str).unique())
+
+
+def class_weights(train_df: pd.DataFrame, classes: Sequence[str]) -> np.ndarray:
+    """Raw inverse frequencies 1/count in class order; 1.0 for classes absent from train."""
+    counts = train_df[LABEL_COL].astype(str).value_counts()
+    absent = [c for c in classes if c not in counts.index]
+    if absent:
+        log.warning(
+            "%d class(es) have no training rows and will never be trained: %s", len(absent), absent
+        )
+    return np.array([1.0 / counts[c] if c in counts.index else 1.0 for c in classes], np.float32)

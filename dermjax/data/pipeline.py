@@ -1,0 +1,328 @@
+"""grain input pipelines: the train loader (shuffled or weighted, drops the last partial batch) and
+the eval loader (every sample once, padded and masked), both emitting the batch contract of
+docs/architecture.md.
+
+How a batch is made. The pipeline is a `MapDataset` of *batches*: element `i` is the i-th local batch,
+computed by a picklable function of `i` alone (epoch order from `(seed, epoch)`, random crop from
+`(seed, epoch, position)`). Batches are therefore identical for any worker count, the iterator
+state is a counter that grain checkpoints, and each worker emits whole batches (one shared-memory
+transfer per field). Text embeddings never travel to the workers: they are gathered by `index` in
+the main process after `mp_prefetch`.
+
+Multi-host: `batch_size` is the global batch; process `shard_index` of `shard_count` loads its
+contiguous `batch_size // shard_count` slice of every global batch, so the global batches are the
+same as on one host.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from collections.abc import Iterator
+
+import grain
+import numpy as np
+
+from dermjax.data import fs, images
+from dermjax.data.cache import Cache, CacheReader
+
+_SHUFFLE_STREAM, _CROP_STREAM = 0, 1
+
+
+@dataclasses.dataclass
+class Records:
+    """One split: image paths, integer labels, text embeddings and whether each sample has text."""
+
+    paths: list[str]
+    labels: np.ndarray  # int32[N]
+    text: np.ndarray  # float32[N, D]; zeros where has_text is False
+    has_text: np.ndarray  # bool[N]
+
+    def __post_init__(self) -> None:
+        self.paths = [str(p) for p in self.paths]
+        self.labels = np.asarray(self.labels, dtype=np.int32)
+        self.text = np.asarray(self.text, dtype=np.float32)
+        self.has_text = np.asarray(self.has_text, dtype=bool)
+        n = len(self.paths)
+        shapes = {"labels": self.labels.shape[:1], "text": self.text.shape[:1]}
+        shapes["has_text"] = self.has_text.shape[:1]
+        bad = {k: v for k, v in shapes.items() if v != (n,)}
+        if bad or self.text.ndim != 2:
+            raise ValueError(f"Records fields must have {n} rows (text 2-D); got {bad or shapes}")
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+
+@dataclasses.dataclass
+class Loader:
+    """An iterable of batches; `iter(loader)` gives a grain iterator (checkpointable, closeable).
+
+    Train loaders are infinite and `steps_per_epoch` batches make one epoch; eval loaders stop
+    after `steps_per_epoch` batches. `bad_images` counts samples masked as bad images in batches
+    delivered so far by this loader's iterators (main-process count).
+    """
+
+    dataset: grain.IterDataset
+    steps_per_epoch: int
+    batch_size: int
+    counter: _BadImageCounter
+
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+        return iter(self.dataset)
+
+    @property
+    def bad_images(self) -> int:
+        return self.counter.count
+
+
+class _BadImageCounter:
+    def __init__(self) -> None:
+        self.count = 0
+
+
+class _BadImageLog:
+    """Warns once per bad file and appends it to a local log file (one line per file)."""
+
+    def __init__(self, path: str | None):
+        self.path = path
+        self.seen: set[str] = set()
+
+    def __getstate__(self) -> dict:
+        return {"path": self.path, "seen": set()}
+
+    def report(self, err: images.BadImageError) -> None:
+        if err.path in self.seen:
+            return
+        if self.path and os.path.exists(self.path):  # other workers may have logged it already
+            with open(self.path) as f:
+                self.seen.update(line.split("\t", 1)[0] for line in f.read().splitlines())
+            if err.path in self.seen:
+                return
+        self.seen.add(err.path)
+        logging.warning("skipping %s", err)
+        if self.path:
+            with open(self.path, "a") as f:
+                f.write(f"{err.path}\t{err.reason}\n")
+
+
+class _BatchMaker:
+    """Loads the images of one batch of record indices (runs in grain workers; no jax)."""
+
+    def __init__(
+        self, records: Records, img_size, rule, crop, seed, on_bad_image, log, cache, draft
+    ):
+        if on_bad_image not in ("skip", "error"):
+            raise ValueError(f"on_bad_image must be 'skip' or 'error', got {on_bad_image!r}")
+        self.paths, self.labels = records.paths, records.labels
+        self.img_size = (int(img_size[0]), int(img_size[1]))
+        self.rule, self.crop, self.seed = rule, crop, seed
+        self.on_bad_image, self.log, self.draft = on_bad_image, log, draft
+        self.cache_reader: CacheReader | None = None
+        self.cache_ids: np.ndarray | None = None
+        if cache is not None:
+            if cache.rule != rule or tuple(cache.img_size) != self.img_size:
+                raise ValueError(
+                    f"cache at {cache.directory} holds rule={cache.rule!r} size={cache.img_size}, "
+                    f"this loader needs rule={rule!r} size={self.img_size}"
+                )
+            self.cache_reader, self.cache_ids = cache.reader(), cache.locate(self.paths)
+
+    def _read(self, rows: np.ndarray) -> list[np.ndarray | images.BadImageError]:
+        paths = [self.paths[r] for r in rows]
+        if self.cache_reader is not None:
+            arrays = self.cache_reader.read(self.cache_ids[rows])
+            return [
+                a
+                if a is not None
+                else images.BadImageError(p, "marked bad when the cache was built")
+                for p, a in zip(paths, arrays, strict=True)
+            ]
+        out = []
+        for path, data in zip(paths, fs.read_many(paths), strict=True):
+            if isinstance(data, Exception):
+                out.append(images.BadImageError(path, f"{type(data).__name__}: {data}"))
+                continue
+            try:
+                out.append(images.decode(data, path, self.img_size, self.rule, draft=self.draft))
+            except images.BadImageError as e:
+                out.append(e)
+        return out
+
+    def __call__(
+        self, rows: np.ndarray, epoch: int, positions: np.ndarray
+    ) -> dict[str, np.ndarray]:
+        n = len(rows)
+        image = np.zeros((n, *self.img_size, 3), np.uint8)
+        valid = rows >= 0
+        live = np.flatnonzero(valid)
+        for k, loaded in zip(live, self._read(rows[live]), strict=True):
+            if isinstance(loaded, images.BadImageError):
+                if self.on_bad_image == "error":
+                    raise loaded
+                self.log.report(loaded)
+                valid[k] = False
+                continue
+            if self.crop:
+                rng = np.random.default_rng([self.seed, _CROP_STREAM, epoch, int(positions[k])])
+                loaded = images.random_crop(loaded, self.img_size, rng)
+            image[k] = loaded
+        label = np.where(rows >= 0, self.labels[np.maximum(rows, 0)], 0).astype(np.int32)
+        return {"image": image, "label": label, "valid": valid, "index": rows.astype(np.int32)}
+
+
+class _TrainBatch:
+    """Global batch number -> local batch: per-epoch order from (seed, epoch), then load."""
+
+    def __init__(self, maker, labels, steps, batch_size, local, shard_index, weighted):
+        self.maker, self.steps, self.batch_size = maker, steps, batch_size
+        self.offset = shard_index * local + np.arange(local)
+        self.n, self.weighted = len(labels), weighted
+        counts = np.bincount(labels)
+        weights = 1.0 / counts[labels]
+        self.probs = weights / weights.sum()
+        self._order: tuple[int, np.ndarray] | None = None
+
+    def order(self, epoch: int) -> np.ndarray:
+        """Record indices of one epoch: a permutation, or weighted draws with replacement."""
+        cached = self._order  # one read: reader threads may replace it concurrently
+        if cached is None or cached[0] != epoch:
+            rng = np.random.default_rng([self.maker.seed, _SHUFFLE_STREAM, epoch])
+            if self.weighted:
+                cached = (epoch, rng.choice(self.n, size=self.n, replace=True, p=self.probs))
+            else:
+                cached = (epoch, rng.permutation(self.n))
+            self._order = cached
+        return cached[1]
+
+    def __call__(self, i: int, _: int) -> dict[str, np.ndarray]:
+        epoch, step = divmod(i, self.steps)
+        positions = step * self.batch_size + self.offset
+        return self.maker(self.order(epoch)[positions], epoch, positions)
+
+
+class _EvalBatch:
+    def __init__(self, maker, n, batch_size, local, shard_index):
+        self.maker, self.n, self.batch_size = maker, n, batch_size
+        self.offset = shard_index * local + np.arange(local)
+
+    def __call__(self, i: int, _: int) -> dict[str, np.ndarray]:
+        positions = i * self.batch_size + self.offset
+        return self.maker(np.where(positions < self.n, positions, -1), 0, positions)
+
+
+class _AddText:
+    """Main process: gather text by index (zeros for padding) and count bad images."""
+
+    def __init__(self, records: Records, counter: _BadImageCounter):
+        self.text, self.has_text, self.counter = records.text, records.has_text, counter
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        index = batch["index"]
+        real = index >= 0
+        rows = np.maximum(index, 0)
+        self.counter.count += int(np.sum(real & ~batch["valid"]))
+        text = np.where(real[:, None], self.text[rows], 0).astype(np.float32)
+        return {**batch, "text": text, "has_text": self.has_text[rows] & real}
+
+
+def _worker_init(worker_index: int, worker_count: int) -> None:
+    """Keep accidental jax use in workers off the accelerator (grain#820)."""
+    del worker_index, worker_count
+    os.environ["JAX_PLATFORMS"] = "cpu"
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""
+
+
+def _local_batch(batch_size: int, shard_index: int, shard_count: int) -> int:
+    if not 0 <= shard_index < shard_count:
+        raise ValueError(f"shard_index {shard_index} is outside [0, shard_count={shard_count})")
+    if batch_size % shard_count:
+        raise ValueError(
+            f"batch_size ({batch_size}) must be divisible by the number of processes ({shard_count})"
+        )
+    return batch_size // shard_count
+
+
+def _finish(ds, records, steps, local, num_workers, prefetch_factor, read_threads) -> Loader:
+    counter = _BadImageCounter()
+    buffer = max(1, prefetch_factor)
+    it_ds = ds.to_iter_dataset(
+        grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=buffer)
+    )
+    if num_workers > 0:
+        options = grain.MultiprocessingOptions(
+            num_workers=num_workers, per_worker_buffer_size=buffer
+        )
+        it_ds = it_ds.mp_prefetch(options, worker_init_fn=_worker_init)
+    return Loader(it_ds.map(_AddText(records, counter)), steps, local, counter)
+
+
+def train_loader(
+    records: Records,
+    *,
+    batch_size: int,
+    img_size: tuple[int, int],
+    geometric: bool,
+    seed: int,
+    weighted_sampling: bool = False,
+    num_workers: int = 0,
+    prefetch_factor: int = 2,
+    on_bad_image: str = "skip",
+    bad_image_log: str | None = None,
+    cache: Cache | None = None,
+    shard_index: int = 0,
+    shard_count: int = 1,
+    read_threads: int = 1,
+    draft: bool = True,
+) -> Loader:
+    """Infinite training batches, epoch after epoch (the original's train DataLoader).
+
+    Each epoch is a fresh permutation of the records seeded by `(seed, epoch)`, or, with
+    `weighted_sampling`, `len(records)` draws with replacement with probability proportional to
+    1 / count(label). The last partial batch of every epoch is dropped. `geometric` selects the
+    shorter-side resize + random crop (see images.py). `read_threads` batches are loaded
+    concurrently per process; `draft=False` decodes JPEGs at full size.
+    """
+    local = _local_batch(batch_size, shard_index, shard_count)
+    steps = len(records) // batch_size
+    if steps == 0:
+        raise ValueError(
+            f"the train split has {len(records)} samples, fewer than batch_size={batch_size}"
+        )
+    rule = images.train_rule(geometric)
+    log = _BadImageLog(bad_image_log)
+    maker = _BatchMaker(records, img_size, rule, geometric, seed, on_bad_image, log, cache, draft)
+    fn = _TrainBatch(
+        maker, records.labels, steps, batch_size, local, shard_index, weighted_sampling
+    )
+    ds = grain.MapDataset.range(steps).repeat(None).map_with_index(fn)
+    return _finish(ds, records, steps, local, num_workers, prefetch_factor, read_threads)
+
+
+def eval_loader(
+    records: Records,
+    *,
+    batch_size: int,
+    img_size: tuple[int, int],
+    num_workers: int = 0,
+    prefetch_factor: int = 2,
+    on_bad_image: str = "skip",
+    bad_image_log: str | None = None,
+    cache: Cache | None = None,
+    shard_index: int = 0,
+    shard_count: int = 1,
+    read_threads: int = 1,
+    draft: bool = True,
+) -> Loader:
+    """One pass over `records` in order, exact H x W resize; each `iter()` starts a new pass.
+
+    The last batch is padded to full size with zero images, `valid=False` and `index=-1`.
+    """
+    local = _local_batch(batch_size, shard_index, shard_count)
+    steps = -(-len(records) // batch_size)
+    log = _BadImageLog(bad_image_log)
+    maker = _BatchMaker(records, img_size, images.EXACT, False, 0, on_bad_image, log, cache, draft)
+    fn = _EvalBatch(maker, len(records), batch_size, local, shard_index)
+    ds = grain.MapDataset.range(steps).map_with_index(fn)
+    return _finish(ds, records, steps, local, num_workers, prefetch_factor, read_threads)

@@ -1,0 +1,21 @@
+"""Torchvision-exact backbones (NHWC, Flax NNX), their registry, and the classifier head."""
+
+from dermjax.models.registry import (
+    BACKBONES,
+    create_backbone,
+    default_image_size,
+    feature_dim,
+    is_vit,
+    param_labels,
+    unit_count,
+)
+
+__all__ = [
+    "BACKBONES",
+    "create_backbone",
+    "default_image_size",
+    "feature_dim",
+    "is_vit",
+    "param_labels",
+    "unit_count",
+]

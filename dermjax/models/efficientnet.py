@@ -1,0 +1,240 @@
+"""torchvision EfficientNet-B0/B1/B4 (V1, MBConv) in Flax NNX, NHWC.
+
+Attribute paths equal torchvision's state_dict keys: `features.1.0.block.0.0.weight` is the NNX
+path `('features', 1, 0, 'block', 0, 0, 'kernel')`. Without the top, the model is the original's
+`.features` followed by global pooling; with it, torchvision's full forward (average pool,
+dropout, linear). Stochastic depth and classifier dropout draw from the `dropout` rng stream and
+are active in `model.train()` mode only.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from dermjax.models import layers
+from dermjax.models.layers import Dtype
+
+# (expand_ratio, kernel, stride, in_channels, out_channels, num_layers) before width/depth scaling.
+STAGES = (
+    (1, 3, 1, 32, 16, 1),
+    (6, 3, 2, 16, 24, 2),
+    (6, 5, 2, 24, 40, 2),
+    (6, 3, 2, 40, 80, 3),
+    (6, 5, 1, 80, 112, 3),
+    (6, 5, 2, 112, 192, 4),
+    (6, 3, 1, 192, 320, 1),
+)
+# name -> (width_mult, depth_mult, classifier dropout). B0-B4 keep BatchNorm2d's eps 1e-5.
+VARIANTS = {
+    "efficientnet_b0": (1.0, 1.0, 0.2),
+    "efficientnet_b1": (1.0, 1.1, 0.2),
+    "efficientnet_b4": (1.4, 1.8, 0.4),
+}
+STOCHASTIC_DEPTH_PROB = 0.2
+_ZEROS = nnx.initializers.zeros_init()
+
+
+def make_divisible(value: float, divisor: int = 8) -> int:
+    """torchvision's `_make_divisible`: nearest multiple of `divisor`, never 10% below `value`."""
+    rounded = max(divisor, int(value + divisor / 2) // divisor * divisor)
+    return rounded + divisor if rounded < 0.9 * value else rounded
+
+
+def stage_settings(name: str) -> list[tuple[int, int, int, int, int, int]]:
+    """The scaled (expand, kernel, stride, in, out, layers) rows of `STAGES` for variant `name`."""
+    width, depth, _ = VARIANTS[name]
+    return [
+        (e, k, s, make_divisible(i * width), make_divisible(o * width), math.ceil(n * depth))
+        for e, k, s, i, o, n in STAGES
+    ]
+
+
+def feature_dim(name: str) -> int:
+    """Channels of `.features`' output: 4x the last stage's width (1280 for B0/B1, 1792 for B4)."""
+    return 4 * stage_settings(name)[-1][4]
+
+
+class Sequential(nnx.List):
+    """torch.nn.Sequential: an `nnx.List` whose items are applied in order (paths `name.i`)."""
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        for layer in self:
+            x = layer(x)
+        return x
+
+
+class SiLU(nnx.Module):
+    """Parameter-less torch.nn.SiLU, holding its index in a `Conv2dNormActivation`."""
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return jax.nn.silu(x)
+
+
+def conv_norm_act(
+    in_channels: int,
+    out_channels: int,
+    kernel: int,
+    *,
+    stride: int = 1,
+    groups: int = 1,
+    activation: bool = True,
+    rngs: nnx.Rngs,
+    dtype: Dtype,
+) -> Sequential:
+    """torchvision `Conv2dNormActivation`: conv (no bias, padding (k-1)//2), BN, optional SiLU."""
+    conv = layers.conv(
+        in_channels,
+        out_channels,
+        kernel,
+        stride=stride,
+        padding=(kernel - 1) // 2,
+        groups=groups,
+        kernel_init=layers.kaiming_normal_fan_out,
+        rngs=rngs,
+        dtype=dtype,
+    )
+    norm = layers.batch_norm(out_channels, rngs=rngs, dtype=dtype)
+    return Sequential([conv, norm, SiLU()] if activation else [conv, norm])
+
+
+class SqueezeExcitation(nnx.Module):
+    """Global average -> fc1 (1x1 conv, bias) -> SiLU -> fc2 -> sigmoid gate on the channels."""
+
+    def __init__(self, channels: int, squeeze: int, *, rngs: nnx.Rngs, dtype: Dtype):
+        kw = {"bias": True, "kernel_init": layers.kaiming_normal_fan_out, "bias_init": _ZEROS}
+        self.fc1 = layers.conv(channels, squeeze, 1, rngs=rngs, dtype=dtype, **kw)
+        self.fc2 = layers.conv(squeeze, channels, 1, rngs=rngs, dtype=dtype, **kw)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        scale = jnp.mean(x.astype(layers.stat_dtype(x.dtype)), axis=(1, 2), keepdims=True)
+        scale = jax.nn.sigmoid(self.fc2(jax.nn.silu(self.fc1(scale))))
+        return x * scale.astype(x.dtype)
+
+
+class MBConv(nnx.Module):
+    """Inverted residual: [1x1 expand], kxk depthwise, SE, 1x1 project; residual with drop-path.
+
+    The SE squeeze width is `max(1, in_channels // 4)` of the block input, as in torchvision.
+    Stochastic depth ("row" mode: one Bernoulli draw per sample, scaled by 1/(1-p)) applies to
+    the branch of residual blocks only.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        expand_ratio: int,
+        kernel: int,
+        stride: int,
+        drop_path: float,
+        *,
+        rngs: nnx.Rngs,
+        dtype: Dtype,
+    ):
+        expanded = make_divisible(in_channels * expand_ratio)
+        kw = {"rngs": rngs, "dtype": dtype}
+        block = []
+        if expanded != in_channels:
+            block.append(conv_norm_act(in_channels, expanded, 1, **kw))
+        block.append(conv_norm_act(expanded, expanded, kernel, stride=stride, groups=expanded, **kw))
+        block.append(SqueezeExcitation(expanded, max(1, in_channels // 4), **kw))
+        block.append(conv_norm_act(expanded, out_channels, 1, activation=False, **kw))
+        self.block = Sequential(block)
+        self.use_res_connect = stride == 1 and in_channels == out_channels
+        self.stochastic_depth = nnx.Dropout(drop_path, broadcast_dims=(1, 2, 3), rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        out = self.block(x)
+        if not self.use_res_connect:
+            return out
+        return self.stochastic_depth(out) + x
+
+
+class EfficientNet(nnx.Module):
+    """`features` (stem, 7 MBConv stages, 1x1 head conv) -> pooling -> optional classifier."""
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        rngs: nnx.Rngs,
+        include_top: bool = False,
+        num_classes: int = 1000,
+        pooling_type: str = "avg",
+        dtype: Dtype = jnp.float32,
+    ):
+        layers.check_pooling_type(pooling_type)
+        self.dtype = dtype
+        self.include_top = include_top
+        self.pooling_type = pooling_type
+        settings = stage_settings(name)
+        kw = {"rngs": rngs, "dtype": dtype}
+        features = [conv_norm_act(3, settings[0][3], 3, stride=2, **kw)]
+        total_blocks = sum(row[5] for row in settings)
+        block_index = 0
+        for expand, kernel, stride, in_channels, out_channels, num_layers in settings:
+            stage = []
+            for i in range(num_layers):
+                drop_path = STOCHASTIC_DEPTH_PROB * block_index / total_blocks
+                block_in, block_stride = (in_channels, stride) if i == 0 else (out_channels, 1)
+                stage.append(
+                    MBConv(
+                        block_in, out_channels, expand, kernel, block_stride, drop_path, **kw
+                    )
+                )
+                block_index += 1
+            features.append(Sequential(stage))
+        self.num_features = feature_dim(name)
+        features.append(conv_norm_act(settings[-1][4], self.num_features, 1, **kw))
+        self.features = Sequential(features)
+        classifier = None
+        if include_top:
+            # torchvision: weight ~ U(±1/sqrt(out_features)), zero bias.
+            head = layers.linear(
+                self.num_features,
+                num_classes,
+                kernel_init=layers.torch_bias_init(num_classes),
+                bias_init=_ZEROS,
+                rngs=rngs,
+                dtype=dtype,
+            )
+            classifier = Sequential([nnx.Dropout(VARIANTS[name][2], rngs=rngs), head])
+        self.classifier = classifier
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = self.features(x.astype(self.dtype))
+        if self.classifier is None:
+            return layers.global_pool(x, self.pooling_type)
+        logits = self.classifier(layers.global_pool(x, "avg"))
+        return logits.astype(layers.stat_dtype(self.dtype))
+
+
+def build(
+    name: str,
+    *,
+    rngs: nnx.Rngs,
+    include_top: bool,
+    num_classes: int,
+    pooling_type: str,
+    dtype: Dtype,
+    image_size: int,
+) -> EfficientNet:
+    """EfficientNet for registry name `name` (`image_size` does not change the architecture)."""
+    del image_size
+    return EfficientNet(
+        name,
+        rngs=rngs,
+        include_top=include_top,
+        num_classes=num_classes,
+        pooling_type=pooling_type,
+        dtype=dtype,
+    )
+
+
+def unfreeze_units(model: EfficientNet) -> list[tuple]:
+    """The 9 children of torchvision's `.features` (stem, 7 stages, head conv), in order."""
+    return [("features", i) for i in range(len(model.features))]

@@ -1,0 +1,197 @@
+"""Small building blocks shared by the torchvision-exact backbones.
+
+Dtype convention (all families): `dtype` is the compute dtype of convolutions and matmuls.
+Parameters are float32 (float64 when `dtype` is float64, for parity tests), BatchNorm normalises
+and keeps its statistics in at least float32, and features/logits leave the model in at least
+float32 (`stat_dtype`). Padding is always explicit and symmetric, as in torch.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+Dtype = Any
+Initializer = Callable[..., jax.Array]
+
+POOLING_TYPES = ("avg", "max", "concat")
+
+# torch's default Conv2d/Linear weight init, kaiming_uniform(a=sqrt(5)) = U(±1/sqrt(fan_in)).
+torch_default_init = nnx.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
+# torch kaiming_normal_(mode="fan_out", nonlinearity="relu"), untruncated (ResNet, VGG, EffNet).
+kaiming_normal_fan_out = nnx.initializers.variance_scaling(2.0, "fan_out", "normal")
+# torch kaiming_normal_() defaults: fan_in, relu gain (DenseNet).
+kaiming_normal_fan_in = nnx.initializers.variance_scaling(2.0, "fan_in", "normal")
+
+
+def torch_bias_init(fan_in: int) -> Initializer:
+    """torch's default bias init for Conv2d/Linear: U(±1/sqrt(fan_in))."""
+    bound = 1 / math.sqrt(fan_in) if fan_in > 0 else 0.0
+
+    def init(key: jax.Array, shape: tuple[int, ...], dtype: Dtype = jnp.float32) -> jax.Array:
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+    return init
+
+
+def param_dtype(dtype: Dtype) -> Dtype:
+    """Storage dtype for parameters: float64 for float64 models, float32 otherwise."""
+    return jnp.float64 if jnp.dtype(dtype) == jnp.float64 else jnp.float32
+
+
+def stat_dtype(dtype: Dtype) -> Dtype:
+    """Dtype for normalisation statistics, pooled features and logits: at least float32."""
+    return jnp.promote_types(dtype, jnp.float32)
+
+
+def conv(
+    in_features: int,
+    out_features: int,
+    kernel_size: int,
+    *,
+    stride: int = 1,
+    padding: int = 0,
+    groups: int = 1,
+    bias: bool = False,
+    kernel_init: Initializer = torch_default_init,
+    bias_init: Initializer | None = None,
+    rngs: nnx.Rngs,
+    dtype: Dtype = jnp.float32,
+) -> nnx.Conv:
+    """torch.nn.Conv2d equivalent (square kernel, symmetric explicit padding) in NHWC."""
+    fan_in = in_features // groups * kernel_size * kernel_size
+    return nnx.Conv(
+        in_features,
+        out_features,
+        (kernel_size, kernel_size),
+        strides=stride,
+        padding=((padding, padding), (padding, padding)),
+        feature_group_count=groups,
+        use_bias=bias,
+        kernel_init=kernel_init,
+        bias_init=bias_init or torch_bias_init(fan_in),
+        dtype=dtype,
+        param_dtype=param_dtype(dtype),
+        rngs=rngs,
+    )
+
+
+def linear(
+    in_features: int,
+    out_features: int,
+    *,
+    kernel_init: Initializer = torch_default_init,
+    bias_init: Initializer | None = None,
+    rngs: nnx.Rngs,
+    dtype: Dtype = jnp.float32,
+) -> nnx.Linear:
+    """torch.nn.Linear equivalent (kernel stored transposed, (in, out))."""
+    return nnx.Linear(
+        in_features,
+        out_features,
+        kernel_init=kernel_init,
+        bias_init=bias_init or torch_bias_init(in_features),
+        dtype=dtype,
+        param_dtype=param_dtype(dtype),
+        rngs=rngs,
+    )
+
+
+def batch_norm(
+    num_features: int, *, rngs: nnx.Rngs, dtype: Dtype = jnp.float32, epsilon: float = 1e-5
+) -> nnx.BatchNorm:
+    """torch.nn.BatchNorm2d(eps, momentum=0.1) in Flax terms (momentum 0.9), two-pass variance.
+
+    Normalisation and running statistics use at least float32 whatever the compute dtype.
+    """
+    return nnx.BatchNorm(
+        num_features,
+        momentum=0.9,
+        epsilon=epsilon,
+        use_fast_variance=False,
+        dtype=stat_dtype(dtype),
+        param_dtype=param_dtype(dtype),
+        rngs=rngs,
+    )
+
+
+def max_pool(x: jax.Array, kernel: int, stride: int, padding: int = 0) -> jax.Array:
+    """torch MaxPool2d (floor mode, padding with -inf) on NHWC."""
+    pad = ((0, 0), (padding, padding), (padding, padding), (0, 0))
+    init = jnp.array(-jnp.inf, x.dtype)
+    return jax.lax.reduce_window(
+        x, init, jax.lax.max, (1, kernel, kernel, 1), (1, stride, stride, 1), pad
+    )
+
+
+def avg_pool(x: jax.Array, kernel: int, stride: int) -> jax.Array:
+    """torch AvgPool2d without padding (floor mode) on NHWC."""
+    window = (1, kernel, kernel, 1)
+    summed = jax.lax.reduce_window(
+        x, jnp.array(0, x.dtype), jax.lax.add, window, (1, stride, stride, 1), "VALID"
+    )
+    return summed / (kernel * kernel)
+
+
+def _adaptive_matrix(size_in: int, size_out: int) -> np.ndarray:
+    """Row i averages input positions [floor(i*in/out), ceil((i+1)*in/out)), as torch does."""
+    matrix = np.zeros((size_out, size_in))
+    for i in range(size_out):
+        start = (i * size_in) // size_out
+        end = -((-(i + 1) * size_in) // size_out)
+        matrix[i, start:end] = 1.0 / (end - start)
+    return matrix
+
+
+def adaptive_avg_pool(x: jax.Array, output_size: tuple[int, int]) -> jax.Array:
+    """torch AdaptiveAvgPool2d on NHWC for any input size (overlapping bins included)."""
+    height, width = x.shape[1], x.shape[2]
+    if (height, width) == tuple(output_size):
+        return x
+    rows = jnp.asarray(_adaptive_matrix(height, output_size[0]), x.dtype)
+    cols = jnp.asarray(_adaptive_matrix(width, output_size[1]), x.dtype)
+    return jnp.einsum("ih,jw,nhwc->nijc", rows, cols, x)
+
+
+def global_pool(x: jax.Array, pooling_type: str) -> jax.Array:
+    """Global pooling of NHWC features to (B, C), or (B, 2C) for `concat` (avg first, then max).
+
+    Computed in at least float32, as the original's AdaptiveAvg/MaxPool2d(1) heads.
+    """
+    x = x.astype(stat_dtype(x.dtype))
+    if pooling_type == "avg":
+        return jnp.mean(x, axis=(1, 2))
+    if pooling_type == "max":
+        return jnp.max(x, axis=(1, 2))
+    if pooling_type == "concat":
+        return jnp.concatenate([jnp.mean(x, axis=(1, 2)), jnp.max(x, axis=(1, 2))], axis=-1)
+    raise ValueError(f"pooling_type={pooling_type!r}; expected one of {POOLING_TYPES}")
+
+
+def check_pooling_type(pooling_type: str) -> None:
+    """Fails at construction, not at the first forward, on an unknown pooling type."""
+    if pooling_type not in POOLING_TYPES:
+        raise ValueError(f"pooling_type={pooling_type!r}; expected one of {POOLING_TYPES}")
+
+
+class ReLU(nnx.Module):
+    """Parameter-less torch.nn.ReLU, so it can hold its index in an `nnx.List`."""
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return jax.nn.relu(x)
+
+
+class MaxPool2d(nnx.Module):
+    """Parameter-less torch.nn.MaxPool2d, so it can hold its index in an `nnx.List`."""
+
+    def __init__(self, kernel: int, stride: int, padding: int = 0):
+        self.kernel, self.stride, self.padding = kernel, stride, padding
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return max_pool(x, self.kernel, self.stride, self.padding)

@@ -1,0 +1,202 @@
+"""Classification losses with PyTorch's semantics, plus per-sample masks.
+
+`cross_entropy` equals `torch.nn.functional.cross_entropy(..., reduction="mean")`, class weights
+and label smoothing included; `focal_loss` is the original `FocalLoss`. Both take a boolean
+`mask` that removes samples from the sum *and* from the normaliser, so evaluation padding, bad
+images and masked modalities never count. A loss with no valid sample is 0 with a zero (finite)
+gradient, where PyTorch would give NaN; the original skipped such terms instead.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+LOSS_FNS = ("cross_entropy", "focal")
+
+
+def _prepare(
+    logits: jax.Array, labels: jax.Array, mask: jax.Array | None
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """float32 log-probabilities, labels made safe to gather, and a float mask."""
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    if mask is None:
+        mask = jnp.ones(labels.shape, bool)
+    mask = mask.astype(bool)
+    # Masked samples (e.g. padding labelled -1) must not gather out of range.
+    safe_labels = jnp.where(mask, labels, 0).astype(jnp.int32)
+    return logp, safe_labels, mask.astype(jnp.float32)
+
+
+def _safe_ratio(num: jax.Array, den: jax.Array) -> jax.Array:
+    """num / den, or 0 where den == 0, with finite gradients in both cases."""
+    ok = den > 0
+    return jnp.where(ok, num / jnp.where(ok, den, 1.0), 0.0)
+
+
+def cross_entropy(
+    logits: jax.Array,
+    labels: jax.Array,
+    *,
+    class_weights: Sequence[float] | jax.Array | None = None,
+    label_smoothing: float = 0.0,
+    mask: jax.Array | None = None,
+) -> jax.Array:
+    """Mean cross-entropy exactly as `torch.nn.functional.cross_entropy`.
+
+    With weights w: `(1-eps) * sum_i w[y_i] nll_i / sum_i w[y_i]
+    + (eps/C) * sum_i sum_c w_c (-log p_ic) / sum_i w[y_i]`; without, w = 1.
+    """
+    logp, labels, m = _prepare(logits, labels, mask)
+    num_classes = logp.shape[-1]
+    nll = -jnp.take_along_axis(logp, labels[:, None], axis=-1)[:, 0]
+    if class_weights is None:
+        target_w = m
+        smooth = -jnp.sum(logp, axis=-1)
+    else:
+        w = jnp.asarray(class_weights, jnp.float32)
+        target_w = w[labels] * m
+        smooth = -jnp.sum(logp * w, axis=-1)
+    den = jnp.sum(target_w)
+    loss = _safe_ratio(jnp.sum(target_w * nll), den)
+    if label_smoothing:
+        smooth_loss = _safe_ratio(jnp.sum(m * smooth), den)
+        loss = (1.0 - label_smoothing) * loss + (label_smoothing / num_classes) * smooth_loss
+    return loss
+
+
+def focal_loss(
+    logits: jax.Array,
+    labels: jax.Array,
+    *,
+    alpha: Sequence[float] | float | jax.Array | None = None,
+    gamma: float = 2.0,
+    mask: jax.Array | None = None,
+) -> jax.Array:
+    """Plain mean of `-alpha[y] * (1 - p_t)**gamma * log p_t` (not normalised by alpha)."""
+    logp, labels, m = _prepare(logits, labels, mask)
+    logp_t = jnp.take_along_axis(logp, labels[:, None], axis=-1)[:, 0]
+    one_minus_pt = -jnp.expm1(logp_t)  # 1 - p_t without cancellation when p_t is near 1
+    if alpha is None:
+        alpha_t = jnp.float32(1.0)
+    else:
+        a = jnp.asarray(alpha, jnp.float32)
+        alpha_t = a[labels] if a.ndim else a
+    # gamma == 0 is plain (alpha-weighted) CE; skipping the power keeps its gradient finite at p_t=1.
+    modulator = one_minus_pt**gamma if gamma else 1.0
+    per_sample = -alpha_t * modulator * logp_t
+    return _safe_ratio(jnp.sum(m * per_sample), jnp.sum(m))
+
+
+def _tuple_or_none(value: Any) -> tuple[float, ...] | None:
+    return None if value is None else tuple(float(v) for v in value)
+
+
+@dataclasses.dataclass(frozen=True)
+class LossSpec:
+    """Everything the jitted step needs to compute the loss; hashable, so it can be static."""
+
+    loss_fn: str = "cross_entropy"
+    label_smoothing: float = 0.0
+    class_weights: tuple[float, ...] | None = None
+    alpha: tuple[float, ...] | float | None = None
+    gamma: float = 2.0
+    aux_vision_weight: float = 0.3
+    aux_text_weight: float = 0.3
+    use_auxiliary_loss: bool = False
+
+    def __post_init__(self) -> None:
+        if self.loss_fn not in LOSS_FNS:
+            raise ValueError(
+                f"multimodal_classifier.loss_fn={self.loss_fn!r} is not supported; "
+                f"use one of {LOSS_FNS}."
+            )
+
+    @classmethod
+    def from_config(
+        cls, mc_cfg: Mapping[str, Any], data_class_weights: Sequence[float] | None = None
+    ) -> LossSpec:
+        """Resolve the original's rules from `config.multimodal_classifier`.
+
+        Manual `class_weights` win; otherwise `use_class_weights_from_data` injects the data's raw
+        1/count weights. Focal alpha is `alpha`, else those class weights, else 1.0. Each
+        auxiliary weight defaults to `auxiliary_loss_weight`.
+        """
+        reduction = mc_cfg.get("reduction")
+        if reduction not in (None, "mean"):
+            raise ValueError(
+                f"multimodal_classifier.reduction={reduction!r}: only 'mean' is supported."
+            )
+        class_weights = _tuple_or_none(mc_cfg.get("class_weights"))
+        if class_weights is None and mc_cfg.get("use_class_weights_from_data", False):
+            class_weights = _tuple_or_none(data_class_weights)
+        loss_fn = mc_cfg.get("loss_fn", "cross_entropy")
+        alpha = None
+        if loss_fn == "focal":
+            alpha = mc_cfg.get("alpha")
+            if alpha is None:
+                alpha = class_weights if class_weights is not None else 1.0
+            elif isinstance(alpha, (int, float)):
+                alpha = float(alpha)
+            else:
+                alpha = _tuple_or_none(alpha)
+        aux_weight = mc_cfg.get("auxiliary_loss_weight")
+        aux_weight = 0.3 if aux_weight is None else float(aux_weight)
+        aux_v = mc_cfg.get("auxiliary_vision_loss_weight")
+        aux_t = mc_cfg.get("auxiliary_text_loss_weight")
+        gamma = mc_cfg.get("gamma")
+        return cls(
+            loss_fn=loss_fn,
+            label_smoothing=float(mc_cfg.get("label_smoothing") or 0.0),
+            class_weights=class_weights,
+            alpha=alpha,
+            gamma=2.0 if gamma is None else float(gamma),
+            aux_vision_weight=aux_weight if aux_v is None else float(aux_v),
+            aux_text_weight=aux_weight if aux_t is None else float(aux_t),
+            use_auxiliary_loss=bool(mc_cfg.get("use_auxiliary_loss", False)),
+        )
+
+    def criterion(self, logits: jax.Array, labels: jax.Array, mask: jax.Array) -> jax.Array:
+        """The configured loss over the samples where `mask` is True."""
+        if self.loss_fn == "focal":
+            return focal_loss(logits, labels, alpha=self.alpha, gamma=self.gamma, mask=mask)
+        return cross_entropy(
+            logits,
+            labels,
+            class_weights=self.class_weights,
+            label_smoothing=self.label_smoothing,
+            mask=mask,
+        )
+
+
+def total_loss(
+    outputs: Mapping[str, jax.Array],
+    labels: jax.Array,
+    spec: LossSpec,
+    *,
+    sample_valid: jax.Array,
+    vision_valid: jax.Array,
+    text_valid: jax.Array,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """`main + wv * aux_vision + wt * aux_text`, each aux term on its own valid subset.
+
+    An aux term with weight 0 or without any valid sample contributes 0 (and is reported as 0).
+    """
+    sample_valid = sample_valid.astype(bool)
+    main = spec.criterion(outputs["logits"], labels, sample_valid)
+    zero = jnp.zeros((), jnp.float32)
+    aux_v, aux_t = zero, zero
+    if spec.use_auxiliary_loss and spec.aux_vision_weight != 0:
+        aux_v = spec.criterion(
+            outputs["aux_vision_logits"], labels, sample_valid & vision_valid.astype(bool)
+        )
+    if spec.use_auxiliary_loss and spec.aux_text_weight != 0:
+        aux_t = spec.criterion(
+            outputs["aux_text_logits"], labels, sample_valid & text_valid.astype(bool)
+        )
+    total = main + spec.aux_vision_weight * aux_v + spec.aux_text_weight * aux_t
+    return total, {"loss/main": main, "loss/aux_vision": aux_v, "loss/aux_text": aux_t}

@@ -1,0 +1,288 @@
+"""Run tracking: `metrics.jsonl` and `summary.json` in the workdir, optional wandb, console progress.
+
+The JSONL file is the source of truth (one JSON object per `log` call); wandb mirrors it when a
+project is configured, as the original did with `wandb.init(project, name, config)`. wandb is
+imported lazily and is optional: if it is missing or fails to start, one warning is issued and the
+run continues with JSONL only. Workdirs may be fsspec URLs (e.g. ``gs://``); there, the JSONL file
+is rewritten whole on each `log`, which is cheap at one line per epoch event.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+import warnings
+from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime
+from typing import Any, TextIO
+
+import fsspec
+import numpy as np
+from tqdm import tqdm
+
+
+def to_jsonable(value: Any) -> Any:
+    """Converts numpy/jax scalars and arrays, tuples and mappings to JSON types; NaN/inf -> None."""
+    if isinstance(value, Mapping):
+        return {str(k): to_jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [to_jsonable(v) for v in value]
+    if hasattr(value, "to_dict"):  # ml_collections.ConfigDict
+        return to_jsonable(value.to_dict())
+    if hasattr(value, "tolist") and hasattr(value, "dtype"):  # numpy or jax array / scalar
+        return to_jsonable(np.asarray(value).tolist())
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return str(value)
+
+
+def _is_remote(path: str) -> bool:
+    return "://" in path and not path.startswith("file://")
+
+
+class Tracker:
+    """Writes run events to `workdir/metrics.jsonl` and, with `wandb_project`, to wandb.
+
+    `enabled=False` makes every method a no-op (for non-primary hosts in multi-host runs).
+    """
+
+    def __init__(
+        self,
+        workdir: str,
+        *,
+        experiment_name: str,
+        config_dict: Mapping[str, Any],
+        wandb_project: str | None = None,
+        wandb_dir: str | None = None,
+        enabled: bool = True,
+    ):
+        self.workdir = str(workdir).rstrip("/")
+        self.experiment_name = experiment_name
+        self.enabled = enabled
+        self.start_time = time.time()
+        self.metrics_path = f"{self.workdir}/metrics.jsonl"
+        self._remote_lines: list[str] | None = None
+        self._run: Any = None
+        self._wandb_failed = False
+        if not enabled:
+            return
+        fs, root = fsspec.core.url_to_fs(self.workdir)
+        fs.makedirs(root, exist_ok=True)
+        if _is_remote(self.workdir):
+            self._remote_lines = []
+            if fs.exists(f"{root}/metrics.jsonl"):  # resumed run: keep earlier lines
+                with fsspec.open(self.metrics_path, "r") as f:
+                    self._remote_lines = f.read().splitlines()
+        if wandb_project:
+            if wandb_dir is None and "WANDB_DIR" not in os.environ and not _is_remote(self.workdir):
+                wandb_dir = self.workdir
+            self._start_wandb(wandb_project, wandb_dir, to_jsonable(config_dict))
+
+    def _start_wandb(self, project: str, wandb_dir: str | None, config: Any) -> None:
+        try:
+            import wandb  # optional dependency, imported only when asked for
+
+            self._run = wandb.init(
+                project=project, name=self.experiment_name, config=config, dir=wandb_dir
+            )
+        except Exception as e:  # missing package, bad credentials, no network, ...
+            self._wandb_warning(f"wandb could not start ({type(e).__name__}: {e})")
+
+    def _wandb_warning(self, message: str) -> None:
+        if not self._wandb_failed:
+            warnings.warn(f"{message}; continuing with metrics.jsonl only", stacklevel=3)
+        self._wandb_failed = True
+        self._run = None
+
+    def _write_line(self, record: Mapping[str, Any]) -> None:
+        line = json.dumps(to_jsonable(record), allow_nan=False)
+        if self._remote_lines is None:
+            with fsspec.open(self.metrics_path, "a", encoding="utf-8") as f:
+                f.write(line + "\n")
+        else:
+            self._remote_lines.append(line)
+            with fsspec.open(self.metrics_path, "w") as f:
+                f.write("\n".join(self._remote_lines) + "\n")
+
+    def _record(self, event: str, step: int) -> dict[str, Any]:
+        now = time.time()
+        return {
+            "event": event,
+            "step": int(step),
+            "time": datetime.fromtimestamp(now, UTC).isoformat(timespec="milliseconds"),
+            "elapsed_s": round(now - self.start_time, 3),
+        }
+
+    def log(self, event: str, step: int, metrics: Mapping[str, Any]) -> None:
+        """Appends `{"event", "step", "time", "elapsed_s", **metrics}` as one JSONL line.
+
+        wandb receives the scalar metrics at `step` (steps must not decrease across calls; the
+        loop uses the epoch); lists and nested values stay in the JSONL only.
+        """
+        if not self.enabled:
+            return
+        metrics = to_jsonable(metrics)
+        self._write_line({**self._record(event, step), **metrics})
+        scalars = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+        self._wandb_log(scalars, step)
+
+    def _wandb_log(self, data: Mapping[str, Any], step: int) -> None:
+        if self._run is None or not data:
+            return
+        try:
+            self._run.log(dict(data), step=int(step))
+        except Exception as e:
+            self._wandb_warning(f"wandb.log failed ({type(e).__name__}: {e})")
+
+    def log_confusion_matrix(
+        self, split: str, matrix: Any, class_names: Sequence[str], *, step: int = 0
+    ) -> None:
+        """Logs a confusion matrix (rows true, columns predicted) with its class names.
+
+        JSONL gets the matrix; wandb gets a confusion-matrix chart and per-class recall.
+        """
+        if not self.enabled:
+            return
+        matrix = np.asarray(matrix, dtype=np.int64)
+        self._write_line(
+            {
+                **self._record(f"{split}/confusion_matrix", step),
+                "class_names": list(class_names),
+                "confusion_matrix": matrix.tolist(),
+            }
+        )
+        if self._run is None:
+            return
+        try:
+            import wandb
+
+            rows = [
+                [class_names[i], class_names[j], int(matrix[i, j])]
+                for i in range(len(class_names))
+                for j in range(len(class_names))
+            ]
+            table = wandb.Table(columns=["Actual", "Predicted", "nPredictions"], data=rows)
+            fields = {"Actual": "Actual", "Predicted": "Predicted", "nPredictions": "nPredictions"}
+            chart = wandb.plot_table(
+                "wandb/confusion_matrix/v1", table, fields, {"title": f"{split} confusion matrix"}
+            )
+            support = matrix.sum(axis=1)
+            recall = {
+                f"{split}/recall/{name}": float(matrix[i, i] / support[i])
+                for i, name in enumerate(class_names)
+                if support[i] > 0
+            }
+            self._wandb_log({f"{split}/confusion_matrix": chart, **recall}, step)
+        except Exception as e:
+            self._wandb_warning(f"wandb confusion matrix failed ({type(e).__name__}: {e})")
+
+    def summary(self, values: Mapping[str, Any]) -> None:
+        """Writes `workdir/summary.json` (overwritten) and mirrors it to the wandb run summary."""
+        if not self.enabled:
+            return
+        values = to_jsonable(values)
+        with fsspec.open(f"{self.workdir}/summary.json", "w") as f:
+            json.dump(values, f, indent=2, allow_nan=False)
+        if self._run is not None:
+            try:
+                self._run.summary.update(values)
+            except Exception as e:
+                self._wandb_warning(f"wandb summary failed ({type(e).__name__}: {e})")
+
+    def close(self) -> None:
+        """Finishes the wandb run, if any (the JSONL file is closed after every write)."""
+        if self._run is not None:
+            try:
+                self._run.finish()
+            finally:
+                self._run = None
+
+    def __enter__(self) -> Tracker:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _format_duration(seconds: float) -> str:
+    seconds = int(max(0.0, seconds))
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}:{rest // 60:02d}:{rest % 60:02d}"
+
+
+class Progress:
+    """Progress of one pass over a split, in images: a tqdm bar on a TTY, else periodic lines.
+
+    The line format reports throughput measured after the first update, so the compilation of the
+    first step does not pollute img/s or the ETA.
+    """
+
+    def __init__(
+        self,
+        total: int | None,
+        *,
+        desc: str,
+        every_s: float = 30.0,
+        stream: TextIO | None = None,
+        enabled: bool = True,
+    ):
+        self.total, self.desc, self.every_s = total, desc, every_s
+        self.stream = sys.stderr if stream is None else stream
+        self.enabled = enabled
+        self.count = 0
+        self._start = time.perf_counter()
+        self._first: tuple[float, int] | None = None
+        self._last_print = self._start
+        is_tty = hasattr(self.stream, "isatty") and self.stream.isatty()
+        self._bar = (
+            tqdm(total=total, desc=desc, unit="img", unit_scale=True, file=self.stream)
+            if enabled and is_tty
+            else None
+        )
+
+    def rate(self) -> float | None:
+        """Images per second since the first update (None until two updates have happened)."""
+        if self._first is None:
+            return None
+        t0, n0 = self._first
+        elapsed = time.perf_counter() - t0
+        return (self.count - n0) / elapsed if elapsed > 0 and self.count > n0 else None
+
+    def update(self, n: int, **postfix: float) -> None:
+        """Adds `n` processed images; `postfix` values (e.g. loss) are shown next to the rate."""
+        self.count += n
+        now = time.perf_counter()
+        if self._first is None:
+            self._first = (now, self.count)
+        if self._bar is not None:
+            self._bar.update(n)
+            if postfix:
+                self._bar.set_postfix({k: f"{float(v):.4g}" for k, v in postfix.items()})
+        elif self.enabled and now - self._last_print >= self.every_s:
+            self._last_print = now
+            self._print_line(postfix)
+
+    def _print_line(self, postfix: Mapping[str, float]) -> None:
+        rate = self.rate()
+        done = f"{self.count}" if self.total is None else f"{self.count}/{self.total}"
+        parts = [f"{self.desc}: {done} img"]
+        parts.append(f"{rate:.1f} img/s" if rate else "-- img/s")
+        if rate and self.total is not None:
+            parts.append(f"ETA {_format_duration((self.total - self.count) / rate)}")
+        parts.extend(f"{k}={float(v):.4g}" for k, v in postfix.items())
+        print(", ".join(parts), file=self.stream, flush=True)
+
+    def close(self) -> None:
+        """Ends the bar, or prints a final line with the total time and mean throughput."""
+        if self._bar is not None:
+            self._bar.close()
+        elif self.enabled:
+            rate = self.rate()
+            took = _format_duration(time.perf_counter() - self._start)
+            speed = f", {rate:.1f} img/s" if rate else ""
+            print(f"{self.desc}: done, {self.count} img in {took}{speed}", file=self.stream)

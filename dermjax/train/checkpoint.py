@@ -1,0 +1,311 @@
+"""Orbax checkpoints that never lose work: keep-last plus best, exact resume, damaged-step fallback.
+
+Layout under `directory` (a local path or a gs:// URL; nothing outside it is touched):
+
+    periodic/<step>/   kind "periodic": the newest `keep_last` are kept
+    best/<step>/       kind "best": the newest is kept (the loop saves one only on a new best)
+    last/<step>/       kinds "preempt" and "final": the newest is kept
+
+One Orbax CheckpointManager per subdirectory keeps the retention rules independent: `keep_last`
+can never remove the best checkpoint, and a preemption save survives later periodic pruning. Each
+step holds three items: `state` (the train-state pytree, StandardSave), `data` (the grain
+iterator's position, present when an iterator was given) and `meta` (JSON, plus `kind`,
+`timestamp` and `monitor_mode`). `step` must be the global optimisation step, so steps only grow
+within a run; the same step may be saved under several kinds (a best epoch that is also periodic).
+
+`latest()` is the highest finalised step across the three managers. Restoring it tries every copy
+of that step (last, periodic, best), then older steps, logging a warning for each unreadable one;
+an explicitly requested step is never substituted. A save at step S first deletes every checkpoint
+newer than S (and S itself of the same kind): those belong to a trajectory that was abandoned when
+the run resumed from an earlier or damaged step, and would otherwise win `latest()`.
+
+Saves are asynchronous when `async_save`: arrays are copied off the device before `save` returns
+and written in the background; `wait()` runs before every restore, listing and `close()`.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+from collections.abc import Callable
+from typing import Any
+
+import grain
+import jax
+import orbax.checkpoint as ocp
+from absl import logging
+from etils import epath
+from orbax.checkpoint import checkpoint_managers as ocm
+
+KIND_SUBDIR = {"periodic": "periodic", "best": "best", "preempt": "last", "final": "last"}
+_RESTORE_PRIORITY = {"last": 2, "periodic": 1, "best": 0}  # among copies of one step
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, unreadable, or does not fit the model it is restored into."""
+
+
+def _manager(
+    path: str, *, keep: int | None, async_save: bool, read_only: bool = False, item_handlers=None
+) -> ocp.CheckpointManager:
+    options = ocp.CheckpointManagerOptions(
+        preservation_policy=None if read_only else ocm.LatestN(n=keep),
+        enable_async_checkpointing=async_save,
+        read_only=read_only,
+    )
+    return ocp.CheckpointManager(path, options=options, item_handlers=item_handlers)
+
+
+def _has_item(manager: ocp.CheckpointManager, step: int, item: str) -> bool:
+    return (epath.Path(manager.directory) / str(step) / item).exists()
+
+
+def _restore_first_readable(
+    managers: dict[str, ocp.CheckpointManager],
+    directory: str,
+    step: int | None,
+    args_for: Callable[[str, int], ocp.args.Composite],
+) -> tuple[Any, int]:
+    """Restore `step` (any copy), or with `step=None` the newest readable step, falling back."""
+    saved = [(s, sub) for sub, m in managers.items() for s in m.all_steps()]
+    candidates = sorted(saved, key=lambda c: (c[0], _RESTORE_PRIORITY[c[1]]), reverse=True)
+    if step is not None:
+        candidates = [c for c in candidates if c[0] == step]
+        if not candidates:
+            steps = sorted({s for s, _ in saved})
+            raise CheckpointError(
+                f"No checkpoint for step {step} under {directory}; saved: {steps}"
+            )
+    if not candidates:
+        raise CheckpointError(f"No checkpoint under {directory}.")
+    failures = []
+    for s, sub in candidates:
+        try:
+            restored = managers[sub].restore(s, args=args_for(sub, s))
+        except Exception as e:  # any damage: missing file, truncated chunk, bad JSON, ...
+            reason = (
+                f"{sub}/{s}: {type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+            )
+            failures.append(reason)
+            logging.warning("Checkpoint %s/%s cannot be read: %s", directory, sub, reason)
+            continue
+        if failures:
+            logging.warning(
+                "Restored step %d from %s/%s; newer copies were unreadable: %s",
+                s,
+                directory,
+                sub,
+                "; ".join(failures),
+            )
+        return restored, s
+    what = f"step {step}" if step is not None else "any checkpoint"
+    raise CheckpointError(f"Cannot read {what} under {directory}:\n  " + "\n  ".join(failures))
+
+
+class Checkpointer:
+    """Saves and restores training state, data-iterator position and run metadata."""
+
+    def __init__(
+        self,
+        directory: str,
+        *,
+        save_frequency: int,
+        keep_last: int,
+        monitor_mode: str = "max",
+        async_save: bool = True,
+    ) -> None:
+        if save_frequency < 1 or keep_last < 1:
+            raise ValueError(
+                f"checkpoint.save_frequency ({save_frequency}) and checkpoint.keep_last "
+                f"({keep_last}) must both be >= 1."
+            )
+        if monitor_mode not in ("max", "min"):
+            raise ValueError(f"monitor_mode must be 'max' or 'min', got {monitor_mode!r}.")
+        self.directory = str(directory).rstrip("/")
+        self.save_frequency = save_frequency
+        self.monitor_mode = monitor_mode
+        keep = {"periodic": keep_last, "best": 1, "last": 1}
+        self._managers = {
+            sub: _manager(f"{self.directory}/{sub}", keep=n, async_save=async_save)
+            for sub, n in keep.items()
+        }
+
+    def should_save_periodic(self, epoch: int) -> bool:
+        """Whether 0-based `epoch` ends with a periodic save (the original's rule)."""
+        return (epoch + 1) % self.save_frequency == 0
+
+    def save(self, step: int, *, state: Any, data_iter: Any, meta: dict, kind: str) -> None:
+        """Save `state`, the iterator position and `meta` as `step` of `kind`."""
+        if kind not in KIND_SUBDIR:
+            raise ValueError(f"kind must be one of {sorted(KIND_SUBDIR)}, got {kind!r}.")
+        sub = KIND_SUBDIR[kind]
+        stamp = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+        meta = {**meta, "kind": kind, "timestamp": stamp, "monitor_mode": self.monitor_mode}
+        json.dumps(meta)  # fail here, not in the background writer, on non-JSON values
+        self._drop_superseded(step, sub)
+        items = {"state": ocp.args.StandardSave(state), "meta": ocp.args.JsonSave(meta)}
+        if data_iter is not None:
+            items["data"] = grain.checkpoint.CheckpointSave(data_iter)
+        self._managers[sub].save(step, args=ocp.args.Composite(**items), force=True)
+
+    def _drop_superseded(self, step: int, sub: str) -> None:
+        stale = [
+            (name, s)
+            for name, manager in self._managers.items()
+            for s in manager.all_steps()
+            if s > step or (s == step and name == sub)
+        ]
+        if not stale:
+            return
+        self.wait()
+        logging.warning(
+            "Saving step %d under %s: removing checkpoints it supersedes (the run resumed from an "
+            "earlier step): %s",
+            step,
+            self.directory,
+            ", ".join(f"{name}/{s}" for name, s in stale),
+        )
+        for name, s in stale:
+            self._managers[name].delete(s)
+
+    def latest(self) -> int | None:
+        """The newest finalised step of any kind, or None when there is none."""
+        self.wait()
+        steps = [m.latest_step() for m in self._managers.values()]
+        return max((s for s in steps if s is not None), default=None)
+
+    def best(self) -> int | None:
+        """The step of the kept best checkpoint, or None."""
+        self.wait()
+        return self._managers["best"].latest_step()
+
+    def restore(self, step: int | None, *, abstract_state: Any, data_iter: Any) -> tuple[Any, dict]:
+        """Restore `step` (None: newest readable) into `abstract_state`'s shardings and dtypes.
+
+        The grain iterator, when given, is moved in place to the saved position. Raises
+        CheckpointError when nothing can be read; with `step=None`, unreadable newer steps are
+        skipped with a warning.
+        """
+        self.wait()
+
+        def args_for(sub: str, s: int) -> ocp.args.Composite:
+            items = {
+                "state": ocp.args.StandardRestore(abstract_state),
+                "meta": ocp.args.JsonRestore(),
+            }
+            if data_iter is not None:
+                if _has_item(self._managers[sub], s, "data"):
+                    items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
+                else:
+                    logging.warning(
+                        "Checkpoint %s/%s/%d holds no data-iterator state; the iterator keeps "
+                        "its current position.",
+                        self.directory,
+                        sub,
+                        s,
+                    )
+            return ocp.args.Composite(**items)
+
+        restored, _ = _restore_first_readable(self._managers, self.directory, step, args_for)
+        meta = dict(restored["meta"])
+        if meta.get("monitor_mode", self.monitor_mode) != self.monitor_mode:
+            logging.warning(
+                "Checkpoint was saved with monitor_mode=%r, this run uses %r: its best metric "
+                "is compared in the other direction.",
+                meta["monitor_mode"],
+                self.monitor_mode,
+            )
+        return restored["state"], meta
+
+    def wait(self) -> None:
+        """Block until every pending asynchronous save is written."""
+        for manager in self._managers.values():
+            manager.wait_until_finished()
+
+    def close(self) -> None:
+        """Finish pending saves and release the managers."""
+        self.wait()
+        for manager in self._managers.values():
+            manager.close()
+
+    def __enter__(self) -> Checkpointer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _reader_managers(directory: str) -> dict[str, ocp.CheckpointManager]:
+    """Read-only managers that restore `state` as a plain pytree (allows partial restore)."""
+    handlers = {"state": ocp.PyTreeCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
+    return {
+        sub: _manager(
+            f"{directory}/{sub}",
+            keep=None,
+            async_save=False,
+            read_only=True,
+            item_handlers=handlers,
+        )
+        for sub in _RESTORE_PRIORITY
+    }
+
+
+def resolve_load_from(path: str) -> tuple[str, int | None]:
+    """Map `checkpoint.load_from` to (checkpoints directory, step or None for latest).
+
+    Accepts a workdir (uses its `checkpoints/`), a checkpoints directory, a kind directory
+    (`.../checkpoints/best`: its newest step) or a step directory (`.../checkpoints/periodic/120`).
+    """
+    p = epath.Path(str(path).rstrip("/"))
+    kind_dirs = set(_RESTORE_PRIORITY)
+    if (p / "checkpoints").is_dir():
+        return str(p / "checkpoints"), None
+    if any((p / sub).is_dir() for sub in kind_dirs):
+        return str(p), None
+    if p.name in kind_dirs and p.is_dir():
+        steps = _reader_managers(str(p.parent))[p.name].all_steps()
+        if not steps:
+            raise CheckpointError(f"load_from={path}: no finalised checkpoint in it.")
+        return str(p.parent), max(steps)
+    if p.name.isdigit() and p.parent.name in kind_dirs and p.is_dir():
+        return str(p.parent.parent), int(p.name)
+    raise CheckpointError(
+        f"load_from={path} is not a workdir, a checkpoints directory or a checkpoint step "
+        f"directory (e.g. WORKDIR/checkpoints/periodic/120)."
+    )
+
+
+def restore_weights_only(path: str, abstract_model_state: Any) -> tuple[Any, dict]:
+    """Read the model variables in `abstract_model_state` (e.g. params + batch stats) and meta.
+
+    For fine-tuning from another run: optimizer state, step and iterator are not read, nor are
+    model variables absent from `abstract_model_state`. Comparing classes is the caller's job.
+    """
+    directory, step = resolve_load_from(path)
+    target = {"model": abstract_model_state}
+    restore_args = ocp.checkpoint_utils.construct_restore_args(target)
+
+    def args_for(sub: str, s: int) -> ocp.args.Composite:
+        return ocp.args.Composite(
+            state=ocp.args.PyTreeRestore(
+                item=target, restore_args=restore_args, partial_restore=True
+            ),
+            meta=ocp.args.JsonRestore(),
+        )
+
+    restored, s = _restore_first_readable(_reader_managers(directory), directory, step, args_for)
+    model_state = restored["state"]["model"]
+    flat_want = jax.tree_util.tree_flatten_with_path(abstract_model_state)[0]
+    flat_got = dict(jax.tree_util.tree_flatten_with_path(model_state)[0])
+    wrong = [
+        f"{jax.tree_util.keystr(k)}: checkpoint {tuple(flat_got[k].shape)}, model {tuple(v.shape)}"
+        for k, v in flat_want
+        if k in flat_got and tuple(flat_got[k].shape) != tuple(v.shape)
+    ]
+    if wrong:
+        meta = restored["meta"]
+        raise CheckpointError(
+            f"Weights of step {s} under {directory} do not fit the model "
+            f"(checkpoint classes: {meta.get('classes')}):\n  " + "\n  ".join(wrong)
+        )
+    return model_state, dict(restored["meta"])

@@ -1,0 +1,80 @@
+"""Stopping a run without losing work: termination signals and non-finite losses.
+
+`PreemptionGuard` turns SIGTERM (cloud preemption, `kill`, Modal/SLURM shutdown) and the first
+Ctrl-C into a flag the training loop polls between steps, so it can save a "preempt" checkpoint
+and exit cleanly. A second Ctrl-C raises KeyboardInterrupt at once for a user who means it.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+from types import FrameType
+
+import jax
+from absl import logging
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The training loss became NaN or infinite (raised under `training.on_nonfinite="error"`)."""
+
+    def __init__(self, step: int, value: float) -> None:
+        self.step = step
+        self.value = value
+        super().__init__(
+            f"Non-finite training loss {value} at step {step}. Lower the learning rate, check the "
+            f"inputs, set training.on_nonfinite='skip' to skip such batches, or re-run with the same "
+            f"--workdir to resume from the last checkpoint."
+        )
+
+
+class PreemptionGuard:
+    """Context manager: SIGTERM/SIGINT set `requested` instead of killing the process.
+
+    Previous handlers are restored on exit. Outside the main thread (where Python forbids
+    installing handlers) nothing is installed. With several JAX processes SIGTERM is left to JAX's
+    preemption notifier (set up by jax.distributed.initialize) and `should_stop` asks it.
+    """
+
+    def __init__(self, signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT)) -> None:
+        self._signals = signals
+        self._previous: dict[int, object] = {}
+        self.requested = False
+        self.signal_name: str | None = None
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        name = signal.Signals(signum).name
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt(f"second {name}: stopping without a checkpoint")
+        if not self.requested:
+            logging.warning(
+                "%s received: saving a checkpoint at the next step, then exiting.", name
+            )
+        self.requested = True
+        self.signal_name = self.signal_name or name
+
+    def should_stop(self, step: int) -> bool:
+        """Whether to save and stop after `step`; call it at every step on every process.
+
+        One process stopping alone would leave the others waiting in a collective, so with
+        several processes the answer is JAX's preemption sync point, the same on all of them.
+        """
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            return multihost_utils.reached_preemption_sync_point(step)
+        return self.requested
+
+    def __enter__(self) -> PreemptionGuard:
+        if threading.current_thread() is threading.main_thread():
+            multi = jax.process_count() > 1
+            for sig in self._signals:
+                if multi and sig == signal.SIGTERM:
+                    continue
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()

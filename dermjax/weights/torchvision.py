@@ -1,0 +1,252 @@
+"""Strict, mechanical loading of torchvision state_dicts into dermjax backbones.
+
+dermjax modules are named like torchvision's state_dict keys, so a key maps to an NNX path by
+splitting on dots (digits become list indices) and renaming the leaf: `weight` -> `kernel` for
+Conv (OIHW -> HWIO) and Linear (transposed), `weight` -> `scale` for BatchNorm/LayerNorm,
+`running_mean/var` -> `mean/var`; `num_batches_tracked` is dropped; other leaves
+(`class_token`, `pos_embedding`) keep their names. Converted weights are stored as safetensors
+of the torch-keyed state_dict (see scripts/convert_torchvision.py).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from dermjax.models.registry import HEAD_NAMES
+
+_DENSENET_LEGACY = re.compile(
+    r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$"
+)
+_RENAMES = (
+    (re.compile(r"\.mlp\.linear_1\."), ".mlp.0."),
+    (re.compile(r"\.mlp\.linear_2\."), ".mlp.3."),
+    (re.compile(r"\.self_attention\.in_proj_(weight|bias)$"), r".self_attention.in_proj.\1"),
+)
+_LEAF_NAMES = {"bias": "bias", "running_mean": "mean", "running_var": "var"}
+_TORCH_LEAF = {"kernel": "weight", "scale": "weight", "mean": "running_mean", "var": "running_var"}
+
+DEFAULT_WEIGHTS_DIR = "~/.cache/dermjax/weights"
+_TV_LIBRARY = None  # keeps the torchvision op-schema shim alive (see import_torchvision)
+
+
+def import_torchvision() -> Any:
+    """Imports torchvision, working around CUDA wheels beside a CPU-only torch.
+
+    Such wheels fail at import with "operator torchvision::nms does not exist"; defining the two
+    op schemas first makes every classification model and weights enum usable.
+    """
+    global _TV_LIBRARY
+    try:
+        import torchvision
+
+        return torchvision
+    except RuntimeError as error:
+        if "torchvision::" not in str(error):
+            raise
+    import torch
+
+    for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
+        del sys.modules[name]
+    _TV_LIBRARY = torch.library.Library("torchvision", "FRAGMENT")
+    for op in ("nms", "qnms"):
+        _TV_LIBRARY.define(f"{op}(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+    import torchvision
+
+    return torchvision
+
+
+def to_numpy(value: Any) -> np.ndarray:
+    """A torch tensor (any device, bf16 included) or array-like as a numpy array."""
+    if hasattr(value, "detach"):
+        value = value.detach().cpu()
+        if not value.dtype.is_floating_point or value.dtype.itemsize >= 4:
+            return value.numpy()
+        return value.float().numpy()
+    return np.asarray(value)
+
+
+def fix_legacy_keys(state_dict: Mapping[str, Any]) -> dict[str, Any]:
+    """Renames legacy keys to the current layout; drops `num_batches_tracked`.
+
+    DenseNet `denselayerK.norm.1.weight` -> `denselayerK.norm1.weight` (also relu/conv, .2);
+    ViT `mlp.linear_1/2` -> `mlp.0/3`; ViT `self_attention.in_proj_weight/bias` ->
+    `self_attention.in_proj.weight/bias` (dermjax holds `in_proj` as a Linear).
+    """
+    fixed = {}
+    for key, value in state_dict.items():
+        if key.endswith("num_batches_tracked"):
+            continue
+        match = _DENSENET_LEGACY.match(key)
+        if match:
+            key = match.group(1) + match.group(2)
+        for pattern, replacement in _RENAMES:
+            key = pattern.sub(replacement, key)
+        fixed[key] = value
+    return fixed
+
+
+def _child(module: Any, name: str | int) -> Any:
+    try:
+        return module[name] if isinstance(name, int) else getattr(module, name, None)
+    except (IndexError, KeyError, TypeError):
+        return None
+
+
+def _target(module: nnx.Module, key: str) -> tuple[tuple, Any] | None:
+    """(NNX path, transform) for a torch key, or None when the module has no such submodule."""
+    parts = [int(p) if p.isdigit() else p for p in key.split(".")]
+    owner = module
+    for name in parts[:-1]:
+        owner = _child(owner, name)
+        if owner is None:
+            return None
+    leaf = parts[-1]
+    transform = None
+    if leaf == "weight":
+        if isinstance(owner, nnx.Conv):
+            leaf, transform = "kernel", lambda a: np.transpose(a, (2, 3, 1, 0))
+        elif isinstance(owner, nnx.Linear):
+            leaf, transform = "kernel", np.transpose
+        elif isinstance(owner, (nnx.BatchNorm, nnx.LayerNorm)):
+            leaf = "scale"
+        else:
+            return None
+    else:
+        leaf = _LEAF_NAMES.get(leaf, leaf)
+    return (*parts[:-1], leaf), transform
+
+
+def torch_key(path: tuple) -> str:
+    """The torchvision-style key for an NNX parameter path (for error messages)."""
+    *owner, leaf = path
+    return ".".join([*(str(p) for p in owner), _TORCH_LEAF.get(leaf, leaf)])
+
+
+def _variable(module: nnx.Module, path: tuple) -> nnx.Variable:
+    owner = module
+    for name in path[:-1]:
+        owner = _child(owner, name)
+    return getattr(owner, path[-1])
+
+
+def _is_head(path_or_key: tuple | str) -> bool:
+    first = path_or_key.split(".")[0] if isinstance(path_or_key, str) else path_or_key[0]
+    return first in HEAD_NAMES
+
+
+def _resize_pos_embedding(array: np.ndarray, shape: tuple) -> np.ndarray | None:
+    if array.ndim != 3 or len(shape) != 3 or array.shape[::2] != tuple(shape[::2]):
+        return None
+    from dermjax.models.vit import resize_pos_embedding
+
+    return np.asarray(resize_pos_embedding(array, shape[1]))
+
+
+def load_state_dict(
+    module: nnx.Module, state_dict: Mapping[str, Any], *, drop_head: bool = False
+) -> None:
+    """Copies a torchvision state_dict (torch tensors or numpy arrays) into `module` in place.
+
+    Strict: every Param/BatchStat must be filled and every key used with a matching shape, else
+    one ValueError names all missing, unexpected and mis-shaped keys (nothing is modified).
+    `drop_head` ignores the classification head (`fc.*`, `classifier.*`, `heads.*`) on both sides,
+    for include_top=False backbones or new heads. `encoder.pos_embedding` with another token
+    count is resized (bicubic, torchvision-exact). Values are cast to the module's dtypes.
+    """
+    expected = {
+        tuple(path): var.get_value()
+        for path, var in nnx.to_flat_state(nnx.state(module, (nnx.Param, nnx.BatchStat)))
+    }
+    if drop_head:
+        expected = {p: v for p, v in expected.items() if not _is_head(p)}
+    updates, unexpected, mis_shaped = {}, [], []
+    for key, value in fix_legacy_keys(state_dict).items():
+        if drop_head and _is_head(key):
+            continue
+        target = _target(module, key)
+        if target is None or target[0] not in expected:
+            unexpected.append(key)
+            continue
+        path, transform = target
+        array = to_numpy(value)
+        array = transform(array) if transform is not None else array
+        want = tuple(expected[path].shape)
+        if array.shape != want and path[-1] == "pos_embedding":
+            resized = _resize_pos_embedding(array, want)
+            array = array if resized is None else resized
+        if array.shape != want:
+            mis_shaped.append(f"{key}: got {array.shape} (as stored in dermjax), model has {want}")
+            continue
+        updates[path] = array
+    missing = [torch_key(p) for p in expected if p not in updates]
+    if missing or unexpected or mis_shaped:
+        problems = [
+            f"{title} ({len(keys)}): {', '.join(keys)}"
+            for title, keys in (
+                ("missing keys", missing),
+                ("unexpected keys", unexpected),
+                ("shape mismatches", mis_shaped),
+            )
+            if keys
+        ]
+        raise ValueError(
+            f"state_dict does not match {type(module).__name__}: " + "; ".join(problems)
+        )
+    for path, array in updates.items():
+        var = _variable(module, path)
+        var.set_value(jnp.asarray(array, dtype=expected[path].dtype))
+
+
+def save_converted(
+    state_dict: Mapping[str, Any], path: str | os.PathLike, metadata: Mapping[str, str] | None = None
+) -> None:
+    """Writes the (legacy-fixed) torch-keyed state_dict as float32/int safetensors."""
+    from safetensors.numpy import save_file
+
+    arrays = {k: np.ascontiguousarray(to_numpy(v)) for k, v in fix_legacy_keys(state_dict).items()}
+    save_file(arrays, str(path), metadata=dict(metadata or {}))
+
+
+def load_converted(module: nnx.Module, path: str | os.PathLike, *, drop_head: bool = False) -> None:
+    """Loads weights written by `save_converted` into `module` (strict, see `load_state_dict`)."""
+    from safetensors.numpy import load_file
+
+    load_state_dict(module, load_file(str(path)), drop_head=drop_head)
+
+
+def weights_dir() -> Path:
+    """`$DERMJAX_WEIGHTS_DIR`, default ~/.cache/dermjax/weights."""
+    return Path(os.environ.get("DERMJAX_WEIGHTS_DIR") or DEFAULT_WEIGHTS_DIR).expanduser()
+
+
+def conversion_command(name: str, out: str | os.PathLike) -> str:
+    """The command that writes converted default torchvision weights for `name` to `out`."""
+    return (
+        f"python scripts/convert_torchvision.py --arch {shlex.quote(name)} --weights DEFAULT "
+        f"--out {shlex.quote(str(out))}"
+    )
+
+
+def resolve_weights_path(name: str, weights_path: str | os.PathLike | None = None) -> Path:
+    """Converted weights for backbone `name`: `weights_path`, else `weights_dir()/<name>.safetensors`.
+
+    Raises FileNotFoundError with the exact conversion command when the file does not exist.
+    """
+    path = Path(weights_path).expanduser() if weights_path else weights_dir() / f"{name}.safetensors"
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"No converted torchvision weights for {name!r} at {path}. Convert them once on a "
+            f"machine with internet and torch + torchvision installed:\n"
+            f"  {conversion_command(name, path)}"
+        )
+    return path

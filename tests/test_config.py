@@ -1,0 +1,197 @@
+"""Config schema, validation (every problem in one error), path derivation, YAML loading."""
+
+import importlib.util
+import pathlib
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from dermjax.config import ConfigError, data_paths, validate
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def load_config(name: str, arg: str | None = None):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "configs" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config() if arg is None else module.get_config(arg)
+
+
+@pytest.mark.parametrize("name", ["default", "demo"])
+def test_shipped_configs_are_valid(name):
+    validate(load_config(name))
+
+
+def test_every_original_readme_section_and_field_exists():
+    cfg = load_config("default")
+    expected = {
+        "data": "use_local dataset min_samples_per_label datasets derm1m_sources has_text "
+        "data_fraction test_size val_size img_size seed",
+        "training": "batch_size num_workers prefetch_factor num_epochs patience "
+        "validation_interval n_warmup_epochs compute_stats weighted_sampling",
+        "training.scheduler": "use_cosine_annealing vision_eta_min multimodal_classifier_eta_min",
+        "augmentation": "brightness_jitter contrast_jitter saturation_jitter hue_jitter "
+        "rotation_degrees scale horizontal_flip_prob vertical_flip_prob translate grayscale_prob",
+        "vision_model": "name pretrained pooling_type unfreeze_layers",
+        "multimodal_classifier": "projection_dim use_l2_normalization image_projection_hidden "
+        "text_projection_hidden text_projection_dropout projection_activation projection_dropout "
+        "final_hidden_sizes final_activation final_dropout fusion_strategy use_auxiliary_loss "
+        "auxiliary_loss_weight loss_fn label_smoothing use_class_weights_from_data class_weights",
+        "masking": "mask_complete",
+        "masking.random_mask": "enabled image_prob text_prob",
+        "encoder": "model_name batch_size max_length pooling_type qwen_instr embedding_filename",
+        "optimizer.vision_model": "name learning_rate weight_decay momentum betas eps",
+        "optimizer.multimodal_classifier": "name learning_rate weight_decay momentum betas eps",
+        "output": "save_dir log_dir experiment_name wandb_project",
+        "checkpoint": "save_frequency keep_last load_from",
+    }
+    for section, fields in expected.items():
+        node = cfg
+        for part in section.split("."):
+            node = node[part]
+        missing = [f for f in fields.split() if f not in node]
+        assert not missing, f"{section} lacks {missing}"
+
+
+def test_several_bad_fields_are_reported_together():
+    cfg = load_config("default")
+    cfg.training.batch_size = 0
+    cfg.vision_model.name = "resnet18"
+    cfg.multimodal_classifier.fusion_strategy = "attention"
+    cfg.augmentation.horizontal_flip_prob = 1.5
+    cfg.optimizer.vision_model.name = "lamb"
+    cfg.masking.mask_complete = "audio"
+    with pytest.raises(ConfigError) as info:
+        validate(cfg)
+    message = str(info.value)
+    for field, value in [
+        ("training.batch_size", "0"),
+        ("vision_model.name", "'resnet18'"),
+        ("multimodal_classifier.fusion_strategy", "'attention'"),
+        ("augmentation.horizontal_flip_prob", "1.5"),
+        ("optimizer.vision_model.name", "'lamb'"),
+        ("masking.mask_complete", "'audio'"),
+    ]:
+        assert f"{field}={value}" in message
+    assert len(info.value.problems) == 6
+    assert "efficientnet_b0" in message  # names what is allowed
+
+
+def test_cross_field_rules():
+    cfg = load_config("default")
+    cfg.data.test_size, cfg.data.val_size = 0.6, 0.5
+    cfg.encoder.model_name, cfg.encoder.pooling_type = "qwen", "cls"
+    cfg.vision_model.name, cfg.data.img_size = "vit_b_16", (200, 224)
+    cfg.augmentation.scale = (1.2, 0.8)
+    with pytest.raises(ConfigError) as info:
+        validate(cfg)
+    text = str(info.value)
+    assert "data.test_size + data.val_size" in text
+    assert "Qwen models need 'last_token'" in text
+    assert "divisible by 16" in text
+    assert "min must be <= max" in text
+
+
+def test_monitor_needs_validation_split():
+    cfg = load_config("default")
+    cfg.data.val_size = None
+    with pytest.raises(ConfigError, match="needs validation"):
+        validate(cfg)
+
+
+def test_config_is_locked_against_typos():
+    cfg = load_config("default")
+    with pytest.raises(AttributeError):
+        cfg.training.batchsize = 3
+
+
+def test_paths_derive_from_dataset_and_use_local():
+    cfg = load_config("default")
+    local = data_paths(cfg)
+    assert local.metadata == "/data/dataset_v1/metadata_all_harmonized.csv"
+    assert local.img_prefix == "/data/dataset_v1/imgs"
+    assert local.embeddings == "/data/dataset_v1/embeddings/sapbert_256_cls.parquet"
+    cfg.data.use_local = False
+    remote = data_paths(cfg)
+    assert remote.metadata == "gs://apcomp215-datasets/dataset_v1/metadata_all_harmonized.csv"
+    assert remote.img_prefix == "gs://apcomp215-datasets/dataset_v1/imgs"
+    cfg.data.metadata_path, cfg.data.img_prefix = "/x/meta.csv", "/y/imgs"
+    cfg.data.embeddings_path = "/z/e.parquet"
+    explicit = data_paths(cfg)
+    assert (explicit.metadata, explicit.img_prefix, explicit.embeddings) == (
+        "/x/meta.csv",
+        "/y/imgs",
+        "/z/e.parquet",
+    )
+
+
+def test_original_yaml_loads_and_unknown_keys_are_rejected(tmp_path):
+    good = tmp_path / "exp.yaml"
+    good.write_text(
+        textwrap.dedent(
+            """
+            data: {use_local: true, dataset: dataset_v1, min_samples_per_label: 100,
+                   has_text: true, test_size: 0.1, val_size: 0.1, img_size: [224, 224], seed: 42}
+            training:
+              batch_size: 256
+              scheduler: {use_cosine_annealing: false, vision_eta_min: 0, multimodal_classifier_eta_min: 1e-7}
+            augmentation: {rotation_degrees: 25, translate: null, scale: [0.9, 1.1]}
+            vision_model: {name: efficientnet_b0, pretrained: true, pooling_type: avg, unfreeze_layers: 10}
+            multimodal_classifier: {image_projection_hidden: [512], final_hidden_sizes: [256, 128]}
+            encoder: {pre_existing_path: /data/emb.parquet, model_name: sapbert}
+            optimizer:
+              vision_model: {name: adamw, learning_rate: 1.0e-4, weight_decay: 1.0e-3, betas: [0.9, 0.999]}
+            """
+        )
+    )
+    cfg = load_config("from_yaml", str(good))
+    validate(cfg)
+    assert cfg.training.scheduler.use_cosine_annealing is False
+    assert cfg.training.scheduler.vision_eta_min == 0.0
+    assert tuple(cfg.data.img_size) == (224, 224)
+    assert cfg.augmentation.translate is None
+    assert cfg.vision_model.unfreeze_layers == 10
+    assert cfg.data.embeddings_path == "/data/emb.parquet"
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("data: {datset: x}\ntrainingg: {}\n")
+    with pytest.raises(ValueError, match=r"data\.datset.*trainingg"):
+        load_config("from_yaml", str(bad))
+
+
+def test_cli_with_bad_values_exits_fast_naming_every_field(tmp_path):
+    start = time.time()
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dermjax.main",
+            "--config=configs/demo.py",
+            "--config.training.num_epochs=0",
+            "--config.data.test_size=2.0",
+            "--config.vision_model.pooling_type=mean",
+            f"--workdir={tmp_path}",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2, proc.stderr
+    for field in ("training.num_epochs=0", "data.test_size=2.0", "vision_model.pooling_type"):
+        assert field in proc.stderr
+    assert time.time() - start < 60
+    assert not (tmp_path / "metrics.jsonl").exists()
+
+
+def test_cli_rejects_unknown_override_key(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "dermjax.main", "--config=configs/demo.py",
+         "--config.training.batchsize=4", f"--workdir={tmp_path}"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode != 0
+    assert "batchsize" in proc.stderr

@@ -1,0 +1,123 @@
+"""Tracker writes JSONL/summary (local and fsspec URLs), mirrors to wandb offline, degrades safely."""
+
+import io
+import json
+import re
+import sys
+import uuid
+
+import fsspec
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dermjax.tracking import Progress, Tracker
+
+CONFIG = {"optimizer": {"vision_model": {"name": "adamw", "learning_rate": 1e-4}}}
+
+
+def _read_jsonl(path):
+    with fsspec.open(path, "r") as f:
+        return [json.loads(line) for line in f.read().splitlines()]
+
+
+def test_log_writes_one_json_object_per_line_with_converted_scalars(tmp_path):
+    tracker = Tracker(str(tmp_path / "run"), experiment_name="exp", config_dict=CONFIG)
+    tracker.log("train", 0, {"train/loss": np.float32(1.5), "train/acc": jnp.asarray(0.25)})
+    tracker.log("val", 0, {"val/loss": float("nan"), "val/per_class_recall": np.array([1.0, 0.5])})
+    tracker.close()
+    lines = _read_jsonl(tmp_path / "run" / "metrics.jsonl")
+    assert [(r["event"], r["step"]) for r in lines] == [("train", 0), ("val", 0)]
+    assert lines[0]["train/loss"] == 1.5 and lines[0]["train/acc"] == 0.25
+    assert lines[1]["val/loss"] is None  # NaN is not valid JSON
+    assert lines[1]["val/per_class_recall"] == [1.0, 0.5]
+    assert {"time", "elapsed_s"} <= set(lines[0])
+
+
+def test_summary_and_confusion_matrix_are_written(tmp_path):
+    tracker = Tracker(str(tmp_path), experiment_name="exp", config_dict=CONFIG)
+    tracker.log_confusion_matrix("val", np.array([[2, 1], [0, 3]]), ["acne", "eczema"], step=4)
+    tracker.summary({"best/val_accuracy": np.float64(0.8), "best_epoch": np.int64(4)})
+    (record,) = _read_jsonl(tmp_path / "metrics.jsonl")
+    assert record["event"] == "val/confusion_matrix" and record["step"] == 4
+    assert record["confusion_matrix"] == [[2, 1], [0, 3]]
+    assert record["class_names"] == ["acne", "eczema"]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary == {"best/val_accuracy": 0.8, "best_epoch": 4}
+
+
+def test_remote_workdir_accumulates_lines_across_trackers():
+    workdir = f"memory://tracking-{uuid.uuid4().hex}/run"
+    first = Tracker(workdir, experiment_name="exp", config_dict=CONFIG)
+    first.log("train", 0, {"loss": 1.0})
+    first.log("train", 1, {"loss": 0.5})
+    Tracker(workdir, experiment_name="exp", config_dict=CONFIG).log("train", 2, {"loss": 0.25})
+    assert [r["loss"] for r in _read_jsonl(f"{workdir}/metrics.jsonl")] == [1.0, 0.5, 0.25]
+
+
+def test_disabled_tracker_writes_nothing(tmp_path):
+    tracker = Tracker(str(tmp_path / "run"), experiment_name="e", config_dict={}, enabled=False)
+    tracker.log("train", 0, {"loss": 1.0})
+    tracker.summary({"a": 1})
+    assert not (tmp_path / "run").exists()
+
+
+def test_missing_wandb_warns_once_and_keeps_logging(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "wandb", None)  # makes `import wandb` raise ImportError
+    with pytest.warns(UserWarning, match="wandb could not start") as record:
+        tracker = Tracker(str(tmp_path), experiment_name="e", config_dict={}, wandb_project="p")
+        tracker.log("train", 0, {"loss": 1.0})
+        tracker.log_confusion_matrix("val", np.eye(2), ["a", "b"])
+        tracker.close()
+    assert len(record) == 1
+    assert len(_read_jsonl(tmp_path / "metrics.jsonl")) == 2
+
+
+def test_wandb_offline_run_leaves_run_files_with_config_and_name(tmp_path, monkeypatch, recwarn):
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb_root"))
+    sentinel = f"sentinel-{uuid.uuid4().hex[:8]}"
+    config = {**CONFIG, "output": {"wandb_project": "dermjax-test", "tag": sentinel}}
+    with Tracker(
+        str(tmp_path / "run"),
+        experiment_name="exp_arch_009",
+        config_dict=config,
+        wandb_project="dermjax-test",
+    ) as tracker:
+        tracker.log("train", 0, {"train/loss": 1.0, "train/acc": 50.0})
+        tracker.log_confusion_matrix("val", np.array([[1, 0], [1, 1]]), ["a", "b"], step=0)
+        tracker.summary({"best_epoch": 0})
+    (run_dir,) = (tmp_path / "wandb_root" / "wandb").glob("offline-run-*")
+    (run_file,) = run_dir.glob("*.wandb")
+    content = run_file.read_bytes()
+    assert sentinel.encode() in content and b"exp_arch_009" in content
+    assert (tmp_path / "run" / "metrics.jsonl").exists()
+    assert not [w for w in recwarn if "metrics.jsonl only" in str(w.message)]
+
+
+def test_progress_without_tty_prints_rate_and_eta_lines():
+    stream = io.StringIO()
+    progress = Progress(64, desc="train epoch 1", every_s=0.0, stream=stream)
+    for _ in range(4):
+        progress.update(16, loss=0.5)
+    progress.close()
+    lines = stream.getvalue().splitlines()
+    assert lines[0].startswith("train epoch 1: 16/64 img, -- img/s")  # first step: compile time
+    assert re.search(r"\d img/s, ETA \d+:\d\d:\d\d, loss=0.5$", lines[2])
+    assert lines[-1].startswith("train epoch 1: done, 64 img in")
+
+
+class _Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_progress_on_a_tty_draws_a_tqdm_bar_in_images():
+    stream = _Terminal()
+    progress = Progress(32, desc="val", stream=stream)
+    progress.update(16, loss=0.25)
+    progress.update(16)
+    progress.close()
+    assert "val: 100%" in stream.getvalue() and "32/32" in stream.getvalue()

@@ -1,0 +1,152 @@
+"""Optimizer groups match torch.optim step for step; the epoch LR matches the original's scheduler."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from dermjax.train.optim import (
+    epoch_lr,
+    get_learning_rate,
+    make_group_tx,
+    masked_tx,
+    set_learning_rate,
+    step_lr_schedule,
+)
+
+SHAPES = {"kernel": (4, 3), "bias": (3,)}
+CASES = {
+    "adam": dict(weight_decay=1e-2, betas=(0.8, 0.99), eps=1e-6),
+    "adamw": dict(weight_decay=0.1, betas=(0.85, 0.995), eps=1e-7),
+    "sgd": dict(weight_decay=1e-2, momentum=0.8),
+}
+
+
+def _torch_optimizer(torch, name, params, lr, kw):
+    if name == "sgd":
+        return torch.optim.SGD(
+            params, lr=lr, momentum=kw["momentum"], weight_decay=kw["weight_decay"]
+        )
+    cls = torch.optim.Adam if name == "adam" else torch.optim.AdamW
+    return cls(params, lr=lr, betas=kw["betas"], eps=kw["eps"], weight_decay=kw["weight_decay"])
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_group_tx_matches_torch_optimizer_including_a_learning_rate_change(name):
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(0)
+    init = {k: rng.normal(size=s).astype(np.float32) for k, s in SHAPES.items()}
+    grads = [
+        {k: rng.normal(size=s).astype(np.float32) for k, s in SHAPES.items()} for _ in range(6)
+    ]
+    lrs = [1e-2] * 3 + [3e-3] * 3  # the loop changes the rate between epochs
+
+    t_params = {k: torch.nn.Parameter(torch.from_numpy(v.copy())) for k, v in init.items()}
+    t_opt = _torch_optimizer(torch, name, list(t_params.values()), lrs[0], CASES[name])
+    tx = make_group_tx(name, learning_rate=lrs[0], **CASES[name])
+    params = {k: jnp.asarray(v) for k, v in init.items()}
+    state = tx.init(params)
+    update = jax.jit(tx.update)
+
+    for lr, g in zip(lrs, grads, strict=True):
+        for group in t_opt.param_groups:
+            group["lr"] = lr
+        for k, p in t_params.items():
+            p.grad = torch.from_numpy(g[k].copy())
+        t_opt.step()
+
+        state = set_learning_rate(state, lr)
+        updates, state = update({k: jnp.asarray(v) for k, v in g.items()}, state, params)
+        params = optax.apply_updates(params, updates)
+        for k in SHAPES:
+            np.testing.assert_allclose(
+                params[k], t_params[k].detach().numpy(), rtol=1e-6, atol=1e-6
+            )
+
+
+def test_unknown_optimizer_name_lists_the_allowed_ones():
+    with pytest.raises(ValueError, match="adam, adamw, sgd"):
+        make_group_tx("rmsprop", learning_rate=1e-3, weight_decay=0.0)
+
+
+def test_set_learning_rate_changes_the_next_update_inside_multi_transform():
+    params = {"w": jnp.ones((2,)), "f": jnp.ones((2,))}
+    tx = masked_tx(
+        make_group_tx("sgd", learning_rate=0.1, weight_decay=0.0, momentum=0.0),
+        {"w": "trainable", "f": "frozen"},
+    )
+    state = tx.init(params)
+    assert get_learning_rate(state) == pytest.approx(0.1)
+    state = set_learning_rate(state, 0.5)
+    assert get_learning_rate(state) == pytest.approx(0.5)
+    updates, _ = jax.jit(tx.update)(params, state, params)
+    np.testing.assert_allclose(updates["w"], [-0.5, -0.5])
+
+
+def test_set_learning_rate_updates_an_nnx_optimizer_in_place():
+    model = nnx.Linear(2, 3, rngs=nnx.Rngs(0))
+    opt = nnx.Optimizer(
+        model, make_group_tx("adamw", learning_rate=1e-3, weight_decay=0.0), wrt=nnx.Param
+    )
+    set_learning_rate(opt.opt_state, 2e-4)
+    assert get_learning_rate(opt.opt_state) == pytest.approx(2e-4)
+
+
+def test_frozen_leaves_keep_their_values_and_get_no_optimizer_state():
+    rng = np.random.default_rng(1)
+    params = {
+        "backbone": jnp.asarray(rng.normal(size=(5, 7)), jnp.float32),
+        "head": jnp.asarray(rng.normal(size=(3,)), jnp.float32),
+    }
+    labels = {"backbone": "frozen", "head": "trainable"}
+    tx = masked_tx(make_group_tx("adamw", learning_rate=0.1, weight_decay=0.5), labels)
+    state = tx.init(params)
+    state_sizes = [x.size for x in jax.tree.leaves(state) if x.ndim > 0]
+    assert state_sizes == [3, 3]  # Adam mu and nu of the head only
+
+    new = params
+    for _ in range(3):
+        grads = jax.tree.map(jnp.ones_like, new)
+        updates, state = tx.update(grads, state, new)
+        new = optax.apply_updates(new, updates)
+    assert np.array_equal(np.asarray(new["backbone"]), np.asarray(params["backbone"]))
+    assert not np.allclose(new["head"], params["head"])
+
+
+def test_epoch_lr_reproduces_the_logged_values_of_exp_arch_017():
+    kw = dict(eta_min=1e-7, epoch=24, n_warmup=3, num_epochs=25, cosine=True)
+    assert epoch_lr(2e-4, **kw) == pytest.approx(1.2463147e-5, rel=1e-6)
+    assert epoch_lr(5e-4, **kw) == pytest.approx(3.1017e-5, rel=1e-4)
+
+
+def test_epoch_lr_equals_torch_cosine_annealing_stepped_after_warmup_epochs():
+    torch = pytest.importorskip("torch")
+    base, eta_min, n_warmup, num_epochs = 2e-4, 1e-7, 3, 25
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=base)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=num_epochs, eta_min=eta_min)
+    for e in range(num_epochs):
+        ours = epoch_lr(base, eta_min, e, n_warmup=n_warmup, num_epochs=num_epochs, cosine=True)
+        assert ours == pytest.approx(opt.param_groups[0]["lr"], rel=1e-9), e
+        if e <= n_warmup:
+            assert ours == base
+        opt.step()
+        if e >= n_warmup:  # the original steps its schedulers only after warm-up
+            sched.step()
+
+
+def test_epoch_lr_without_cosine_is_the_base_rate():
+    rates = [epoch_lr(1e-3, 0.0, e, n_warmup=2, num_epochs=10, cosine=False) for e in range(10)]
+    assert rates == [1e-3] * 10
+
+
+def test_step_lr_schedule_warms_up_linearly_then_decays_to_eta_min():
+    sched = step_lr_schedule(1.0, 0.01, warmup_steps=10, total_steps=110)
+    assert float(sched(0)) == 0.0
+    assert float(sched(5)) == pytest.approx(0.5)
+    assert float(sched(10)) == pytest.approx(1.0)
+    assert float(sched(60)) == pytest.approx(0.01 + 0.99 * (1 + math.cos(math.pi / 2)) / 2)
+    assert float(sched(110)) == pytest.approx(0.01)
