@@ -29,6 +29,8 @@ def _setup_logging(workdir: str) -> None:
     fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S")
     root = logging.getLogger()
     root.setLevel(logging.INFO)
+    for handler in list(root.handlers):  # absl's own handler would print every line twice
+        root.removeHandler(handler)
     for handler in (logging.StreamHandler(sys.stderr), logging.FileHandler(f"{workdir}/train.log")):
         handler.setFormatter(fmt)
         root.addHandler(handler)

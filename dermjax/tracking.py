@@ -69,6 +69,7 @@ class Tracker:
         self._remote_lines: list[str] | None = None
         self._run: Any = None
         self._wandb_failed = False
+        self._last_step = 0
         if not enabled:
             return
         fs, root = fsspec.core.url_to_fs(self.workdir)
@@ -110,6 +111,7 @@ class Tracker:
                 f.write("\n".join(self._remote_lines) + "\n")
 
     def _record(self, event: str, step: int) -> dict[str, Any]:
+        self._last_step = int(step)
         now = time.time()
         return {
             "event": event,
@@ -140,14 +142,16 @@ class Tracker:
             self._wandb_warning(f"wandb.log failed ({type(e).__name__}: {e})")
 
     def log_confusion_matrix(
-        self, split: str, matrix: Any, class_names: Sequence[str], *, step: int = 0
+        self, split: str, matrix: Any, class_names: Sequence[str], *, step: int | None = None
     ) -> None:
         """Logs a confusion matrix (rows true, columns predicted) with its class names.
 
-        JSONL gets the matrix; wandb gets a confusion-matrix chart and per-class recall.
+        JSONL gets the matrix; wandb gets a confusion-matrix chart and per-class recall. Without
+        `step`, the last logged step is used, so wandb never sees a step going backwards.
         """
         if not self.enabled:
             return
+        step = self._last_step if step is None else step
         matrix = np.asarray(matrix, dtype=np.int64)
         self._write_line(
             {

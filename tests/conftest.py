@@ -14,6 +14,8 @@ os.environ.setdefault("EPATH_USE_TF", "false")
 os.environ.setdefault("GOOGLE_AUTH_TOKEN_FOR_TESTING", "dummy")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from absl import flags  # noqa: E402
+from absl import flags
 
 flags.FLAGS.mark_as_parsed()
+
+pytest_plugins = ["tests.gcs_emulator"]

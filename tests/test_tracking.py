@@ -4,6 +4,7 @@ import io
 import json
 import re
 import sys
+import time
 import uuid
 
 import fsspec
@@ -38,8 +39,11 @@ def test_summary_and_confusion_matrix_are_written(tmp_path):
     tracker = Tracker(str(tmp_path), experiment_name="exp", config_dict=CONFIG)
     tracker.log_confusion_matrix("val", np.array([[2, 1], [0, 3]]), ["acne", "eczema"], step=4)
     tracker.summary({"best/val_accuracy": np.float64(0.8), "best_epoch": np.int64(4)})
-    (record,) = _read_jsonl(tmp_path / "metrics.jsonl")
+    tracker.log("epoch", 5, {"val/loss": 0.5})
+    tracker.log_confusion_matrix("test", np.eye(2, dtype=int), ["acne", "eczema"])
+    record, _, test_record = _read_jsonl(tmp_path / "metrics.jsonl")
     assert record["event"] == "val/confusion_matrix" and record["step"] == 4
+    assert test_record["step"] == 5  # no step given: the last logged one
     assert record["confusion_matrix"] == [[2, 1], [0, 3]]
     assert record["class_names"] == ["acne", "eczema"]
     summary = json.loads((tmp_path / "summary.json").read_text())
@@ -91,6 +95,9 @@ def test_wandb_offline_run_leaves_run_files_with_config_and_name(tmp_path, monke
         tracker.summary({"best_epoch": 0})
     (run_dir,) = (tmp_path / "wandb_root" / "wandb").glob("offline-run-*")
     (run_file,) = run_dir.glob("*.wandb")
+    deadline = time.monotonic() + 20  # wandb-core writes the file asynchronously after finish()
+    while sentinel.encode() not in run_file.read_bytes() and time.monotonic() < deadline:
+        time.sleep(0.05)
     content = run_file.read_bytes()
     assert sentinel.encode() in content and b"exp_arch_009" in content
     assert (tmp_path / "run" / "metrics.jsonl").exists()
@@ -120,4 +127,4 @@ def test_progress_on_a_tty_draws_a_tqdm_bar_in_images():
     progress.update(16, loss=0.25)
     progress.update(16)
     progress.close()
-    assert "val: 100%" in stream.getvalue() and "32/32" in stream.getvalue()
+    assert "val: 100%" in stream.getvalue() and "img/s, loss=0.25]" in stream.getvalue()

@@ -8,10 +8,10 @@ hflip -> vflip -> RandomRotation -> RandomAffine(degrees=0) -> ColorJitter -> Ra
 
 Faithfulness, and where it is deliberately not bit-exact:
 * Parameters follow torchvision's distributions, not its random stream.
-* Flips, rotation and affine are folded into one inverse affine map per sample and applied as a
-  single nearest-neighbour gather on uint8 (fill 0). Each op alone equals torchvision's tensor op
-  up to rounding ties; the original resampled twice (rotation, then affine), so a composed sample
-  can take its value from a source pixel one step away from the original's choice.
+* Flips, rotation and affine become one nearest-neighbour gather per sample (fill 0) through
+  the chained inverse maps. Each op alone equals torchvision's tensor op up to rounding ties.
+  The original resampled twice (rotation, then affine): we keep its black where the rotated
+  frame was cut off, but round once, so a pixel may come from a source pixel one step away.
 * Colour ops are torchvision's tensor functional ops on float32 (grayscale weights
   0.2989/0.587/0.114, clamp after each blend). The original ran them on PIL uint8 images,
   which round to uint8 after every op.
@@ -25,10 +25,12 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 BRIGHTNESS, CONTRAST, SATURATION, HUE = range(4)  # ColorJitter op ids, as torchvision numbers them
 _GRAY_WEIGHTS = (0.2989, 0.587, 0.114)  # torchvision's tensor rgb_to_grayscale
-_HIGHEST = jax.lax.Precision.HIGHEST  # keep f32 matrix products exact-ish on GPUs (no TF32)
+# ToTensor's uint8 / 255 as a table: XLA rewrites x / 255 into x * (1/255), which is 1 ulp off.
+_UNIT = np.arange(256, dtype=np.float32) / np.float32(255)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,14 +78,14 @@ class AugmentSpec:
         )
 
     @property
-    def affine(self) -> bool:
+    def random_affine(self) -> bool:
         """Whether the original adds RandomAffine: a translate > 0 or a scale != 1."""
         return any(t > 0 for t in self.translate or ()) or any(s != 1.0 for s in self.scale or ())
 
     @property
     def geometric(self) -> bool:
         """The original's test for its geometry-aware resize (1.1x shorter side + random crop)."""
-        return self.rotation_degrees is not None or self.affine
+        return self.rotation_degrees is not None or self.random_affine
 
     @property
     def warps(self) -> bool:
@@ -92,7 +94,7 @@ class AugmentSpec:
             self.horizontal_flip_prob
             or self.vertical_flip_prob
             or self.rotation_degrees
-            or self.affine
+            or self.random_affine
         )
 
     @property
@@ -143,9 +145,9 @@ def sample_params(key: jax.Array, spec: AugmentSpec, height: int, width: int) ->
 
 def apply(params: AugmentParams, image: jax.Array, spec: AugmentSpec) -> jax.Array:
     """Applies one sample's parameters: uint8 [H,W,3] -> float32 [H,W,3] in [0, 1]."""
-    if spec.warps:
-        image = warp(image, _geometry_matrix(params))
-    x = image.astype(jnp.float32) / 255.0  # ToTensor
+    x = to_unit(image)
+    if spec.warps:  # gathering float rows measured faster on CPU than uint8 then converting
+        x = warp(x, *_inverse_maps(params, spec))
     if spec.jitters:
         x = _color_jitter(x, params.order, params.factors, with_hue=bool(spec.hue))
     if spec.grayscale_prob:
@@ -164,6 +166,11 @@ def augment(key: jax.Array, images: jax.Array, spec: AugmentSpec) -> jax.Array:
     return jax.vmap(lambda p, im: apply(p, im, spec))(params, images)
 
 
+def to_unit(images: jax.Array) -> jax.Array:
+    """ToTensor's scaling: uint8 -> float32 x / 255, bit-exact."""
+    return jnp.asarray(_UNIT)[images]
+
+
 def normalize(images01: jax.Array, mean: Any, std: Any) -> jax.Array:
     """torchvision Normalize over the last (channel) axis: (x - mean) / std."""
     return (images01 - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
@@ -171,7 +178,7 @@ def normalize(images01: jax.Array, mean: Any, std: Any) -> jax.Array:
 
 def prepare_eval(images: jax.Array, mean: Any, std: Any) -> jax.Array:
     """The eval transform after resizing: uint8 -> [0, 1] (ToTensor), then Normalize."""
-    return normalize(images.astype(jnp.float32) / 255.0, mean, std)
+    return normalize(to_unit(images), mean, std)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -180,7 +187,7 @@ def prepare_eval(images: jax.Array, mean: Any, std: Any) -> jax.Array:
 
 
 def inverse_matrix(angle: Any, translate: Any, scale: Any) -> jax.Array:
-    """torchvision's inverse affine matrix about the image centre, without shear, as 3x3.
+    """torchvision's inverse affine matrix about the image centre, without shear, as 2x3.
 
     Maps centred output coordinates to centred source coordinates; `angle` is in degrees
     clockwise, as for `torchvision.transforms.functional.affine`.
@@ -188,23 +195,28 @@ def inverse_matrix(angle: Any, translate: Any, scale: Any) -> jax.Array:
     rad = jnp.deg2rad(jnp.asarray(angle, jnp.float32))
     cos, sin = jnp.cos(rad), jnp.sin(rad)
     linear = jnp.stack([jnp.stack([cos, sin]), jnp.stack([-sin, cos])]) / scale
-    offset = -jnp.dot(linear, jnp.asarray(translate, jnp.float32), precision=_HIGHEST)
-    top = jnp.concatenate([linear, offset[:, None]], axis=1)
-    return jnp.concatenate([top, jnp.array([[0.0, 0.0, 1.0]])], axis=0)
+    tx, ty = jnp.asarray(translate, jnp.float32)
+    offset = -(linear[:, 0] * tx + linear[:, 1] * ty)  # elementwise: no TF32 matmul on GPUs
+    return jnp.concatenate([linear, offset[:, None]], axis=1)
 
 
-def warp(image: jax.Array, matrix: jax.Array) -> jax.Array:
-    """Nearest-neighbour resampling of [H,W,C] through an inverse 3x3 map; outside pixels are 0.
+def warp(image: jax.Array, *inverse_maps: jax.Array) -> jax.Array:
+    """Nearest-neighbour resampling of [H,W,C] through a chain of inverse 2x3 maps, fill 0.
 
-    Pixel (row i, col j) has centred coordinates (j - (W-1)/2, i - (H-1)/2), as in torchvision's
-    affine grid; the source index is rounded half to even, as grid_sample's nearest mode does.
+    The maps undo the forward ops last-first. As in the original's chain of same-size
+    resamplings, a pixel is 0 when any stage's input falls outside the frame; only the final
+    source is rounded (the original rounds at every stage). Pixel (row i, col j) has centred
+    coordinates (j - (W-1)/2, i - (H-1)/2), as in torchvision's affine grid, and indices round
+    half to even, as grid_sample's nearest mode does.
     """
     h, w = image.shape[:2]
-    x = jnp.arange(w, dtype=jnp.float32) - (w - 1) / 2
+    x = jnp.arange(w, dtype=jnp.float32)[None, :] - (w - 1) / 2
     y = jnp.arange(h, dtype=jnp.float32)[:, None] - (h - 1) / 2
-    col = jnp.round(matrix[0, 0] * x + matrix[0, 1] * y + matrix[0, 2] + (w - 1) / 2)
-    row = jnp.round(matrix[1, 0] * x + matrix[1, 1] * y + matrix[1, 2] + (h - 1) / 2)
-    inside = (col >= 0) & (col < w) & (row >= 0) & (row < h)
+    inside = jnp.ones((h, w), bool)
+    for m in inverse_maps:
+        x, y = m[0, 0] * x + m[0, 1] * y + m[0, 2], m[1, 0] * x + m[1, 1] * y + m[1, 2]
+        col, row = jnp.round(x + (w - 1) / 2), jnp.round(y + (h - 1) / 2)
+        inside &= (col >= 0) & (col < w) & (row >= 0) & (row < h)
     flat = jnp.where(inside, row * w + col, 0).astype(jnp.int32).ravel()
     out = jnp.take(image.reshape(h * w, -1), flat, axis=0, mode="clip").reshape(image.shape)
     return jnp.where(inside[..., None], out, jnp.zeros((), image.dtype))
@@ -220,14 +232,16 @@ def affine(image: jax.Array, angle: Any, translate: Any, scale: Any) -> jax.Arra
     return warp(image, inverse_matrix(angle, translate, scale))
 
 
-def _geometry_matrix(params: AugmentParams) -> jax.Array:
-    """One inverse map for hflip, vflip, rotation, then affine (inverses compose in reverse)."""
-    sign_x = jnp.where(params.hflip, -1.0, 1.0)
-    sign_y = jnp.where(params.vflip, -1.0, 1.0)
-    flips = jnp.diag(jnp.stack([sign_x, sign_y, jnp.float32(1.0)]))
-    rotation = inverse_matrix(-params.angle, (0.0, 0.0), 1.0)  # F.rotate negates its angle
-    scale_shift = inverse_matrix(0.0, params.translate, params.scale)
-    return jnp.dot(jnp.dot(flips, rotation, precision=_HIGHEST), scale_shift, precision=_HIGHEST)
+def _inverse_maps(params: AugmentParams, spec: AugmentSpec) -> list[jax.Array]:
+    """Inverse maps for affine, then rotation with the flips folded in (flips never crop)."""
+    maps = []
+    if spec.random_affine:
+        maps.append(inverse_matrix(0.0, params.translate, params.scale))
+    last = jnp.concatenate([jnp.eye(2), jnp.zeros((2, 1))], axis=1)
+    if spec.rotation_degrees:
+        last = inverse_matrix(-params.angle, (0.0, 0.0), 1.0)  # F.rotate negates its angle
+    signs = jnp.stack([jnp.where(params.hflip, -1.0, 1.0), jnp.where(params.vflip, -1.0, 1.0)])
+    return [*maps, last * signs[:, None]]  # a flip negates a centred source coordinate
 
 
 # ---------------------------------------------------------------------------------------------
@@ -273,8 +287,8 @@ def adjust_hue(image: jax.Array, shift: Any) -> jax.Array:
 
 def _rgb_to_hsv(image: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     r, g, b = image[..., 0], image[..., 1], image[..., 2]
-    maxc = jnp.max(image, axis=-1)
-    minc = jnp.min(image, axis=-1)
+    maxc = jnp.maximum(jnp.maximum(r, g), b)  # elementwise, not a reduce: fuses better on CPU
+    minc = jnp.minimum(jnp.minimum(r, g), b)
     gray = maxc == minc  # hue and saturation are 0 there; avoid dividing by 0
     chroma = maxc - minc
     s = chroma / jnp.where(gray, 1.0, maxc)

@@ -163,8 +163,11 @@ def build_cache(
     os.makedirs(out_dir, exist_ok=True)
     manifest_file = os.path.join(out_dir, MANIFEST)
     if os.path.exists(manifest_file):
-        with open(manifest_file) as f:
-            old = json.load(f)
+        try:
+            with open(manifest_file) as f:
+                old = json.load(f)
+        except ValueError:
+            old = {}
         if {k: old.get(k) for k in identity} != identity:
             logging.warning("cache at %s holds another dataset or size; rebuilding it", out_dir)
             for name in os.listdir(out_dir):
@@ -176,27 +179,25 @@ def build_cache(
         json.dump({**identity, "complete": False}, f, indent=1)
 
     num_shards = -(-len(paths) // shard_size)
-    pending = [
-        s
+    shards = {  # the unfinished ones
+        s: paths[s * shard_size : (s + 1) * shard_size]
         for s in range(num_shards)
         if not os.path.exists(_shard_file(out_dir, s, num_shards, "done.json"))
-    ]
-    done = len(paths) - sum(len(paths[s * shard_size : (s + 1) * shard_size]) for s in pending)
+    }
+    todo = [p for shard_paths in shards.values() for p in shard_paths]
     prepare = _Prepare(img_size, rule, draft)
     pool = multiprocessing.get_context("spawn").Pool(num_workers) if num_workers > 0 else None
     bar = tqdm(
-        total=len(paths), initial=done, disable=not progress, desc="prepare cache", unit="img"
+        total=len(paths), initial=len(paths) - len(todo), disable=not progress, desc="prepare cache"
     )
+    results = pool.imap(prepare, todo, chunksize=4) if pool else map(prepare, todo)
     try:
-        for s in pending:
-            shard_paths = paths[s * shard_size : (s + 1) * shard_size]
-            results = (
-                pool.imap(prepare, shard_paths, chunksize=4) if pool else map(prepare, shard_paths)
-            )
+        for s, shard_paths in shards.items():
             final = _shard_file(out_dir, s, num_shards, "array_record")
             writer = array_record_module.ArrayRecordWriter(final + ".tmp", WRITER_OPTIONS)
             bad = {}
-            for path, (record, reason) in zip(shard_paths, results, strict=True):
+            for path in shard_paths:
+                record, reason = next(results)
                 writer.write(record)
                 if reason is not None:
                     bad[path] = reason
@@ -205,6 +206,10 @@ def build_cache(
             os.replace(final + ".tmp", final)
             with open(_shard_file(out_dir, s, num_shards, "done.json"), "w") as f:
                 json.dump({"records": len(shard_paths), "bad": bad}, f)
+            if bad:
+                logging.warning(
+                    "%d bad images in cache shard %d, e.g. %s", len(bad), s, next(iter(bad))
+                )
     finally:
         bar.close()
         if pool is not None:

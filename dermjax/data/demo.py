@@ -7,7 +7,7 @@
   DIR/DONE                          written last; a directory without it is regenerated
 Each class has its own lesion colour and coarse shape (robust to flips, rotation, mild jitter,
 and visible at 64 px) and some descriptions carry class-indicative words, so each modality alone
-beats the majority class and both together do best. A quarter of the lesions are faint and
+beats the majority class and both together do best: about 30% of the lesions are faint and
 about 40% of descriptions say nothing about the class, so neither modality is enough alone.
 Missing text appears both as NaN and as "" (pandas reads both back as NaN from the CSV).
 """
@@ -38,7 +38,7 @@ DEFAULT_N = 1200
 _VERSION = 1
 _PHOTO_SIZES = ((1024, 768), (768, 1024), (1200, 900))
 _PHOTO_FRACTION = 0.03
-_FAINT_FRACTION = 0.25
+_FAINT_FRACTION = 0.3
 _INDICATIVE_FRACTION = 0.6
 _NAN_TEXT, _EMPTY_TEXT = 0.12, 0.06
 
@@ -89,9 +89,10 @@ SKIN_TONES = {  # Fitzpatrick I-VI background colours
 _TONE_PROBS = (0.2, 0.24, 0.2, 0.15, 0.12, 0.09)
 DATASETS = {"fitzpatrick17k": 0.3, "ddi": 0.1, "isic": 0.2, "derm1m": 0.4}
 _SITES = ("back", "chest", "face", "forearm", "lower leg", "scalp", "abdomen", "hand", "neck")
-_NOISE = ("first noticed a few months ago", "no prior treatment", "seen at the clinic",
-          "photo taken in daylight", "no family history reported", "mild discomfort",
-          "patient is otherwise healthy", "lesion was photographed up close")  # fmt: skip
+_NOISE = ("First noticed a few months ago.", "No prior treatment.", "Seen at the clinic.",
+          "Photo taken in daylight.", "No family history reported.", "Mild discomfort.",
+          "Otherwise healthy.", "Photographed up close.")  # fmt: skip
+_ALPHANUMERIC = list("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,11 +136,11 @@ def _description(cls: LesionClass, dataset: str, rng: np.random.Generator) -> st
     site = rng.choice(_SITES)
     parts = []
     if rng.random() < _INDICATIVE_FRACTION:
-        parts.append(f"The lesion shows {' and '.join(rng.choice(cls.words, 2, replace=False))}.")
+        parts.append(f"Findings: {'; '.join(rng.choice(cls.words, 2, replace=False))}.")
     if rng.random() < 0.35:
         other = CLASSES[rng.integers(len(CLASSES))]
         parts.append(f"Possibly {rng.choice(other.words)}.")
-    parts.append(f"The patient reports it was {rng.choice(_NOISE)}.")
+    parts.append(str(rng.choice(_NOISE)))
     if dataset == "ddi":
         parts.insert(0, f"This lesion is {'malignant' if cls.malignant else 'benign'}.")
     elif dataset == "isic":
@@ -152,9 +153,6 @@ def _description(cls: LesionClass, dataset: str, rng: np.random.Generator) -> st
 
 def _identity(dataset: str, k: int, rng: np.random.Generator) -> tuple[str, str, str]:
     """(image_id, orig_filename, ext) in each source dataset's naming style."""
-    token = "".join(
-        rng.choice(list("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"), 11)
-    )
     if dataset == "fitzpatrick17k":
         image_id, ext = rng.bytes(16).hex(), ".png" if rng.random() < 0.2 else ".jpg"
         return image_id, f"{image_id}{ext}", ext
@@ -164,6 +162,7 @@ def _identity(dataset: str, k: int, rng: np.random.Generator) -> tuple[str, str,
         image_id = f"ISIC_{24_306 + 37 * k:07d}"
         return image_id, f"{image_id}.jpg", ".jpg"
     source = DERM1M_SOURCES[k % len(DERM1M_SOURCES)]
+    token = "".join(rng.choice(_ALPHANUMERIC, 11))
     stem = f"{token}_frame_{int(rng.integers(1, 3000))}" if source == "youtube" else token
     return f"{source}_{stem}", f"{source}/{stem}.jpg", ".jpg"
 
@@ -264,32 +263,41 @@ def _draw_lesion(cls: LesionClass, size: tuple[int, int], rng) -> tuple[Image.Im
 
 
 def render_image(cls: LesionClass, fitzpatrick: int, rng: np.random.Generator) -> Image.Image:
-    """One RGB picture: shaded noisy skin of the given tone with the class's lesion."""
+    """One RGB picture: shaded noisy skin of the given tone with the class's lesion.
+
+    Photo-sized pictures are drawn at a quarter of their size and upscaled, which keeps the
+    generator fast while the files still have realistic dimensions.
+    """
     if rng.random() < _PHOTO_FRACTION:
         size = _PHOTO_SIZES[rng.integers(len(_PHOTO_SIZES))]
     else:
         width = int(rng.integers(96, 320))
         size = (width, int(width / rng.choice([0.75, 1.0, 1.0, 4 / 3, 1.5])))
-    w, h = size
-    skin = np.asarray(SKIN_TONES[fitzpatrick], np.float32) + rng.normal(0, 6, 3)
-    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
-    shade = 1 + 0.1 * (rng.uniform(-1, 1) * xx / w + rng.uniform(-1, 1) * yy / h - 0.5)
-    image = skin * shade[..., None] + rng.normal(0, 4, (h, w, 1)).astype(np.float32)
-    main, accent = _draw_lesion(cls, size, rng)
-    strength = rng.uniform(0.3, 0.5) if rng.random() < _FAINT_FRACTION else rng.uniform(0.85, 1.0)
-    colour = np.asarray(cls.colour, np.float32) + rng.normal(0, 8, 3)
-    alpha = np.asarray(main, np.float32)[..., None] / 255 * strength
-    image = image * (1 - alpha) + colour * alpha
+    canvas = size if max(size) <= 400 else (size[0] // 4, size[1] // 4)
+    w, h = canvas
+    skin = np.asarray(SKIN_TONES[fitzpatrick], np.float32) + rng.normal(0, 6, 3).astype(np.float32)
+    tilt_x, tilt_y = rng.uniform(-0.1, 0.1, 2).astype(np.float32)
+    shade = (
+        0.95
+        + tilt_x * np.linspace(0, 1, w, dtype=np.float32)
+        + tilt_y * np.linspace(0, 1, h, dtype=np.float32)[:, None]
+    )
+    image = skin * shade[..., None] + 4 * rng.standard_normal((h, w, 1), np.float32)
+    main, accent = _draw_lesion(cls, canvas, rng)
+    strength = rng.uniform(0.12, 0.3) if rng.random() < _FAINT_FRACTION else rng.uniform(0.85, 1.0)
+    colour = np.asarray(cls.colour, np.float32) + rng.normal(0, 8, 3).astype(np.float32)
     accent_colour = (245, 242, 236) if cls.shape == "plaques" else (150, 24, 36)
-    beta = np.asarray(accent, np.float32)[..., None] / 255 * strength
-    image = image * (1 - beta) + np.asarray(accent_colour, np.float32) * beta
-    return Image.fromarray(np.clip(image, 0, 255).astype(np.uint8), "RGB")
+    for mask, paint in ((main, colour), (accent, np.asarray(accent_colour, np.float32))):
+        alpha = np.asarray(mask, np.float32)[..., None] * np.float32(strength / 255)
+        image += alpha * (paint - image)
+    picture = Image.fromarray(np.clip(image, 0, 255).astype(np.uint8), "RGB")
+    return picture if canvas == size else picture.resize(size, Image.Resampling.BICUBIC)
 
 
 def _save(image: Image.Image, path: str, rng: np.random.Generator) -> None:
     if path.endswith(".png"):
         rgba = rng.random() < 0.05  # a few RGBA files exercise the decoder's RGB conversion
-        (image.convert("RGBA") if rgba else image).save(path, compress_level=3)
+        (image.convert("RGBA") if rgba else image).save(path, compress_level=1)
     else:
         image.save(path, quality=90)
 

@@ -17,7 +17,7 @@ import os
 import re
 from collections.abc import Sequence
 from functools import lru_cache
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import fsspec
 import numpy as np
@@ -34,6 +34,9 @@ from dermjax.data.metadata import (
     text_is_missing,
 )
 
+if TYPE_CHECKING:
+    from dermjax.data.pipeline import Records
+
 log = logging.getLogger(__name__)
 
 EMBEDDING_COL = "embedding"
@@ -46,7 +49,7 @@ class EncoderMismatchError(ValueError):
 
 
 class TextEncoder(Protocol):
-    """What `ensure_embeddings` needs from an encoder."""
+    """What `ensure_embeddings` needs: `encode` and a JSON-able `spec` that includes "dim"."""
 
     @property
     def spec(self) -> dict[str, Any]: ...
@@ -97,8 +100,8 @@ class HashingTextEncoder:
         return out
 
 
-def _canonical_spec(spec: dict[str, Any] | None) -> dict[str, Any] | None:
-    return None if spec is None else json.loads(json.dumps(spec, sort_keys=True))
+def _canonical_spec(spec: dict[str, Any]) -> dict[str, Any]:
+    return json.loads(json.dumps(spec, sort_keys=True))
 
 
 def _as_vector(value: Any) -> np.ndarray | None:
@@ -292,30 +295,12 @@ def join_text(
     return text, has_text
 
 
-@dataclasses.dataclass
-class _FallbackRecords:
-    """Stand-in for dermjax.data.pipeline.Records until that module exists."""
-
-    paths: list[str]
-    labels: np.ndarray
-    text: np.ndarray
-    has_text: np.ndarray
-
-
-def _records_type() -> type:
-    try:
-        from dermjax.data.pipeline import Records
-    except ModuleNotFoundError as error:
-        if error.name != "dermjax.data.pipeline":
-            raise
-        return _FallbackRecords
-    return Records
-
-
 def build_records(
     split_df: pd.DataFrame, *, img_prefix: str, class_to_idx: dict[str, int], emb_df: pd.DataFrame
-) -> Any:
+) -> Records:
     """Per-split arrays for the input pipeline: image paths, label indices, text, has_text."""
+    from dermjax.data.pipeline import Records  # lazy: importing grain here is not needed
+
     prefix = str(img_prefix).rstrip("/")
     paths = [f"{prefix}/{str(name).lstrip('/')}" for name in split_df[IMG_COL]]
     labels = split_df[LABEL_COL].astype(str)
@@ -323,7 +308,7 @@ def build_records(
     if unknown:
         raise ValueError(f"labels not in class_to_idx: {unknown[:10]}")
     text, has_text = join_text(split_df, emb_df)
-    return _records_type()(
+    return Records(
         paths=paths,
         labels=labels.map(class_to_idx).to_numpy(np.int32),
         text=text,

@@ -49,7 +49,7 @@ def read_many(paths: list[str]) -> list[bytes | Exception]:
     keeps a worker busy when every image is a network round trip away.
     """
     out: list[bytes | Exception] = [b""] * len(paths)
-    remote: dict[str, list[int]] = {}
+    remote: dict[str, dict[str, list[int]]] = {}  # protocol -> path -> positions
     for i, path in enumerate(paths):
         if is_local(path):
             try:
@@ -57,11 +57,11 @@ def read_many(paths: list[str]) -> list[bytes | Exception]:
             except OSError as e:
                 out[i] = e
         else:
-            remote.setdefault(path, []).append(i)
-    if remote:
-        fs = filesystem(next(iter(remote)))
-        fetched = fs.cat(list(remote), on_error="return")
-        for path, positions in remote.items():
+            remote.setdefault(get_protocol(path), {}).setdefault(path, []).append(i)
+    for group in remote.values():
+        fs = filesystem(next(iter(group)))
+        fetched = fs.cat(list(group), on_error="return")
+        for path, positions in group.items():
             data = fetched.get(fs._strip_protocol(path), FileNotFoundError(path))
             for i in positions:
                 out[i] = data

@@ -140,7 +140,9 @@ class MBConv(nnx.Module):
         block = []
         if expanded != in_channels:
             block.append(conv_norm_act(in_channels, expanded, 1, **kw))
-        block.append(conv_norm_act(expanded, expanded, kernel, stride=stride, groups=expanded, **kw))
+        block.append(
+            conv_norm_act(expanded, expanded, kernel, stride=stride, groups=expanded, **kw)
+        )
         block.append(SqueezeExcitation(expanded, max(1, in_channels // 4), **kw))
         block.append(conv_norm_act(expanded, out_channels, 1, activation=False, **kw))
         self.block = Sequential(block)
@@ -182,9 +184,7 @@ class EfficientNet(nnx.Module):
                 drop_path = STOCHASTIC_DEPTH_PROB * block_index / total_blocks
                 block_in, block_stride = (in_channels, stride) if i == 0 else (out_channels, 1)
                 stage.append(
-                    MBConv(
-                        block_in, out_channels, expand, kernel, block_stride, drop_path, **kw
-                    )
+                    MBConv(block_in, out_channels, expand, kernel, block_stride, drop_path, **kw)
                 )
                 block_index += 1
             features.append(Sequential(stage))

@@ -44,7 +44,9 @@ _HEAD_KEYS = (
 _SEQUENCE_KEYS = ("image_projection_hidden", "text_projection_hidden", "final_hidden_sizes")
 
 
-def torch_linear(in_dim: int, out_dim: int, *, rngs: nnx.Rngs, dtype: Any = jnp.float32):
+def torch_linear(
+    in_dim: int, out_dim: int, *, rngs: nnx.Rngs, dtype: Any = jnp.float32
+) -> nnx.Linear:
     """`nnx.Linear` with `torch.nn.Linear`'s default init: weight and bias ~ U(+-1/sqrt(in))."""
     bound = 1.0 / math.sqrt(in_dim)
 
@@ -54,16 +56,24 @@ def torch_linear(in_dim: int, out_dim: int, *, rngs: nnx.Rngs, dtype: Any = jnp.
     return nnx.Linear(in_dim, out_dim, kernel_init=init, bias_init=init, dtype=dtype, rngs=rngs)
 
 
-def _check_activation(name: str) -> str:
+def _check_activation(name: str) -> None:
     if name not in ACTIVATIONS:
         raise ValueError(f"Unknown activation {name!r}; use one of {sorted(ACTIVATIONS)}.")
-    return name
 
 
 class _HiddenBlock(nnx.Module):
     """Linear -> BatchNorm1d -> activation -> Dropout."""
 
-    def __init__(self, in_dim: int, out_dim: int, activation: str, dropout: float, *, rngs, dtype):
+    def __init__(
+        self,
+        in_dim: int,
+        out_dim: int,
+        activation: str,
+        dropout: float,
+        *,
+        rngs: nnx.Rngs,
+        dtype: Any,
+    ):
         self.linear = torch_linear(in_dim, out_dim, rngs=rngs, dtype=dtype)
         # torch BatchNorm1d defaults: eps 1e-5, momentum 0.1 (= Flax momentum 0.9).
         self.norm = nnx.BatchNorm(

@@ -124,18 +124,16 @@ def batch_norm(
 def max_pool(x: jax.Array, kernel: int, stride: int, padding: int = 0) -> jax.Array:
     """torch MaxPool2d (floor mode, padding with -inf) on NHWC."""
     pad = ((0, 0), (padding, padding), (padding, padding), (0, 0))
-    init = jnp.array(-jnp.inf, x.dtype)
+    # A Python scalar init keeps reduce_window on its differentiable max-monoid path.
     return jax.lax.reduce_window(
-        x, init, jax.lax.max, (1, kernel, kernel, 1), (1, stride, stride, 1), pad
+        x, -jnp.inf, jax.lax.max, (1, kernel, kernel, 1), (1, stride, stride, 1), pad
     )
 
 
 def avg_pool(x: jax.Array, kernel: int, stride: int) -> jax.Array:
     """torch AvgPool2d without padding (floor mode) on NHWC."""
     window = (1, kernel, kernel, 1)
-    summed = jax.lax.reduce_window(
-        x, jnp.array(0, x.dtype), jax.lax.add, window, (1, stride, stride, 1), "VALID"
-    )
+    summed = jax.lax.reduce_window(x, 0.0, jax.lax.add, window, (1, stride, stride, 1), "VALID")
     return summed / (kernel * kernel)
 
 

@@ -22,9 +22,7 @@ EXPANSION = 4
 class Bottleneck(nnx.Module):
     """1x1 -> 3x3 (stride) -> 1x1 bottleneck with an optional 1x1 conv + BN shortcut."""
 
-    def __init__(
-        self, in_features: int, width: int, stride: int, *, rngs: nnx.Rngs, dtype: Dtype
-    ):
+    def __init__(self, in_features: int, width: int, stride: int, *, rngs: nnx.Rngs, dtype: Dtype):
         out_features = width * EXPANSION
         init = layers.kaiming_normal_fan_out
         kw = {"kernel_init": init, "rngs": rngs, "dtype": dtype}
@@ -86,9 +84,7 @@ class ResNet(nnx.Module):
             setattr(self, f"layer{index + 1}", nnx.List(blocks))
         self.num_features = in_features
         self.fc = (
-            layers.linear(in_features, num_classes, rngs=rngs, dtype=dtype)
-            if include_top
-            else None
+            layers.linear(in_features, num_classes, rngs=rngs, dtype=dtype) if include_top else None
         )
 
     def stages(self) -> list[nnx.List]:
@@ -131,6 +127,4 @@ def build(
 def unfreeze_units(model: ResNet) -> list[tuple]:
     """The original's 8 top-level children of `Sequential(children[:-2])`, as path prefixes."""
     del model
-    return [("conv1",), ("bn1",), ("relu",), ("maxpool",)] + [
-        (f"layer{i}",) for i in range(1, 5)
-    ]
+    return [("conv1",), ("bn1",), ("relu",), ("maxpool",)] + [(f"layer{i}",) for i in range(1, 5)]

@@ -60,7 +60,9 @@ class VGG(nnx.Module):
             channels = item
         self.features = nnx.List(modules)
         self.num_features = channels
-        self.classifier = self._classifier(channels, num_classes, rngs, dtype) if include_top else None
+        self.classifier = (
+            self._classifier(channels, num_classes, rngs, dtype) if include_top else None
+        )
 
     @staticmethod
     def _classifier(channels: int, num_classes: int, rngs: nnx.Rngs, dtype: Dtype) -> nnx.List:

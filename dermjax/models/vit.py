@@ -81,8 +81,20 @@ class MultiheadAttention(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         batch, tokens, dim = x.shape
         qkv = self.in_proj(x).reshape(batch, tokens, 3, self.num_heads, dim // self.num_heads)
-        out = jax.nn.dot_product_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2])
+        out = _attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2])
         return self.out_proj(out.reshape(batch, tokens, dim))
+
+
+def _attention(query: jax.Array, key: jax.Array, value: jax.Array) -> jax.Array:
+    """softmax(q k^T / sqrt(d)) v on (batch, tokens, heads, head_dim) arrays.
+
+    `jax.nn.dot_product_attention` (fused on GPU) always takes its softmax in float32, so float64
+    (parity tests) uses the same formula written out.
+    """
+    if query.dtype != jnp.float64:
+        return jax.nn.dot_product_attention(query, key, value)
+    logits = jnp.einsum("bqhd,bkhd->bhqk", query, key) / math.sqrt(query.shape[-1])
+    return jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(logits, axis=-1), value)
 
 
 class EncoderBlock(nnx.Module):
@@ -302,8 +314,7 @@ def build(
 def unfreeze_units(model: VisionTransformer) -> list[tuple]:
     """The encoder blocks in order (the units `unfreeze_layers` counts from the end)."""
     return [
-        ("encoder", "layers", f"encoder_layer_{i}")
-        for i in range(model.encoder.layers.num_layers)
+        ("encoder", "layers", f"encoder_layer_{i}") for i in range(model.encoder.layers.num_layers)
     ]
 
 
@@ -318,4 +329,10 @@ def trainable_prefixes(model: VisionTransformer, n: int) -> list[tuple]:
     if n < 0:
         return [()]
     blocks = unfreeze_units(model)[-n:]
-    return [*blocks, ("conv_proj",), ("class_token",), ("encoder", "pos_embedding"), ("encoder", "ln")]
+    return [
+        *blocks,
+        ("conv_proj",),
+        ("class_token",),
+        ("encoder", "pos_embedding"),
+        ("encoder", "ln"),
+    ]

@@ -52,6 +52,8 @@ def _manager(
         preservation_policy=None if read_only else ocm.LatestN(n=keep),
         enable_async_checkpointing=async_save,
         read_only=read_only,
+        create=not read_only,
+        save_interval_steps=0 if read_only else 1,
     )
     return ocp.CheckpointManager(path, options=options, item_handlers=item_handlers)
 

@@ -1,10 +1,11 @@
-"""The training run, read top to bottom: data, mesh, model, optimizers, resume, epochs, test.
+"""The training run: data, mesh, model, optimizers, resume, epochs, validation, test.
 
 Optimisation follows the original (ORIGINAL_WORKFLOW.md §10): two optimizer groups, learning
 rates set once per epoch (cosine after warm-up), the whole backbone frozen for the first
 `n_warmup_epochs`, then the `unfreeze_layers` rule; validation every `validation_interval` epochs
 with early stopping on `training.monitor`; and, unlike the original, a final test evaluation of
-the best model.
+the best model. Everything needed to continue (state, data position, early-stopping state, the
+partial epoch's metrics) is checkpointed, so a resumed run is the same run.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ from ml_collections import config_dict
 
 import dermjax
 from dermjax import parallel
-from dermjax.data import pipeline
+from dermjax.data import cache as prepared
+from dermjax.data import images, pipeline
 from dermjax.data.augment import AugmentSpec
 from dermjax.data.setup import PreparedData, prepare_data
 from dermjax.models import registry
@@ -39,10 +41,9 @@ from dermjax.train.step import StepSpec, make_eval_step, make_train_step, split_
 
 log = logging.getLogger(__name__)
 
+SUMMARY_KEYS = ("accuracy", "macro_f1", "balanced_accuracy", "loss", "per_class_recall")
 
-# ------------------------------------------------------------------------------------------------
-# Model and optimizers
-# ------------------------------------------------------------------------------------------------
+
 def _load_pretrained(cfg: config_dict.ConfigDict, model: DermClassifier) -> None:
     from dermjax.weights import torchvision as tv_weights
 
@@ -72,7 +73,8 @@ def _group_tx(opt_cfg: config_dict.ConfigDict):
     )
 
 
-def _epoch_lrs(cfg: config_dict.ConfigDict, epoch: int) -> tuple[float, float]:
+def epoch_learning_rates(cfg: config_dict.ConfigDict, epoch: int) -> tuple[float, float]:
+    """(backbone, head) learning rates used during 0-based `epoch`."""
     t, s, o = cfg.training, cfg.training.scheduler, cfg.optimizer
     kw = dict(n_warmup=t.n_warmup_epochs, num_epochs=t.num_epochs, cosine=s.use_cosine_annealing)
     return (
@@ -83,333 +85,368 @@ def _epoch_lrs(cfg: config_dict.ConfigDict, epoch: int) -> tuple[float, float]:
     )
 
 
-# ------------------------------------------------------------------------------------------------
-# Evaluation
-# ------------------------------------------------------------------------------------------------
-def evaluate(eval_step, state, records: pipeline.Records, cfg, mesh, num_classes, desc: str):
-    """One pass over `records` (every sample once); returns the metrics dict."""
-    batch_size = parallel.check_batch_size(
-        cfg.training.eval_batch_size or cfg.training.batch_size, "training.eval_batch_size"
-    )
-    loader = pipeline.eval_loader(
-        records,
-        batch_size=batch_size,
-        img_size=tuple(cfg.data.img_size),
-        num_workers=cfg.training.num_workers,
-        prefetch_factor=cfg.training.prefetch_factor,
-        on_bad_image=cfg.data.on_bad_image,
-        shard_index=jax.process_index(),
-        shard_count=jax.process_count(),
-    )
-    metrics = ClassificationMetrics(num_classes)
-    progress = Progress(len(records.labels), desc=desc, enabled=jax.process_index() == 0)
-    for batch in loader:
-        out = eval_step(state, parallel.shard_batch(batch, mesh))
-        valid = batch["valid"]
-        metrics.update(
-            batch["label"], parallel.to_host(out["preds"]), valid=valid, loss=out["loss"]
+def cache_dir(cfg: config_dict.ConfigDict, root: str, rule: str) -> str:
+    """Where the prepared cache for `rule` at the configured image size lives."""
+    h, w = cfg.data.img_size
+    return os.path.join(root, f"{rule}_{h}x{w}")
+
+
+class Trainer:
+    """One run in one workdir; `run()` trains (or resumes), then evaluates val and test."""
+
+    def __init__(self, cfg: config_dict.ConfigDict, workdir: str):
+        self.cfg, self.workdir = cfg, workdir
+        self.is_main = jax.process_index() == 0
+        os.makedirs(workdir, exist_ok=True)
+
+        # ---- Data ---------------------------------------------------------------------------
+        self.data: PreparedData = prepare_data(cfg, workdir)
+        self.num_classes = len(self.data.classes)
+        aug = AugmentSpec.from_config(cfg.augmentation)
+        self.train_rule = images.train_rule(aug.geometric)
+        self.caches = self._open_caches()
+
+        # ---- Mesh ---------------------------------------------------------------------------
+        self.mesh = parallel.make_mesh()
+        parallel.check_batch_size(cfg.training.batch_size)
+
+        # ---- Model & optimizers -------------------------------------------------------------
+        rngs = nnx.Rngs(params=cfg.data.seed, dropout=cfg.data.seed + 1)
+        model = build_model(
+            cfg, num_classes=self.num_classes, text_dim=self.data.text_dim, rngs=rngs
         )
-        progress.update(int(valid.sum()))
-    progress.close()
-    return metrics.compute()
-
-
-def _public(metrics: dict[str, Any], prefix: str) -> dict[str, Any]:
-    keys = ("loss", "accuracy", "macro_f1", "balanced_accuracy", "per_class_recall")
-    return {f"{prefix}/{k}": metrics[k] for k in keys if k in metrics}
-
-
-# ------------------------------------------------------------------------------------------------
-# The run
-# ------------------------------------------------------------------------------------------------
-def train_and_evaluate(cfg: config_dict.ConfigDict, workdir: str) -> dict[str, Any]:
-    """Trains per `cfg` in `workdir` (resuming if it holds checkpoints); returns the summary."""
-    t_start = time.time()
-    is_main = jax.process_index() == 0
-    os.makedirs(workdir, exist_ok=True)
-
-    # ---- Data ------------------------------------------------------------------------------
-    data: PreparedData = prepare_data(cfg, workdir)
-    num_classes = len(data.classes)
-    aug = AugmentSpec.from_config(cfg.augmentation)
-
-    # ---- Mesh --------------------------------------------------------------------------------
-    mesh = parallel.make_mesh()
-    local_batch = parallel.check_batch_size(cfg.training.batch_size)
-
-    # ---- Model & optimizers ------------------------------------------------------------------
-    rngs = nnx.Rngs(params=cfg.data.seed, dropout=cfg.data.seed + 1)
-    model = build_model(cfg, num_classes=num_classes, text_dim=data.text_dim, rngs=rngs)
-    if cfg.vision_model.pretrained:
-        _load_pretrained(cfg, model)
-    labels = registry.param_labels(
-        model.backbone, cfg.vision_model.name, cfg.vision_model.unfreeze_layers
-    )
-    labels = labels.to_pure_dict() if isinstance(labels, nnx.State) else labels
-    parts, params, batch_stats = split_model(
-        model, _frozen_prefixes(labels), update_frozen_bn_stats=cfg.training.update_frozen_bn_stats
-    )
-    del model
-    tx_backbone = optim.masked_tx(_group_tx(cfg.optimizer.vision_model), labels)
-    tx_head = _group_tx(cfg.optimizer.multimodal_classifier)
-    state = {
-        "params": params,
-        "batch_stats": batch_stats,
-        "opt_backbone": tx_backbone.init(params["backbone"]),
-        "opt_head": tx_head.init(params["head"]),
-        "step": jnp.zeros((), jnp.int32),
-    }
-    spec = StepSpec(
-        augment=aug,
-        mask=MaskSpec.from_config(cfg.masking.to_dict()),
-        loss=LossSpec.from_config(cfg.multimodal_classifier.to_dict(), data.class_weights),
-        mean=data.mean,
-        std=data.std,
-        compute_dtype=jnp.bfloat16 if cfg.training.dtype == "bfloat16" else jnp.float32,
-    )
-    warmup_step = make_train_step(parts, spec, tx_backbone, tx_head, warmup=True)
-    main_step = make_train_step(parts, spec, tx_backbone, tx_head, warmup=False)
-    eval_step = make_eval_step(parts, spec)
-
-    # ---- Input pipeline ----------------------------------------------------------------------
-    train_loader = pipeline.train_loader(
-        data.train,
-        batch_size=local_batch,
-        img_size=tuple(cfg.data.img_size),
-        geometric=aug.geometric,
-        seed=cfg.data.seed,
-        weighted_sampling=cfg.training.weighted_sampling,
-        num_workers=cfg.training.num_workers,
-        prefetch_factor=cfg.training.prefetch_factor,
-        on_bad_image=cfg.data.on_bad_image,
-        bad_image_log=os.path.join(workdir, "bad_images.txt"),
-        shard_index=jax.process_index(),
-        shard_count=jax.process_count(),
-    )
-    steps_per_epoch = train_loader.steps_per_epoch
-    if steps_per_epoch == 0:
-        raise ValueError(
-            f"training.batch_size={cfg.training.batch_size} exceeds the {len(data.train.labels)} "
-            "training samples: no full batch can be formed"
+        if cfg.vision_model.pretrained:
+            _load_pretrained(cfg, model)
+        v = cfg.vision_model
+        labels = registry.param_labels(model.backbone, v.name, v.unfreeze_layers)
+        labels = labels.to_pure_dict() if isinstance(labels, nnx.State) else labels
+        parts, params, batch_stats = split_model(
+            model,
+            _frozen_prefixes(labels),
+            update_frozen_bn_stats=cfg.training.update_frozen_bn_stats,
         )
-    train_iter = iter(train_loader)
+        tx_backbone = optim.masked_tx(_group_tx(cfg.optimizer.vision_model), labels)
+        tx_head = _group_tx(cfg.optimizer.multimodal_classifier)
+        state = {
+            "params": params,
+            "batch_stats": batch_stats,
+            "opt_backbone": tx_backbone.init(params["backbone"]),
+            "opt_head": tx_head.init(params["head"]),
+            "step": jnp.zeros((), jnp.int32),
+        }
+        self.state = parallel.replicate(state, self.mesh)
+        self.abstract = jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), self.state
+        )
+        spec = StepSpec(
+            augment=aug,
+            mask=MaskSpec.from_config(cfg.masking.to_dict()),
+            loss=LossSpec.from_config(cfg.multimodal_classifier.to_dict(), self.data.class_weights),
+            mean=self.data.mean,
+            std=self.data.std,
+            compute_dtype=jnp.bfloat16 if cfg.training.dtype == "bfloat16" else jnp.float32,
+        )
+        self.warmup_step = make_train_step(parts, spec, tx_backbone, tx_head, warmup=True)
+        self.main_step = make_train_step(parts, spec, tx_backbone, tx_head, warmup=False)
+        self.eval_step = make_eval_step(parts, spec)
 
-    # ---- Checkpoints & resume ----------------------------------------------------------------
-    ckpt_dir = cfg.output.save_dir or os.path.join(workdir, "checkpoints")
-    ckpt = Checkpointer(
-        ckpt_dir,
-        save_frequency=cfg.checkpoint.save_frequency,
-        keep_last=cfg.checkpoint.keep_last,
-        monitor_mode="min" if cfg.training.monitor == "val/loss" else "max",
-    )
-    stopper = EarlyStopping(
-        monitor=cfg.training.monitor,
-        mode="min" if cfg.training.monitor == "val/loss" else "max",
-        patience=cfg.training.patience,
-    )
-    state = parallel.replicate(state, mesh)
-    abstract = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state
-    )
-    start_epoch, start_step_in_epoch, train_acc = 0, 0, None
-    resume_dir, resume_step = None, None
-    if cfg.checkpoint.load_from:
-        resume_dir, resume_step = resolve_load_from(cfg.checkpoint.load_from)
-    elif cfg.checkpoint.auto_resume and ckpt.latest() is not None:
-        resume_dir = ckpt_dir
-    if resume_dir is not None:
-        source = (
-            ckpt
-            if resume_dir == ckpt_dir
-            else Checkpointer(
-                resume_dir, save_frequency=1, keep_last=1, monitor_mode=ckpt.monitor_mode
+        # ---- Input pipeline -----------------------------------------------------------------
+        self.train_loader = pipeline.train_loader(
+            self.data.train,
+            batch_size=cfg.training.batch_size,
+            geometric=aug.geometric,
+            seed=cfg.data.seed,
+            weighted_sampling=cfg.training.weighted_sampling,
+            cache=self.caches.get(self.train_rule),
+            **self._loader_kwargs(),
+        )
+        self.steps_per_epoch = self.train_loader.steps_per_epoch
+        self.train_iter = iter(self.train_loader)
+
+        # ---- Checkpoints, early stopping, tracking ------------------------------------------
+        self.ckpt_dir = cfg.output.save_dir or os.path.join(workdir, "checkpoints")
+        mode = "min" if cfg.training.monitor == "val/loss" else "max"
+        self.ckpt = Checkpointer(
+            self.ckpt_dir,
+            save_frequency=cfg.checkpoint.save_frequency,
+            keep_last=cfg.checkpoint.keep_last,
+            monitor_mode=mode,
+        )
+        self.stopper = EarlyStopping(cfg.training.monitor, mode, cfg.training.patience)
+        self.tracker = Tracker(
+            cfg.output.log_dir or workdir,
+            experiment_name=cfg.output.experiment_name,
+            config_dict=cfg.to_dict(),
+            wandb_project=cfg.output.wandb_project,
+            enabled=self.is_main,
+        )
+        self.start_epoch, self.start_step_in_epoch, self.train_acc = 0, 0, None
+        self.skipped = 0
+
+    # ---------------------------------------------------------------------------------------------
+    def _loader_kwargs(self) -> dict[str, Any]:
+        t = self.cfg.training
+        return dict(
+            img_size=tuple(self.cfg.data.img_size),
+            num_workers=t.num_workers,
+            prefetch_factor=t.prefetch_factor,
+            on_bad_image=self.cfg.data.on_bad_image,
+            bad_image_log=os.path.join(self.workdir, "bad_images.txt"),
+            shard_index=jax.process_index(),
+            shard_count=jax.process_count(),
+        )
+
+    def _open_caches(self) -> dict[str, prepared.Cache]:
+        if not self.cfg.data.use_cache:
+            return {}
+        root = self.data.paths.cache_dir
+        wanted = {self.train_rule: self.data.train.paths}
+        eval_paths = [p for r in (self.data.val, self.data.test) if r is not None for p in r.paths]
+        wanted[images.EXACT] = wanted.get(images.EXACT, []) + eval_paths
+        caches = {}
+        for rule, paths in wanted.items():
+            found = prepared.open_cache(
+                cache_dir(self.cfg, root, rule), paths, self.cfg.data.img_size, rule
             )
-        )
-        state, meta = source.restore(resume_step, abstract_state=abstract, data_iter=train_iter)
-        if meta["classes"] != data.classes:
-            raise ValueError(f"checkpoint {resume_dir} was trained on other classes")
-        stopper.load_state_dict(meta["early_stopping"])
-        start_epoch, start_step_in_epoch = meta["epoch"], meta["step_in_epoch"]
-        train_acc = meta.get("train_accumulator")
-        log.info(
-            "resumed from %s at epoch %d, step %d", resume_dir, start_epoch, int(state["step"])
-        )
-    elif cfg.checkpoint.init_from:
-        weights, meta = restore_weights_only(
-            cfg.checkpoint.init_from, {k: abstract[k] for k in ("params", "batch_stats")}
-        )
-        if meta["classes"] != data.classes:
-            raise ValueError(
-                f"checkpoint.init_from={cfg.checkpoint.init_from} has classes {meta['classes']}, "
-                f"this run has {data.classes}"
-            )
-        state = {**state, **weights}
-        log.info("initialised weights from %s", cfg.checkpoint.init_from)
+            if found is not None:
+                log.info("using prepared cache at %s", cache_dir(self.cfg, root, rule))
+                caches[rule] = found
+        return caches
 
-    tracker = Tracker(
-        cfg.output.log_dir or workdir,
-        experiment_name=cfg.output.experiment_name,
-        config_dict=cfg.to_dict(),
-        wandb_project=cfg.output.wandb_project,
-        enabled=is_main,
-    )
-
-    def meta_for(epoch: int, step_in_epoch: int, acc: ClassificationMetrics | None) -> dict:
+    def _meta(self, epoch: int, step_in_epoch: int, acc: ClassificationMetrics | None) -> dict:
+        d = self.data
         return {
             "epoch": epoch,
             "step_in_epoch": step_in_epoch,
-            "early_stopping": stopper.state_dict(),
-            "frozen": epoch < cfg.training.n_warmup_epochs,
-            "classes": data.classes,
-            "class_to_idx": data.class_to_idx,
-            "normalization_mean": list(data.mean),
-            "normalization_std": list(data.std),
-            "img_size": list(cfg.data.img_size),
-            "encoder": data.encoder_spec,
+            "early_stopping": self.stopper.state_dict(),
+            "frozen": epoch < self.cfg.training.n_warmup_epochs,
+            "classes": d.classes,
+            "class_to_idx": d.class_to_idx,
+            "normalization_mean": list(d.mean),
+            "normalization_std": list(d.std),
+            "img_size": list(self.cfg.data.img_size),
+            "encoder": d.encoder_spec,
             "train_accumulator": None
             if acc is None
             else {"matrix": acc.matrix.tolist(), "batch_losses": acc.batch_losses},
-            "config": cfg.to_dict(),
+            "config": self.cfg.to_dict(),
             "dermjax_version": dermjax.__version__,
         }
 
-    # ---- Train loop --------------------------------------------------------------------------
-    base_key = jax.random.key(cfg.data.seed)
-    skipped = 0
-    stopped_early = False
-    with PreemptionGuard() as guard:
-        for epoch in range(start_epoch, cfg.training.num_epochs):
-            warm = epoch < cfg.training.n_warmup_epochs
-            lr_backbone, lr_head = _epoch_lrs(cfg, epoch)
-            state["opt_backbone"] = optim.set_learning_rate(state["opt_backbone"], lr_backbone)
-            state["opt_head"] = optim.set_learning_rate(state["opt_head"], lr_head)
-            state = parallel.replicate(state, mesh)
-            step_fn = warmup_step if warm else main_step
-            acc = ClassificationMetrics(num_classes)
-            if train_acc is not None:
-                acc.matrix[:] = np.asarray(train_acc["matrix"])
-                acc.batch_losses = list(train_acc["batch_losses"])
-                train_acc = None
-            first = start_step_in_epoch if epoch == start_epoch else 0
-            total = steps_per_epoch * cfg.training.batch_size
-            progress = Progress(
-                total, desc=f"epoch {epoch + 1}/{cfg.training.num_epochs}", enabled=is_main
+    def _save(self, kind: str, meta: dict) -> None:
+        step = int(self.state["step"])
+        self.ckpt.save(step, state=self.state, data_iter=self.train_iter, meta=meta, kind=kind)
+
+    # ---------------------------------------------------------------------------------------------
+    def resume(self) -> None:
+        """Continues from checkpoint.load_from, else this workdir's latest, else init_from."""
+        c = self.cfg.checkpoint
+        source, step = None, None
+        if c.load_from:
+            directory, step = resolve_load_from(c.load_from)
+            source = Checkpointer(directory, save_frequency=1, keep_last=1)
+        elif c.auto_resume and self.ckpt.latest() is not None:
+            source = self.ckpt
+        if source is not None:
+            self.state, meta = source.restore(
+                step, abstract_state=self.abstract, data_iter=self.train_iter
             )
-            progress.update(first * cfg.training.batch_size)
-            pending = None
-            for i in range(first, steps_per_epoch):
-                batch = parallel.shard_batch(next(train_iter), mesh)
-                key = jax.random.fold_in(base_key, state["step"])
-                state, out = step_fn(state, batch, key)
-                if pending is not None:
-                    skipped += _consume(pending, acc, cfg, progress)
-                pending = (out, batch, epoch * steps_per_epoch + i)
-                if guard.requested:
-                    skipped += _consume(pending, acc, cfg, progress)
-                    ckpt.save(
-                        int(state["step"]),
-                        state=state,
-                        data_iter=train_iter,
-                        meta=meta_for(epoch, i + 1, acc),
-                        kind="preempt",
-                    )
-                    ckpt.close()
-                    tracker.close()
-                    print(
-                        f"Preempted: saved step {int(state['step'])} to {ckpt_dir}. Resume with "
-                        f"the same command (same --workdir={workdir}).",
-                        flush=True,
-                    )
-                    return {"preempted": True, "step": int(state["step"])}
+            self._check_classes(meta, c.load_from or self.ckpt_dir)
+            self.stopper.load_state_dict(meta["early_stopping"])
+            self.start_epoch, self.start_step_in_epoch = meta["epoch"], meta["step_in_epoch"]
+            self.train_acc = meta.get("train_accumulator")
+            log.info(
+                "resumed at epoch %d, step %d of %d in the epoch (global step %d)",
+                self.start_epoch,
+                self.start_step_in_epoch,
+                self.steps_per_epoch,
+                int(self.state["step"]),
+            )
+        elif c.init_from:
+            weights, meta = restore_weights_only(
+                c.init_from, {k: self.abstract[k] for k in ("params", "batch_stats")}
+            )
+            self._check_classes(meta, c.init_from)
+            self.state = {**self.state, **weights}
+            log.info("initialised weights from %s", c.init_from)
+
+    def _check_classes(self, meta: dict, source: str) -> None:
+        if meta["classes"] != self.data.classes:
+            raise ValueError(
+                f"checkpoint {source} was trained on classes {meta['classes']}, "
+                f"but this run's data has {self.data.classes}"
+            )
+
+    def evaluate(self, records: pipeline.Records, desc: str) -> dict[str, Any]:
+        """One pass over `records` (every sample exactly once); returns the metrics dict."""
+        batch_size = self.cfg.training.eval_batch_size or self.cfg.training.batch_size
+        parallel.check_batch_size(batch_size, "training.eval_batch_size")
+        loader = pipeline.eval_loader(
+            records, batch_size=batch_size, cache=self.caches.get(images.EXACT),
+            **self._loader_kwargs(),
+        )  # fmt: skip
+        metrics = ClassificationMetrics(self.num_classes)
+        progress = Progress(len(records.labels), desc=desc, enabled=self.is_main)
+        for batch in loader:
+            out = self.eval_step(self.state, parallel.shard_batch(batch, self.mesh))
+            valid = batch["valid"]
+            preds = parallel.to_host(out["preds"])[: len(valid)]
+            metrics.update(batch["label"], preds, valid=valid, loss=out["loss"])
+            progress.update(int(valid.sum()))
+        progress.close()
+        return metrics.compute()
+
+    # ---------------------------------------------------------------------------------------------
+    def _consume(self, pending: tuple, acc: ClassificationMetrics, progress: Progress) -> None:
+        """Reads a finished step's outputs one step late, so the device never waits on the host."""
+        out, batch, step = pending
+        if not bool(out["finite"]):
+            if self.cfg.training.on_nonfinite == "error":
+                raise NonFiniteLossError(step, float(out["loss"]))
+            log.warning("non-finite loss at step %d: batch skipped, parameters unchanged", step)
+            self.skipped += 1
+            return
+        valid = parallel.to_host(batch["valid"])
+        preds = parallel.to_host(out["preds"])
+        acc.update(parallel.to_host(batch["label"]), preds, valid=valid, loss=out["loss"])
+        progress.update(int(valid.sum()), loss=float(out["loss"]))
+
+    def train_epoch(self, epoch: int, guard: PreemptionGuard) -> dict[str, Any] | None:
+        """Trains one epoch; returns its record, or None if preemption stopped it (saved)."""
+        cfg = self.cfg
+        warm = epoch < cfg.training.n_warmup_epochs
+        lr_backbone, lr_head = epoch_learning_rates(cfg, epoch)
+        state = dict(self.state)
+        state["opt_backbone"] = optim.set_learning_rate(state["opt_backbone"], lr_backbone)
+        state["opt_head"] = optim.set_learning_rate(state["opt_head"], lr_head)
+        self.state = state
+        step_fn = self.warmup_step if warm else self.main_step
+        acc = ClassificationMetrics(self.num_classes)
+        first = 0
+        if epoch == self.start_epoch:
+            first = self.start_step_in_epoch
+            if self.train_acc is not None:
+                acc.matrix[:] = np.asarray(self.train_acc["matrix"])
+                acc.batch_losses = list(self.train_acc["batch_losses"])
+        batch_size = cfg.training.batch_size
+        progress = Progress(
+            self.steps_per_epoch * batch_size,
+            desc=f"epoch {epoch + 1}/{cfg.training.num_epochs}" + (" (warm-up)" if warm else ""),
+            enabled=self.is_main,
+        )
+        base_key = jax.random.key(cfg.data.seed)
+        pending = None
+        for i in range(first, self.steps_per_epoch):
+            global_step = epoch * self.steps_per_epoch + i
+            batch = parallel.shard_batch(next(self.train_iter), self.mesh)
+            key = jax.random.fold_in(base_key, global_step)
+            self.state, out = step_fn(self.state, batch, key)
             if pending is not None:
-                skipped += _consume(pending, acc, cfg, progress)
-            progress.close()
-            record = {
-                "epoch": epoch,
-                "frozen_backbone": warm,
-                "lr/backbone": lr_backbone,
-                "lr/head": lr_head,
-                **_public(acc.compute(), "train"),
-            }
-            improved = False
-            if data.val is not None and (epoch + 1) % cfg.training.validation_interval == 0:
-                val = evaluate(eval_step, state, data.val, cfg, mesh, num_classes, "validation")
-                record.update(_public(val, "val"))
-                improved, stopped_early = stopper.update(record[cfg.training.monitor], epoch=epoch)
-                tracker.log_confusion_matrix(
-                    "val", np.asarray(val["confusion_matrix"]), data.classes
-                )
-            tracker.log("epoch", epoch, record)
-            if is_main:
+                self._consume(pending, acc, progress)
+            pending = (out, batch, global_step)
+            if guard.should_stop(global_step):
+                self._consume(pending, acc, progress)
+                self._save("preempt", self._meta(epoch, i + 1, acc))
+                return None
+        if pending is not None:
+            self._consume(pending, acc, progress)
+        progress.close()
+        train = acc.compute()
+        return {
+            "epoch": epoch,
+            "frozen_backbone": warm,
+            "lr/backbone": lr_backbone,
+            "lr/head": lr_head,
+            **{f"train/{k}": train[k] for k in SUMMARY_KEYS},
+        }
+
+    def train(self) -> bool:
+        """The epoch loop; returns False when preempted (after saving), True when finished."""
+        cfg = self.cfg
+        with PreemptionGuard() as guard:
+            for epoch in range(self.start_epoch, cfg.training.num_epochs):
+                record = self.train_epoch(epoch, guard)
+                if record is None:
+                    return False
+                improved = stop = False
+                due = (epoch + 1) % cfg.training.validation_interval == 0
+                if self.data.val is not None and due:
+                    val = self.evaluate(self.data.val, "validation")
+                    record.update({f"val/{k}": val[k] for k in SUMMARY_KEYS})
+                    improved, stop = self.stopper.update(record[cfg.training.monitor], epoch=epoch)
+                    self.tracker.log_confusion_matrix(
+                        "val", np.asarray(val["confusion_matrix"]), self.data.classes, step=epoch
+                    )
+                self.tracker.log("epoch", epoch, record)
+                floats = {k: v for k, v in record.items() if isinstance(v, float)}
                 log.info(
-                    "epoch %d: %s",
-                    epoch,
-                    ", ".join(f"{k}={v:.4f}" for k, v in record.items() if isinstance(v, float)),
+                    "epoch %d: %s", epoch, ", ".join(f"{k}={v:.4g}" for k, v in floats.items())
                 )
-            meta = meta_for(epoch + 1, 0, None)
-            if improved:
-                ckpt.save(
-                    int(state["step"]), state=state, data_iter=train_iter, meta=meta, kind="best"
-                )
-            if ckpt.should_save_periodic(epoch) or stopped_early:
-                ckpt.save(
-                    int(state["step"]),
-                    state=state,
-                    data_iter=train_iter,
-                    meta=meta,
-                    kind="periodic",
-                )
-            if stopped_early:
-                log.info(
-                    "early stopping after epoch %d (%s did not improve)", epoch, stopper.monitor
-                )
-                break
+                meta = self._meta(epoch + 1, 0, None)
+                if improved:
+                    self._save("best", meta)
+                if self.ckpt.should_save_periodic(epoch) or stop:
+                    self._save("periodic", meta)
+                if stop:
+                    log.info(
+                        "early stopping after epoch %d: %s stalled", epoch, cfg.training.monitor
+                    )
+                    return True
+        return True
 
-    # ---- Test ----------------------------------------------------------------------------------
-    ckpt.wait()
-    best = ckpt.best()
-    if best is not None:
-        state, _ = ckpt.restore(best, abstract_state=abstract, data_iter=None)
-    results = {"baseline": {"majority_accuracy": data.majority_accuracy}}
-    for split, records in (("val", data.val), ("test", data.test)):
-        if records is None:
-            continue
-        m = evaluate(eval_step, state, records, cfg, mesh, num_classes, split)
-        results[split] = {k: m[k] for k in ("accuracy", "macro_f1", "balanced_accuracy", "loss")}
-        results[split]["per_class_recall"] = m["per_class_recall"]
-        tracker.log_confusion_matrix(split, np.asarray(m["confusion_matrix"]), data.classes)
-    tracker.log("final", int(state["step"]), _flatten(results))
-    results.update(
-        classes=data.classes,
-        best_epoch=stopper.best_epoch,
-        stopped_early=stopped_early,
-        skipped_nonfinite_steps=skipped,
-        wall_time_s=round(time.time() - t_start, 1),
-    )
-    tracker.summary(results)
-    ckpt.close()
-    tracker.close()
-    return results
+    def test(self, started_at: float) -> dict[str, Any]:
+        """Evaluates the best checkpoint (or the last state) on val and test; writes summary."""
+        self.ckpt.wait()
+        best = self.ckpt.best()
+        if best is not None:
+            self.state, _ = self.ckpt.restore(best, abstract_state=self.abstract, data_iter=None)
+        results: dict[str, Any] = {"baseline": {"majority_accuracy": self.data.majority_accuracy}}
+        for split, records in (("val", self.data.val), ("test", self.data.test)):
+            if records is None:
+                continue
+            m = self.evaluate(records, split)
+            results[split] = {k: m[k] for k in SUMMARY_KEYS}
+            self.tracker.log_confusion_matrix(
+                split, np.asarray(m["confusion_matrix"]), self.data.classes
+            )
+        final = {
+            f"{split}/{k}": v
+            for split, m in results.items()
+            for k, v in m.items()
+            if isinstance(v, float)
+        }
+        self.tracker.log("final", int(self.state["step"]), final)
+        results.update(
+            classes=self.data.classes,
+            best_epoch=self.stopper.best_epoch,
+            best_step=best,
+            skipped_nonfinite_steps=self.skipped,
+            bad_images=self.train_loader.bad_images,
+            wall_time_s=round(time.time() - started_at, 1),
+        )
+        self.tracker.summary(results)
+        return results
 
-
-def _flatten(results: dict) -> dict:
-    return {
-        f"{split}/{k}": v
-        for split, m in results.items()
-        for k, v in m.items()
-        if isinstance(v, float)
-    }
+    def close(self) -> None:
+        """Completes pending checkpoint writes and closes the trackers."""
+        self.ckpt.close()
+        self.tracker.close()
 
 
-def _consume(pending, acc: ClassificationMetrics, cfg, progress: Progress) -> int:
-    """Reads a finished step's outputs (one step behind, so the device never waits)."""
-    out, batch, step = pending
-    if not bool(out["finite"]):
-        if cfg.training.on_nonfinite == "error":
-            raise NonFiniteLossError(step, float(out["loss"]))
-        log.warning("non-finite loss at step %d: batch skipped, parameters unchanged", step)
-        return 1
-    labels, valid = parallel.to_host(batch["label"]), parallel.to_host(batch["valid"])
-    acc.update(labels, parallel.to_host(out["preds"]), valid=valid, loss=out["loss"])
-    progress.update(int(valid.sum()), loss=float(out["loss"]))
-    return 0
+def train_and_evaluate(cfg: config_dict.ConfigDict, workdir: str) -> dict[str, Any]:
+    """Trains per `cfg` in `workdir` (resuming if it holds checkpoints); returns the summary."""
+    start = time.time()
+    trainer = Trainer(cfg, workdir)
+    try:
+        trainer.resume()
+        if not trainer.train():
+            step = int(trainer.state["step"])
+            print(
+                f"Preempted: saved step {step} to {trainer.ckpt_dir}. Resume by re-running the "
+                f"same command (same --workdir={workdir}).",
+                flush=True,
+            )
+            return {"preempted": True, "step": step}
+        return trainer.test(start)
+    finally:
+        trainer.close()

@@ -14,6 +14,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 
@@ -89,12 +90,19 @@ def _is_variable(x: Any) -> bool:
     return isinstance(x, nnx.Variable)
 
 
+def _like(value: float, ref: Any) -> jax.Array:
+    """`value` as a scalar with the dtype (and, for jax arrays, the sharding) of `ref`."""
+    if isinstance(ref, jax.Array):
+        return jax.device_put(np.asarray(value, ref.dtype), ref.sharding)
+    return jnp.asarray(value, dtype=np.asarray(ref).dtype)
+
+
 def set_learning_rate(opt_state: Any, learning_rate: float) -> Any:
     """Returns `opt_state` with every injected learning rate set to `learning_rate`.
 
     Works for states of `make_group_tx`, of `masked_tx(make_group_tx(...))`, and for the NNX
     `OptState`-wrapped state of an `nnx.Optimizer` (whose variables are also updated in place).
-    The value keeps the dtype of the stored one, so a jitted step taking the state does not retrace.
+    The value keeps the dtype and sharding of the stored one, so a jitted step does not recompile.
     """
     found = False
 
@@ -104,9 +112,9 @@ def set_learning_rate(opt_state: Any, learning_rate: float) -> Any:
             return leaf
         found = True
         if _is_variable(leaf):
-            leaf[...] = jnp.asarray(learning_rate, dtype=leaf[...].dtype)
+            leaf[...] = _like(learning_rate, leaf[...])
             return leaf
-        return jnp.asarray(learning_rate, dtype=jnp.asarray(leaf).dtype)
+        return _like(learning_rate, leaf)
 
     new_state = jax.tree_util.tree_map_with_path(replace, opt_state, is_leaf=_is_variable)
     if not found:

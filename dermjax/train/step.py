@@ -85,6 +85,7 @@ def split_model(
 
 
 def _forward(graph, params, stats, rngs, key, images, text):
+    rngs = jax.tree.map(lambda x: x, rngs)  # fresh Variables at this trace level, for reseed
     model = nnx.merge(graph, params, stats, rngs)
     nnx.reseed(model, dropout=key)
     outputs = model(images, text)
@@ -106,7 +107,7 @@ def make_train_step(
     """Builds the jitted train step for the warm-up (head only) or the main phase."""
     graph = parts.warmup_graph if warmup else parts.train_graph
 
-    def step(state: TrainState, batch: dict, key: jax.Array) -> tuple[TrainState, dict]:
+    def step(state: TrainState, rngs, batch: dict, key: jax.Array) -> tuple[TrainState, dict]:
         k_aug, k_mask, k_drop = jax.random.split(key, 3)
         images = normalize(augment(k_aug, batch["image"], spec.augment), spec.mean, spec.std)
         images, text, vision_valid, text_valid = apply_masking(
@@ -118,7 +119,7 @@ def make_train_step(
         def loss_fn(trainable):
             full = {**params, "head": trainable} if warmup else trainable
             outputs, new_stats = _forward(
-                graph, full, state["batch_stats"], parts.rngs, k_drop, images, text
+                graph, full, state["batch_stats"], rngs, k_drop, images, text
             )
             loss, terms = total_loss(
                 outputs,
@@ -155,7 +156,8 @@ def make_train_step(
         out = {"loss": loss, "finite": finite, "preds": jnp.argmax(logits, -1), **terms}
         return new_state, out
 
-    return jax.jit(step, donate_argnums=(0,))
+    jitted = jax.jit(step, donate_argnums=(0,))
+    return lambda state, batch, key: jitted(state, parts.rngs, batch, key)
 
 
 def make_eval_step(
@@ -163,7 +165,7 @@ def make_eval_step(
 ) -> Callable[[TrainState, dict], dict[str, jax.Array]]:
     """Builds the jitted eval step: normalisation, complete masking only, loss and predictions."""
 
-    def step(state: TrainState, batch: dict) -> dict[str, jax.Array]:
+    def step(state: TrainState, rngs, batch: dict) -> dict[str, jax.Array]:
         images = prepare_eval(batch["image"], spec.mean, spec.std)
         images, text, vision_valid, text_valid = apply_masking(
             jax.random.key(0), images, batch["text"], batch["has_text"], spec.mask, training=False
@@ -172,7 +174,7 @@ def make_eval_step(
             parts.eval_graph,
             state["params"],
             state["batch_stats"],
-            parts.rngs,
+            rngs,
             jax.random.key(0),
             images.astype(spec.compute_dtype),
             text,
@@ -187,4 +189,5 @@ def make_eval_step(
         )
         return {"loss": loss, "preds": jnp.argmax(outputs["logits"], -1), **terms}
 
-    return jax.jit(step)
+    jitted = jax.jit(step)
+    return lambda state, batch: jitted(state, parts.rngs, batch)

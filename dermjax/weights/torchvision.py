@@ -18,6 +18,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -27,11 +28,11 @@ from dermjax.models.registry import HEAD_NAMES
 _DENSENET_LEGACY = re.compile(
     r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$"
 )
-_RENAMES = (
+_LEGACY_RENAMES = (
     (re.compile(r"\.mlp\.linear_1\."), ".mlp.0."),
     (re.compile(r"\.mlp\.linear_2\."), ".mlp.3."),
-    (re.compile(r"\.self_attention\.in_proj_(weight|bias)$"), r".self_attention.in_proj.\1"),
 )
+_IN_PROJ = re.compile(r"\.self_attention\.in_proj_(weight|bias)$")
 _LEAF_NAMES = {"bias": "bias", "running_mean": "mean", "running_var": "var"}
 _TORCH_LEAF = {"kernel": "weight", "scale": "weight", "mean": "running_mean", "var": "running_var"}
 
@@ -76,23 +77,31 @@ def to_numpy(value: Any) -> np.ndarray:
 
 
 def fix_legacy_keys(state_dict: Mapping[str, Any]) -> dict[str, Any]:
-    """Renames legacy keys to the current layout; drops `num_batches_tracked`.
+    """Renames legacy checkpoint keys to torchvision's current layout (still torch-loadable).
 
-    DenseNet `denselayerK.norm.1.weight` -> `denselayerK.norm1.weight` (also relu/conv, .2);
-    ViT `mlp.linear_1/2` -> `mlp.0/3`; ViT `self_attention.in_proj_weight/bias` ->
-    `self_attention.in_proj.weight/bias` (dermjax holds `in_proj` as a Linear).
+    DenseNet `denselayerK.norm.1.weight` -> `denselayerK.norm1.weight` (also relu/conv and .2),
+    the fix torchvision applies when loading its own DenseNet files; ViT `mlp.linear_1/2` ->
+    `mlp.0/3` (pre-v2 MLPBlock).
     """
     fixed = {}
     for key, value in state_dict.items():
-        if key.endswith("num_batches_tracked"):
-            continue
         match = _DENSENET_LEGACY.match(key)
         if match:
             key = match.group(1) + match.group(2)
-        for pattern, replacement in _RENAMES:
+        for pattern, replacement in _LEGACY_RENAMES:
             key = pattern.sub(replacement, key)
         fixed[key] = value
     return fixed
+
+
+def _dermjax_keys(state_dict: Mapping[str, Any]) -> dict[str, Any]:
+    """Current-layout keys as dermjax names them: no `num_batches_tracked`; ViT attention's
+    `in_proj_weight/bias` -> `in_proj.weight/bias` (dermjax holds `in_proj` as a Linear)."""
+    return {
+        _IN_PROJ.sub(r".self_attention.in_proj.\1", key): value
+        for key, value in fix_legacy_keys(state_dict).items()
+        if not key.endswith("num_batches_tracked")
+    }
 
 
 def _child(module: Any, name: str | int) -> Any:
@@ -169,8 +178,8 @@ def load_state_dict(
     }
     if drop_head:
         expected = {p: v for p, v in expected.items() if not _is_head(p)}
-    updates, unexpected, mis_shaped = {}, [], []
-    for key, value in fix_legacy_keys(state_dict).items():
+    updates, unexpected, mis_shaped, seen = {}, [], [], set()
+    for key, value in _dermjax_keys(state_dict).items():
         if drop_head and _is_head(key):
             continue
         target = _target(module, key)
@@ -178,6 +187,7 @@ def load_state_dict(
             unexpected.append(key)
             continue
         path, transform = target
+        seen.add(path)
         array = to_numpy(value)
         array = transform(array) if transform is not None else array
         want = tuple(expected[path].shape)
@@ -188,7 +198,7 @@ def load_state_dict(
             mis_shaped.append(f"{key}: got {array.shape} (as stored in dermjax), model has {want}")
             continue
         updates[path] = array
-    missing = [torch_key(p) for p in expected if p not in updates]
+    missing = [torch_key(p) for p in expected if p not in seen]
     if missing or unexpected or mis_shaped:
         problems = [
             f"{title} ({len(keys)}): {', '.join(keys)}"
@@ -207,13 +217,58 @@ def load_state_dict(
         var.set_value(jnp.asarray(array, dtype=expected[path].dtype))
 
 
+def _concrete_rng_state(module: nnx.Module, seed: int) -> None:
+    """Gives an abstract module's dropout/stochastic-depth RNG streams real keys and counts."""
+    state = nnx.state(module, nnx.RngState)
+    flat = nnx.to_flat_state(state)
+    for index, (_, var) in enumerate(flat):
+        if isinstance(var, nnx.RngKey):
+            var.set_value(jax.random.fold_in(jax.random.key(seed), index))
+        else:
+            var.set_value(jnp.zeros(var.get_value().shape, var.get_value().dtype))
+    nnx.update(module, nnx.from_flat_state(flat))
+
+
+def backbone_from_state_dict(
+    name: str, state_dict: Mapping[str, Any], *, seed: int = 0, **backbone_kwargs: Any
+) -> nnx.Module:
+    """`create_backbone(name, **backbone_kwargs)` filled from a torchvision state_dict.
+
+    Much cheaper than building and then loading: the module is traced abstractly (no random
+    init) and every parameter comes from `state_dict`. The head is dropped from the state_dict
+    when include_top=False. Dropout RNG streams are seeded from `seed`.
+    """
+    from dermjax.models import create_backbone
+
+    module = nnx.eval_shape(lambda: create_backbone(name, rngs=nnx.Rngs(seed), **backbone_kwargs))
+    load_state_dict(module, state_dict, drop_head=not backbone_kwargs.get("include_top", False))
+    _concrete_rng_state(module, seed)
+    return module
+
+
+def pretrained_backbone(
+    name: str, weights_path: str | os.PathLike | None = None, **backbone_kwargs: Any
+) -> nnx.Module:
+    """Backbone `name` with converted torchvision weights (see `resolve_weights_path`)."""
+    from safetensors.numpy import load_file
+
+    state_dict = load_file(str(resolve_weights_path(name, weights_path)))
+    return backbone_from_state_dict(name, state_dict, **backbone_kwargs)
+
+
 def save_converted(
-    state_dict: Mapping[str, Any], path: str | os.PathLike, metadata: Mapping[str, str] | None = None
+    state_dict: Mapping[str, Any],
+    path: str | os.PathLike,
+    metadata: Mapping[str, str] | None = None,
 ) -> None:
-    """Writes the (legacy-fixed) torch-keyed state_dict as float32/int safetensors."""
+    """Writes the torch-keyed state_dict (legacy keys fixed, no `num_batches_tracked`)."""
     from safetensors.numpy import save_file
 
-    arrays = {k: np.ascontiguousarray(to_numpy(v)) for k, v in fix_legacy_keys(state_dict).items()}
+    arrays = {
+        key: np.ascontiguousarray(to_numpy(value))
+        for key, value in fix_legacy_keys(state_dict).items()
+        if not key.endswith("num_batches_tracked")
+    }
     save_file(arrays, str(path), metadata=dict(metadata or {}))
 
 
@@ -242,7 +297,9 @@ def resolve_weights_path(name: str, weights_path: str | os.PathLike | None = Non
 
     Raises FileNotFoundError with the exact conversion command when the file does not exist.
     """
-    path = Path(weights_path).expanduser() if weights_path else weights_dir() / f"{name}.safetensors"
+    path = (
+        Path(weights_path).expanduser() if weights_path else weights_dir() / f"{name}.safetensors"
+    )
     if not path.is_file():
         raise FileNotFoundError(
             f"No converted torchvision weights for {name!r} at {path}. Convert them once on a "

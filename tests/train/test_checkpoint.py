@@ -17,6 +17,7 @@ from dermjax.train.checkpoint import (
     resolve_load_from,
     restore_weights_only,
 )
+from tests.gcs_emulator import gcs_emulator, gcs_root  # noqa: F401  (fixtures used below)
 
 
 class TinyNet(nnx.Module):
@@ -196,7 +197,36 @@ def test_restore_weights_only_reads_params_and_batch_stats_and_rejects_other_sha
     abstract = nnx.state(nnx.eval_shape(lambda: TinyNet(nnx.Rngs(9))), wanted)
     model_state, meta = restore_weights_only(str(tmp_path), abstract)
     assert meta["classes"] == ["a", "b", "c"]
-    assert leaves_equal(model_state, state["model"].filter(wanted))
+    assert leaves_equal(model_state, nnx.filter_state(state["model"], wanted))
     other = nnx.state(nnx.eval_shape(lambda: TinyNet(nnx.Rngs(9), classes=5)), wanted)
-    with pytest.raises(CheckpointError, match=r"do not fit.*\(4, 3\)"):
+    with pytest.raises(
+        CheckpointError, match=r"(?s)do not fit.*checkpoint \(4, 3\), model \(4, 5\)"
+    ):
         restore_weights_only(str(tmp_path), other)
+
+
+def test_gcs_save_prune_and_restore_against_emulator(gcs_root):  # noqa: F811
+    gcsfs = pytest.importorskip("gcsfs")
+    state, it = make_state(), data_iter()
+    next(it)
+    workdir = f"{gcs_root}/run"
+    with Checkpointer(f"{workdir}/checkpoints", save_frequency=1, keep_last=1, async_save=False) as ckpt:
+        ckpt.save(10, state=make_state(1), data_iter=it, meta={"epoch": 0}, kind="best")
+        ckpt.save(10, state=make_state(1), data_iter=it, meta={"epoch": 0}, kind="periodic")
+        next(it)
+        ckpt.save(20, state=state, data_iter=it, meta={"epoch": 1}, kind="periodic")
+        expected_next = next(it)
+        assert (ckpt.latest(), ckpt.best()) == (20, 10)
+    directory, step = resolve_load_from(workdir)
+    fresh_it = data_iter()
+    with Checkpointer(directory, save_frequency=1, keep_last=1) as ckpt:
+        restored, meta = ckpt.restore(step, abstract_state=abstract_of(state), data_iter=fresh_it)
+    assert meta["epoch"] == 1 and leaves_equal(restored, state)
+    np.testing.assert_array_equal(next(fresh_it), expected_next)
+    fs = gcsfs.GCSFileSystem()
+    kept = {
+        "/".join(p.split("/")[-2:])
+        for sub in ("periodic", "best")
+        for p in fs.ls(f"{directory}/{sub}")
+    }
+    assert kept == {"periodic/20", "best/10"}

@@ -73,18 +73,28 @@ def test_unknown_optimizer_name_lists_the_allowed_ones():
         make_group_tx("rmsprop", learning_rate=1e-3, weight_decay=0.0)
 
 
-def test_set_learning_rate_changes_the_next_update_inside_multi_transform():
+def test_set_learning_rate_changes_the_next_update_inside_multi_transform_without_retrace():
     params = {"w": jnp.ones((2,)), "f": jnp.ones((2,))}
     tx = masked_tx(
         make_group_tx("sgd", learning_rate=0.1, weight_decay=0.0, momentum=0.0),
         {"w": "trainable", "f": "frozen"},
     )
+    traces = []
+
+    @jax.jit
+    def update(grads, state):
+        traces.append(1)
+        return tx.update(grads, state, params)
+
     state = tx.init(params)
     assert get_learning_rate(state) == pytest.approx(0.1)
+    updates, state = update(params, state)
+    np.testing.assert_allclose(updates["w"], [-0.1, -0.1])
     state = set_learning_rate(state, 0.5)
     assert get_learning_rate(state) == pytest.approx(0.5)
-    updates, _ = jax.jit(tx.update)(params, state, params)
+    updates, _ = update(params, state)
     np.testing.assert_allclose(updates["w"], [-0.5, -0.5])
+    assert len(traces) == 1  # same dtype and weak type as the initial state: no retrace
 
 
 def test_set_learning_rate_updates_an_nnx_optimizer_in_place():

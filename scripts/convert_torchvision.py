@@ -1,0 +1,175 @@
+"""Convert torchvision ImageNet weights into dermjax safetensors, verified against torchvision.
+
+Run once where torchvision can download its weights (needs torch + torchvision):
+
+    python scripts/convert_torchvision.py --arch resnet50 --weights DEFAULT \
+        --out ~/.cache/dermjax/weights/resnet50.safetensors
+
+or from a state_dict saved with `torch.save(model.state_dict(), FILE)`:
+
+    python scripts/convert_torchvision.py --arch densenet121 --state-dict densenet.pth \
+        --out densenet121.safetensors
+
+The converted model is checked on a fixed seeded float32 input against torchvision; nothing is
+written (exit 1) if max|Δ| exceeds 1e-4·max(1, max|ref|). Output: OUT (safetensors of the
+torch-keyed state_dict) and OUT with suffix .json (arch, weights enum, versions, transforms,
+category and parameter counts, measured difference). Training finds OUT through
+`dermjax.weights.torchvision.resolve_weights_path` ($DERMJAX_WEIGHTS_DIR/<arch>.safetensors).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:  # lets a plain checkout run the script without installing
+    sys.path.insert(0, str(REPO_ROOT))
+
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from dermjax.models.registry import BACKBONES, default_image_size, is_vit  # noqa: E402
+from dermjax.weights.torchvision import (  # noqa: E402
+    backbone_from_state_dict,
+    fix_legacy_keys,
+    import_torchvision,
+    save_converted,
+    to_numpy,
+)
+
+RELATIVE_TOLERANCE = 1e-4
+VERIFY_BATCH = 2
+VERIFY_SEED = 0
+_HEAD_WEIGHTS = ("fc.weight", "classifier.weight", "classifier.1.weight", "classifier.6.weight")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--arch", required=True, choices=BACKBONES)
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--weights", help="weights enum member, e.g. DEFAULT or IMAGENET1K_V2")
+    source.add_argument("--state-dict", type=Path, help="file saved with torch.save(state_dict)")
+    parser.add_argument("--out", required=True, type=Path, help="output .safetensors file")
+    parser.add_argument(
+        "--image-size",
+        type=int,
+        help="verification size (and ViT image size with --state-dict); default: the weights'",
+    )
+    return parser.parse_args(argv)
+
+
+def _num_classes(state_dict: dict[str, Any]) -> int:
+    for key in (*_HEAD_WEIGHTS, "heads.head.weight"):
+        if key in state_dict:
+            return int(state_dict[key].shape[0])
+    return 1000
+
+
+def build_torch_model(tv: Any, args: argparse.Namespace) -> tuple[Any, Any, int]:
+    """(torchvision model in eval mode, weights enum member or None, image size)."""
+    import torch
+
+    if args.weights is not None:
+        enum = tv.models.get_model_weights(args.arch)
+        if args.weights not in enum.__members__:
+            raise SystemExit(f"--weights {args.weights}: expected one of {list(enum.__members__)}")
+        weights = enum[args.weights]
+        model = tv.models.get_model(args.arch, weights=weights)
+        size = args.image_size or weights.transforms().crop_size[0]
+        if is_vit(args.arch):
+            size = weights.meta["min_size"][0]
+        return model.eval(), weights, size
+    state_dict = fix_legacy_keys(torch.load(args.state_dict, map_location="cpu", weights_only=True))
+    size = args.image_size or default_image_size(args.arch)
+    kwargs = {"image_size": size} if is_vit(args.arch) else {}
+    model = tv.models.get_model(args.arch, num_classes=_num_classes(state_dict), **kwargs)
+    model.load_state_dict(state_dict)
+    return model.eval(), None, size
+
+
+@nnx.jit
+def _forward(model: nnx.Module, x: Any) -> Any:
+    return model(x)
+
+
+def verify(tv_model: Any, state: dict[str, np.ndarray], arch: str, size: int) -> dict[str, Any]:
+    """Measured float32 difference between torchvision and the converted dermjax model."""
+    import torch
+
+    x = np.random.default_rng(VERIFY_SEED).standard_normal((VERIFY_BATCH, size, size, 3))
+    x = x.astype(np.float32)
+    with torch.no_grad():
+        ref = tv_model(torch.from_numpy(x.transpose(0, 3, 1, 2).copy())).numpy()
+    model = backbone_from_state_dict(
+        arch, state, include_top=True, num_classes=ref.shape[-1], image_size=size
+    )
+    model.eval()
+    out = np.asarray(_forward(model, jnp.asarray(x)))
+    scale = max(1.0, float(np.abs(ref).max()))
+    diff = float(np.abs(out - ref).max())
+    return {
+        "max_abs_diff": diff,
+        "tolerance": RELATIVE_TOLERANCE * scale,
+        "ref_max_abs": float(np.abs(ref).max()),
+        "top1_agree": bool((out.argmax(-1) == ref.argmax(-1)).all()),
+        "batch": VERIFY_BATCH,
+        "image_size": size,
+        "seed": VERIFY_SEED,
+    }
+
+
+def transforms_meta(weights: Any) -> dict[str, Any] | None:
+    """The enum's eval preprocessing (resize on the shorter side, centre crop, normalise)."""
+    if weights is None:
+        return None
+    transform = weights.transforms()
+    return {
+        "resize_size": list(transform.resize_size),
+        "crop_size": list(transform.crop_size),
+        "interpolation": transform.interpolation.value,
+        "antialias": transform.antialias,
+        "mean": list(transform.mean),
+        "std": list(transform.std),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    tv = import_torchvision()
+    import torch
+
+    tv_model, weights, size = build_torch_model(tv, args)
+    state = {k: to_numpy(v) for k, v in tv_model.state_dict().items()}
+    check = verify(tv_model, state, args.arch, size)
+    print(f"{args.arch}: max|Δ| = {check['max_abs_diff']:.3g} (tolerance {check['tolerance']:.3g})")
+    if check["max_abs_diff"] > check["tolerance"]:
+        print(f"verification failed; nothing written to {args.out}", file=sys.stderr)
+        return 1
+    sidecar = {
+        "arch": args.arch,
+        "weights": str(weights) if weights is not None else None,
+        "source": weights.url if weights is not None else str(args.state_dict),
+        "torch_version": torch.__version__,
+        "torchvision_version": tv.__version__,
+        "image_size": size,
+        "transforms": transforms_meta(weights),
+        "num_categories": (
+            len(weights.meta["categories"]) if weights is not None else _num_classes(state)
+        ),
+        "num_params": sum(p.numel() for p in tv_model.parameters()),
+        "verification": check,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    save_converted(state, args.out, metadata={"arch": args.arch, "weights": sidecar["weights"] or ""})
+    args.out.with_suffix(".json").write_text(json.dumps(sidecar, indent=2) + "\n")
+    print(f"wrote {args.out} and {args.out.with_suffix('.json')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,137 @@
+"""Prepared ArrayRecord cache: round trip, resume, staleness, and loaders reading from it."""
+
+import logging
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from dermjax.data import cache, images, pipeline
+
+SIZE = (16, 16)
+
+
+@pytest.fixture
+def paths(tmp_path):
+    rng = np.random.default_rng(0)
+    out = []
+    for i, hw in enumerate([(20, 30), (30, 20), (24, 24), (40, 25), (18, 60), (22, 33), (50, 40)]):
+        path = str(tmp_path / f"img{i}.jpg")
+        Image.fromarray(rng.integers(0, 255, (*hw, 3), dtype=np.uint8)).save(path)
+        out.append(path)
+    return out
+
+
+def read_back(c: cache.Cache, paths) -> list:
+    return c.reader().read(c.locate(paths))
+
+
+@pytest.mark.parametrize("rule", images.RULES)
+def test_cache_round_trip_returns_the_decoded_images(paths, tmp_path, rule):
+    built = cache.build_cache(paths, str(tmp_path / "c"), img_size=SIZE, rule=rule, progress=False)
+    opened = cache.open_cache(str(tmp_path / "c"), paths, SIZE, rule)
+    assert opened is not None
+    for c in (built, opened):
+        for path, image in zip(paths, read_back(c, paths), strict=True):
+            with open(path, "rb") as f:
+                np.testing.assert_array_equal(image, images.decode(f.read(), path, SIZE, rule))
+    if rule == images.SHORTER:  # variable long side kept, so random crops stay possible
+        assert {a.shape for a in read_back(built, paths)} > {(17, 25, 3), (25, 17, 3)}
+
+
+def test_interrupted_build_resumes_with_only_the_unfinished_shards(paths, tmp_path, monkeypatch):
+    directory = str(tmp_path / "c")
+    real_decode, calls, interrupt_at = images.decode, [], [5]
+
+    def counting_decode(data, path, *args, **kwargs):
+        calls.append(path)
+        if len(calls) == interrupt_at[0]:
+            raise KeyboardInterrupt
+        return real_decode(data, path, *args, **kwargs)
+
+    monkeypatch.setattr(images, "decode", counting_decode)
+    with pytest.raises(KeyboardInterrupt):
+        cache.build_cache(
+            paths, directory, img_size=SIZE, rule="exact", shard_size=3, progress=False
+        )
+    assert cache.open_cache(directory, paths, SIZE, "exact") is None  # incomplete
+    calls.clear()
+    interrupt_at[0] = 0
+    cache.build_cache(paths, directory, img_size=SIZE, rule="exact", shard_size=3, progress=False)
+    assert calls == paths[3:]  # shard 0 (3 images) was kept
+    opened = cache.open_cache(directory, paths, SIZE, "exact")
+    assert opened is not None and len(read_back(opened, paths)) == 7
+
+
+def test_stale_or_absent_cache_is_refused_with_the_reason_logged(paths, tmp_path, caplog):
+    directory = str(tmp_path / "c")
+    assert cache.open_cache(directory, paths, SIZE, "exact") is None
+    cache.build_cache(paths[:5], directory, img_size=SIZE, rule="exact", progress=False)
+    assert cache.open_cache(directory, paths[:3], SIZE, "exact") is not None  # a subset is served
+    with caplog.at_level(logging.WARNING):
+        assert cache.open_cache(directory, paths, SIZE, "exact") is None
+        assert cache.open_cache(directory, paths[:5], (32, 32), "exact") is None
+        assert cache.open_cache(directory, paths[:5], SIZE, "shorter") is None
+    text = caplog.text
+    assert "2 of 7 paths are not cached" in text and "img_size" in text and "rule" in text
+
+
+def test_building_over_a_cache_of_other_paths_replaces_it(paths, tmp_path):
+    directory = str(tmp_path / "c")
+    cache.build_cache(
+        paths[:5], directory, img_size=SIZE, rule="exact", shard_size=2, progress=False
+    )
+    cache.build_cache(
+        paths[5:], directory, img_size=SIZE, rule="exact", shard_size=2, progress=False
+    )
+    assert cache.open_cache(directory, paths[:5], SIZE, "exact") is None
+    assert cache.open_cache(directory, paths[5:], SIZE, "exact") is not None
+    assert len([n for n in os.listdir(directory) if n.endswith(".array_record")]) == 1
+
+
+@pytest.mark.parametrize("geometric", [True, False])
+def test_loaders_give_the_same_batches_from_cache_and_from_files(paths, tmp_path, geometric):
+    os.remove(paths[2])  # a bad image is bad in both
+    n = len(paths)
+    records = pipeline.Records(paths, np.arange(n) % 2, np.zeros((n, 2)), np.ones(n, bool))
+    rule = images.train_rule(geometric)
+    train_cache = cache.build_cache(
+        paths, str(tmp_path / rule), img_size=SIZE, rule=rule, progress=False
+    )
+    kwargs = {"batch_size": 3, "img_size": SIZE, "geometric": geometric, "seed": 3}
+    raw_it = iter(pipeline.train_loader(records, **kwargs))
+    cached_it = iter(pipeline.train_loader(records, cache=train_cache, **kwargs))
+    for _ in range(4):
+        raw, cached = next(raw_it), next(cached_it)
+        for key in raw:
+            np.testing.assert_array_equal(raw[key], cached[key])
+    if not geometric:  # the exact-rule cache also serves evaluation
+        raw = list(pipeline.eval_loader(records, batch_size=4, img_size=SIZE))
+        cached = list(pipeline.eval_loader(records, batch_size=4, img_size=SIZE, cache=train_cache))
+        for a, b in zip(raw, cached, strict=True):
+            np.testing.assert_array_equal(a["image"], b["image"])
+            np.testing.assert_array_equal(a["valid"], b["valid"])
+
+
+def test_loader_refuses_a_cache_built_for_another_rule(paths, tmp_path):
+    n = len(paths)
+    records = pipeline.Records(paths, np.zeros(n), np.zeros((n, 1)), np.zeros(n, bool))
+    exact = cache.build_cache(
+        paths, str(tmp_path / "c"), img_size=SIZE, rule="exact", progress=False
+    )
+    with pytest.raises(ValueError, match="rule='shorter'"):
+        pipeline.train_loader(
+            records, batch_size=2, img_size=SIZE, geometric=True, seed=0, cache=exact
+        )
+
+
+def test_cli_main_builds_from_a_paths_file(paths, tmp_path):
+    listing = tmp_path / "paths.txt"
+    listing.write_text("\n".join(paths) + "\n")
+    argv = ["--paths", str(listing), "--out", str(tmp_path / "c"), "--img-size", "16", "16"]
+    built = cache.main([*argv, "--rule", "exact", "--workers", "1"])  # a process pool
+    assert built.paths == paths and built.rule == "exact"
+    with open(paths[0], "rb") as f:
+        expected = images.decode(f.read(), paths[0], SIZE, "exact")
+    np.testing.assert_array_equal(read_back(built, paths[:1])[0], expected)

@@ -1,0 +1,197 @@
+"""Embeddings parquet layout, the hashing encoder, ensure/extend rules and the 1:1 text join."""
+
+import os
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from dermjax.data.embeddings import (
+    EncoderMismatchError,
+    HashingTextEncoder,
+    build_records,
+    ensure_embeddings,
+    join_text,
+    read_embeddings,
+    write_embeddings,
+)
+
+
+def _meta(texts: list) -> pd.DataFrame:
+    return pd.DataFrame(
+        {
+            "image_id": [f"id{i}" for i in range(len(texts))],
+            "filename": [f"isic_id{i}.jpg" for i in range(len(texts))],
+            "label": ["a" if i % 2 else "b" for i in range(len(texts))],
+            "text_desc": texts,
+        }
+    )
+
+
+class CountingEncoder(HashingTextEncoder):
+    """HashingTextEncoder that records how many texts it was asked to encode."""
+
+    def encode(self, texts: list[str]) -> np.ndarray:
+        object.__setattr__(self, "calls", [*getattr(self, "calls", []), len(texts)])
+        return super().encode(texts)
+
+
+def test_parquet_round_trip_keeps_original_layout(tmp_path):
+    path = str(tmp_path / "sub" / "emb.parquet")
+    df = pd.DataFrame(
+        {
+            "image_id": ["a", "b", "c"],
+            "text_desc": ["itchy rash", None, np.nan],
+            "embedding": [np.arange(4, dtype=np.float32) + i for i in range(3)],
+        }
+    )
+    write_embeddings(df, path, encoder_spec={"name": "test"})
+    schema = pq.read_schema(path)
+    assert schema.names == ["image_id", "text_desc", "embedding"]
+    assert schema.field("image_id").type == pa.string()
+    assert schema.field("text_desc").type == pa.string()
+    assert schema.field("embedding").type == pa.list_(pa.float32())
+    back = read_embeddings(path)
+    assert back["image_id"].tolist() == ["a", "b", "c"]
+    assert back["text_desc"][0] == "itchy rash"
+    assert back["text_desc"].isna().tolist() == [False, True, True]
+    np.testing.assert_array_equal(np.stack(back["embedding"]), np.stack(df["embedding"]))
+    assert back.attrs["encoder_spec"] == {"name": "test"}
+    assert not [f for f in os.listdir(tmp_path / "sub") if ".tmp" in f]
+
+
+def test_reads_files_written_like_the_original(tmp_path):
+    path = str(tmp_path / "orig.parquet")
+    original = pd.DataFrame(
+        {"image_id": ["x", "y"], "text_desc": ["t", None], "embedding": [[0.5, 1.5], [2.0, -1.0]]}
+    )
+    original.to_parquet(path, index=False)  # list<double>, no dermjax spec
+    back = read_embeddings(path)
+    assert back.attrs["encoder_spec"] is None
+    assert back["embedding"][1].dtype == np.float32
+    np.testing.assert_array_equal(back["embedding"][1], [2.0, -1.0])
+
+
+def test_hashing_encoder_is_deterministic_raw_and_case_insensitive():
+    texts = ["Itchy red rash on the elbows", "itchy RED rash on the elbows", "scaly"]
+    first = HashingTextEncoder(dim=64).encode(texts)
+    again = HashingTextEncoder(dim=64).encode(texts)
+    assert first.dtype == np.float32 and first.shape == (3, 64)
+    np.testing.assert_array_equal(first, again)
+    np.testing.assert_array_equal(first[0], first[1])
+    assert not np.array_equal(first, HashingTextEncoder(dim=64, seed=1).encode(texts))
+    # 6 unigrams + 5 bigrams of signed counts; no L2 normalisation.
+    wide = HashingTextEncoder(dim=1 << 16).encode(texts[:1])
+    assert np.abs(wide).sum() == 11
+    assert set(np.unique(wide)) <= {-1.0, 0.0, 1.0}
+
+
+def test_hashing_encoder_ngram_range_is_inclusive():
+    unigrams = HashingTextEncoder(dim=1 << 16, ngram=(1, 1)).encode(["a b c"])
+    trigrams = HashingTextEncoder(dim=1 << 16, ngram=(1, 3)).encode(["a b c"])
+    assert (np.abs(unigrams).sum(), np.abs(trigrams).sum()) == (3, 6)
+
+
+def test_join_missing_text_as_nan_empty_or_absent_row_gives_zeros():
+    meta = _meta(["rash", "", np.nan, "no embedding row", "scaly"])
+    emb = pd.DataFrame(
+        {
+            "image_id": ["id4", "id0", "id1", "id2"],
+            "text_desc": ["scaly", "rash", None, None],
+            "embedding": [np.full(3, 4.0), np.full(3, 1.0), np.full(3, 9.0), np.full(3, 9.0)],
+        }
+    )
+    text, has_text = join_text(meta, emb)
+    assert has_text.tolist() == [True, False, False, False, True]
+    assert text.dtype == np.float32 and text.shape == (5, 3)
+    np.testing.assert_array_equal(text[:, 0], [1.0, 0.0, 0.0, 0.0, 4.0])
+
+
+def test_join_rejects_nan_embeddings():
+    meta = _meta(["rash", "scaly"])
+    emb = pd.DataFrame(
+        {
+            "image_id": ["id0", "id1"],
+            "text_desc": ["rash", "scaly"],
+            "embedding": [np.zeros(2), np.array([0.0, np.nan])],
+        }
+    )
+    with pytest.raises(ValueError, match=r"NaN text embeddings.*id1"):
+        join_text(meta, emb)
+
+
+def test_join_rejects_duplicate_image_ids():
+    meta = _meta(["rash"])
+    emb = pd.DataFrame(
+        {"image_id": ["id0", "id0"], "text_desc": ["rash"] * 2, "embedding": [np.zeros(2)] * 2}
+    )
+    with pytest.raises(ValueError, match="unique"):
+        join_text(meta, emb)
+
+
+def test_ensure_embeddings_writes_then_reuses_a_covering_file(tmp_path):
+    path = str(tmp_path / "embeddings" / "hash.parquet")
+    meta = _meta(["rash", np.nan, "scaly plaque"])
+    encoder = CountingEncoder(dim=32)
+    made = ensure_embeddings(meta, path, encoder)
+    assert encoder.calls == [2]  # missing text is not encoded
+    assert read_embeddings(path).attrs["encoder_spec"] == encoder.spec
+    reused = ensure_embeddings(meta.iloc[:2], path, encoder)
+    assert encoder.calls == [2]
+    text, has_text = join_text(meta, reused)
+    np.testing.assert_array_equal(text, join_text(meta, made)[0])
+    assert has_text.tolist() == [True, False, True]
+    np.testing.assert_array_equal(text[2], HashingTextEncoder(dim=32).encode(["scaly plaque"])[0])
+
+
+def test_ensure_embeddings_encodes_only_new_or_changed_rows(tmp_path):
+    path = str(tmp_path / "hash.parquet")
+    encoder = CountingEncoder(dim=16)
+    ensure_embeddings(_meta(["rash", "scaly"]), path, encoder)
+    grown = _meta(["rash", "changed text", "new one"])
+    result = ensure_embeddings(grown, path, encoder)
+    assert encoder.calls == [2, 2]
+    assert sorted(read_embeddings(path)["image_id"]) == ["id0", "id1", "id2"]
+    text, _ = join_text(grown, result)
+    np.testing.assert_array_equal(text, HashingTextEncoder(dim=16).encode(grown["text_desc"]))
+
+
+def test_ensure_embeddings_refuses_a_file_from_another_encoder(tmp_path):
+    path = str(tmp_path / "hash.parquet")
+    ensure_embeddings(_meta(["rash"]), path, HashingTextEncoder(dim=16))
+    before = pq.read_table(path)
+    with pytest.raises(EncoderMismatchError, match="made by encoder"):
+        ensure_embeddings(_meta(["rash", "more"]), path, HashingTextEncoder(dim=16, seed=1))
+    assert pq.read_table(path).equals(before)
+    assert pq.read_schema(path).metadata == before.schema.metadata
+
+
+def test_ensure_embeddings_refuses_to_extend_a_file_without_spec(tmp_path):
+    path = str(tmp_path / "orig.parquet")
+    pd.DataFrame(
+        {"image_id": ["id0"], "text_desc": ["rash"], "embedding": [[1.0, 2.0]]}
+    ).to_parquet(path, index=False)
+    assert len(ensure_embeddings(_meta(["rash"]), path, HashingTextEncoder(dim=2))) == 1
+    with pytest.raises(EncoderMismatchError, match="no dermjax encoder spec"):
+        ensure_embeddings(_meta(["rash", "more"]), path, HashingTextEncoder(dim=2))
+
+
+def test_build_records_joins_paths_labels_and_text():
+    meta = _meta(["rash", "", "scaly"])
+    meta.loc[2, "filename"] = "/lead_slash.png"
+    emb = ensure_embeddings(meta, None, HashingTextEncoder(dim=8))
+    records = build_records(
+        meta, img_prefix="gs://bucket/imgs/", class_to_idx={"a": 0, "b": 1}, emb_df=emb
+    )
+    assert records.paths == [
+        "gs://bucket/imgs/isic_id0.jpg",
+        "gs://bucket/imgs/isic_id1.jpg",
+        "gs://bucket/imgs/lead_slash.png",
+    ]
+    assert records.labels.dtype == np.int32 and records.labels.tolist() == [1, 0, 1]
+    assert records.has_text.tolist() == [True, False, True]
+    assert records.text.shape == (3, 8)
+    with pytest.raises(ValueError, match="not in class_to_idx"):
+        build_records(meta, img_prefix="x", class_to_idx={"a": 0}, emb_df=emb)

@@ -1,0 +1,134 @@
+"""Decoding and the original's train/eval geometry."""
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from dermjax.data import images
+
+
+def photo(h: int, w: int, seed: int = 0) -> np.ndarray:
+    """Gradients plus noise: compresses and resizes like a photo, not like a flat test card."""
+    y, x = np.mgrid[0:h, 0:w]
+    base = np.stack([x * 255 / w, y * 255 / h, 128 + 100 * np.sin(x / 7 + y / 11)], -1)
+    noise = np.random.default_rng(seed).normal(0, 6, base.shape)
+    return np.clip(base + noise, 0, 255).astype(np.uint8)
+
+
+def encode(array_or_image, fmt: str = "JPEG", **kwargs) -> bytes:
+    img = (
+        array_or_image
+        if isinstance(array_or_image, Image.Image)
+        else Image.fromarray(array_or_image)
+    )
+    buf = io.BytesIO()
+    img.save(buf, fmt, **kwargs)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("hw", "expected"),
+    [((768, 1024), (246, 328)), ((1024, 768), (328, 246)), ((300, 300), (246, 246))],
+)
+def test_shorter_side_rule_sets_short_side_to_int_1_1_h_and_truncates_long_side(hw, expected):
+    assert images.resized_size(hw, (224, 224), images.SHORTER) == expected
+    assert images.decode(encode(photo(*hw)), "p", (224, 224), images.SHORTER).shape == (
+        *expected,
+        3,
+    )
+
+
+def test_exact_rule_resizes_to_h_w_ignoring_aspect():
+    out = images.load_eval(encode(photo(90, 200)), "p", (32, 48))
+    assert out.shape == (32, 48, 3) and out.dtype == np.uint8
+
+
+def test_full_decode_equals_torchvision_resize_on_pil():
+    transforms = pytest.importorskip("torchvision.transforms")
+    data = encode(photo(120, 160))
+    pil = Image.open(io.BytesIO(data)).convert("RGB")
+    shorter = images.decode(data, "p", (64, 64), images.SHORTER, draft=False)
+    exact = images.decode(data, "p", (64, 64), images.EXACT, draft=False)
+    np.testing.assert_array_equal(shorter, np.asarray(transforms.Resize(70)(pil)))
+    np.testing.assert_array_equal(exact, np.asarray(transforms.Resize((64, 64))(pil)))
+
+
+def test_random_crop_is_a_window_inside_the_image_reaching_both_edges():
+    rows, cols = np.mgrid[0:10, 0:14]
+    image = np.stack([rows, cols, rows * 0], -1).astype(np.uint8)  # each pixel names its position
+    tops, lefts = set(), set()
+    for seed in range(200):
+        crop = images.random_crop(image, (8, 8), np.random.default_rng(seed))
+        top, left = int(crop[0, 0, 0]), int(crop[0, 0, 1])
+        np.testing.assert_array_equal(crop, image[top : top + 8, left : left + 8])
+        tops.add(top)
+        lefts.add(left)
+    assert tops == {0, 1, 2} and lefts == set(range(7))
+
+
+def test_train_geometry_crops_from_the_shorter_side_resize_only_when_geometric():
+    data = encode(photo(60, 100))
+    rng = np.random.default_rng(0)
+    assert images.load_train(data, "p", (32, 32), True, rng).shape == (32, 32, 3)
+    exact = images.load_train(data, "p", (32, 32), False, rng)
+    np.testing.assert_array_equal(exact, images.load_eval(data, "p", (32, 32)))
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
+def test_exif_orientation_is_applied(fmt):
+    shown = np.zeros((40, 80, 3), np.uint8)
+    shown[:, :40] = (255, 0, 0)  # red left half, blue right half as displayed
+    shown[:, 40:] = (0, 0, 255)
+    stored = np.rot90(shown, 1)  # orientation 6 means: rotate the stored pixels 90° clockwise
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    data = encode(stored, fmt, exif=exif.tobytes())
+    out = images.load_eval(data, "p", (40, 80)).astype(int)
+    assert np.abs(out - shown).mean() < 8
+
+
+def test_exif_orientation_with_reduced_decode_matches_transposed_full_image():
+    shown = photo(240, 320)
+    exif = Image.Exif()
+    exif[0x0112] = 8  # stored rotated 90° clockwise; shown = stored rotated 90° counter-clockwise
+    data = encode(np.rot90(shown, -1), exif=exif.tobytes())
+    out = images.decode(data, "p", (48, 48), images.SHORTER)
+    assert out.shape == (52, 69, 3)
+    reference = np.asarray(Image.fromarray(shown).resize((69, 52), Image.Resampling.BILINEAR))
+    assert np.abs(out.astype(int) - reference).mean() < 4
+
+
+def test_palette_with_transparency_keeps_its_colours_when_alpha_is_dropped():
+    img = Image.new("P", (8, 8))
+    img.putpalette([200, 10, 10, 0, 255, 0] + [0] * 762)
+    img.putpixel((0, 0), 1)
+    data = encode(img, "PNG", transparency=0)  # index 0 (dark red) is transparent
+    out = images.load_eval(data, "p", (8, 8))
+    assert tuple(out[4, 4]) == (200, 10, 10)  # not composited onto black or white
+    assert tuple(out[0, 0]) == (0, 255, 0)
+
+
+@pytest.mark.parametrize("mode", ["L", "LA", "RGBA", "CMYK"])
+def test_every_mode_becomes_rgb(mode):
+    img = Image.new(mode, (12, 10))
+    fmt = "JPEG" if mode in ("L", "CMYK") else "PNG"
+    assert images.load_eval(encode(img, fmt), "p", (6, 6)).shape == (6, 6, 3)
+
+
+def test_reduced_size_decode_gives_same_shape_and_close_pixels():
+    data = encode(photo(768, 1024), quality=90)
+    full = images.decode(data, "p", (64, 64), images.SHORTER, draft=False)
+    reduced = images.decode(data, "p", (64, 64), images.SHORTER, draft=True)
+    assert reduced.shape == full.shape == (70, 93, 3)
+    diff = np.abs(reduced.astype(int) - full)
+    assert diff.mean() < 1.5 and np.percentile(diff, 99) < 8
+
+
+@pytest.mark.parametrize("data", [b"", b"not an image", "truncated"])
+def test_unreadable_bytes_raise_bad_image_error_naming_the_path(data):
+    if data == "truncated":
+        data = encode(photo(64, 64))[:500]
+    with pytest.raises(images.BadImageError, match=r"some/file\.jpg"):
+        images.load_eval(data, "some/file.jpg", (8, 8))

@@ -1,0 +1,208 @@
+"""EfficientNet-B0/B1/B4 against torchvision: structure, f64/f32 parity, pooling, train mode, bf16.
+
+Parity runs at 64 px (the architecture does not depend on the image size; SE and global pooling
+work at any size) with every 1-D tensor randomised and BatchNorm statistics calibrated.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from dermjax.models import create_backbone
+from dermjax.models.efficientnet import MBConv, feature_dim, stage_settings, unfreeze_units
+from dermjax.weights.torchvision import load_state_dict
+from tests.models import parity
+
+NAMES = ("efficientnet_b0", "efficientnet_b1", "efficientnet_b4")
+# torchvision Weights.meta["num_params"].
+TORCHVISION_PARAMS = {
+    "efficientnet_b0": 5_288_548,
+    "efficientnet_b1": 7_794_184,
+    "efficientnet_b4": 19_341_616,
+}
+SIZE = 64
+
+
+def fast_build_loaded(name: str, state_dict: dict, *, dtype=jnp.float32, **kwargs) -> nnx.Module:
+    """`parity.build_loaded` without eager random init (~1 min per model on 2 busy cores).
+
+    The module is built abstractly, zero-filled (distinct keys for the dropout streams), then
+    loaded strictly; `drop_head` is set when the model has no classifier.
+    """
+    abstract = nnx.eval_shape(
+        lambda: create_backbone(name, rngs=nnx.Rngs(0), dtype=dtype, **kwargs)
+    )
+    graphdef, state = nnx.split(abstract)
+    counter = iter(range(1 << 30))
+
+    def concrete(leaf: jax.ShapeDtypeStruct) -> jax.Array:
+        if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+            return jax.random.split(jax.random.key(next(counter)), leaf.shape)
+        return jnp.zeros(leaf.shape, leaf.dtype)
+
+    module = nnx.merge(graphdef, jax.tree.map(concrete, state))
+    load_state_dict(module, state_dict, drop_head=not kwargs.get("include_top", False))
+    module.eval()
+    return module
+
+
+def torch_model(tv: Any, name: str) -> Any:
+    """torchvision model `name` with seeded (reproducible) initial weights."""
+    import torch
+
+    torch.manual_seed(0)
+    return getattr(tv.models, name)()
+
+
+@pytest.fixture(autouse=True)
+def _fast_parity_builds(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(parity, "build_loaded", fast_build_loaded)
+
+
+@pytest.fixture(scope="module")
+def b0() -> tuple:
+    """A randomised, calibrated torchvision B0 (eval mode) and its state_dict."""
+    tv = parity.import_torchvision()
+    model = parity.randomize_torch_model(torch_model(tv, "efficientnet_b0"), SIZE)
+    return model, parity.torch_state_dict(model)
+
+
+def test_width_and_depth_rounding_match_torchvision() -> None:
+    assert stage_settings("efficientnet_b4") == [
+        (1, 3, 1, 48, 24, 2),
+        (6, 3, 2, 24, 32, 4),
+        (6, 5, 2, 32, 56, 4),
+        (6, 3, 2, 56, 112, 6),
+        (6, 5, 1, 112, 160, 6),
+        (6, 5, 2, 160, 272, 8),
+        (6, 3, 1, 272, 448, 2),
+    ]
+    assert [row[5] for row in stage_settings("efficientnet_b1")] == [2, 3, 3, 4, 4, 5, 2]
+    assert [feature_dim(n) for n in NAMES] == [1280, 1280, 1792]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_parameter_count_matches_torchvision(name: str) -> None:
+    assert parity.abstract_param_count(name, include_top=True) == TORCHVISION_PARAMS[name]
+
+
+@pytest.mark.parametrize(("pooling_type", "factor"), [("avg", 1), ("max", 1), ("concat", 2)])
+def test_headless_output_is_pooled_features(pooling_type: str, factor: int) -> None:
+    def forward() -> jax.Array:
+        model = create_backbone("efficientnet_b4", rngs=nnx.Rngs(0), pooling_type=pooling_type)
+        return model(jnp.zeros((2, SIZE, SIZE, 3)))
+
+    out = nnx.eval_shape(forward)
+    assert out.shape == (2, 1792 * factor) and out.dtype == jnp.float32
+
+
+def test_se_squeeze_width_is_a_quarter_of_block_input() -> None:
+    model = nnx.eval_shape(lambda: create_backbone("efficientnet_b0", rngs=nnx.Rngs(0)))
+    se = model.features[2][0].block[2]  # stage 2, block 0: 16 -> 96 expanded, squeeze 16 // 4
+    assert se.fc1.kernel.shape == (1, 1, 96, 4)
+    assert model.features[1][0].block[1].fc1.kernel.shape == (1, 1, 32, 8)
+
+
+def test_unfreeze_units_are_the_nine_feature_children() -> None:
+    model = nnx.eval_shape(lambda: create_backbone("efficientnet_b0", rngs=nnx.Rngs(0)))
+    units = unfreeze_units(model)
+    assert units == [("features", i) for i in range(9)]
+    paths = [path for path, _ in nnx.to_flat_state(nnx.state(model, nnx.Param))]
+    assert all(any(p[:2] == unit for p in paths) for unit in units)
+    assert all(p[:2] in units for p in paths)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_logits_match_torchvision_in_float64_and_float32(name: str) -> None:
+    tv = parity.import_torchvision()
+    model = parity.randomize_torch_model(torch_model(tv, name), SIZE)
+    result = parity.assert_parity(name, model, image_size=SIZE)
+    assert result["f64_max_abs"] < 1e-9 * result["ref_max_abs"]
+
+
+def test_concat_features_match_original_features_then_avg_and_max_pool(b0: tuple) -> None:
+    import torch
+
+    model, state = b0
+
+    def original(m: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+        f = m.features(x)
+        pooled = [torch.nn.AdaptiveAvgPool2d(1)(f), torch.nn.AdaptiveMaxPool2d(1)(f)]
+        return torch.flatten(torch.cat(pooled, dim=1), 1)
+
+    x = parity.random_images(2, SIZE, seed=1)
+    ref = parity.torch_logits(model, x, forward=original)
+    module = fast_build_loaded("efficientnet_b0", state, pooling_type="concat")
+    out = parity.jax_logits(module, x)
+    assert out.shape == (2, 2560)
+    assert parity.max_abs_diff(out, ref) <= parity.OTHER_F32_TOL * max(1, np.abs(ref).max())
+
+
+def test_train_mode_normalises_with_batch_stats_and_updates_running_mean_like_torch(
+    b0: tuple,
+) -> None:
+    import torch
+
+    model, state = b0
+    model = copy.deepcopy(model)
+    for m in model.modules():  # drop-path and dropout off on both sides: BN alone differs
+        if isinstance(m, torch.nn.Dropout) or type(m).__name__ == "StochasticDepth":
+            m.p = 0.0
+    model.train()
+    x = parity.random_images(4, SIZE, seed=2)
+    ref = parity.torch_logits(model, x)
+
+    module = fast_build_loaded("efficientnet_b0", state, include_top=True)
+    for _, m in nnx.iter_modules(module):
+        if isinstance(m, nnx.Dropout):
+            m.rate = 0.0
+    eval_out = parity.jax_logits(module, x)
+    module.train()
+    out = parity.jax_logits(module, x)
+    scale = max(1, np.abs(ref).max())
+    assert parity.max_abs_diff(out, ref) <= parity.OTHER_F32_TOL * scale
+    assert parity.max_abs_diff(eval_out, ref) > 1e-2 * scale
+    new_mean = np.asarray(module.features[8][1].mean[...])
+    ref_mean = model.features[8][1].running_mean.numpy()
+    np.testing.assert_allclose(new_mean, ref_mean, rtol=1e-5, atol=1e-5)
+    assert not np.allclose(new_mean, state["features.8.1.running_mean"])
+
+
+def test_stochastic_depth_drops_whole_samples_in_train_mode_only() -> None:
+    block = MBConv(16, 16, 6, 3, 1, 0.5, rngs=nnx.Rngs(0, dropout=1), dtype=jnp.float32)
+    block.eval()  # BN on running statistics; only drop-path toggles below
+    x = jax.random.normal(jax.random.key(0), (64, 4, 4, 16))
+    branch = np.asarray(block(x) - x)
+    block.stochastic_depth.deterministic = False
+    dropped = np.asarray(block(x) - x)
+    kept = np.all(np.isclose(dropped, 2 * branch, rtol=1e-5, atol=1e-6), axis=(1, 2, 3))
+    zeroed = np.all(dropped == 0, axis=(1, 2, 3))
+    assert np.all(kept ^ zeroed) and 16 < kept.sum() < 48
+
+
+def test_stochastic_depth_rate_grows_linearly_with_block_index() -> None:
+    model = nnx.eval_shape(lambda: create_backbone("efficientnet_b0", rngs=nnx.Rngs(0)))
+    rates = [block.stochastic_depth.rate for stage in model.features[1:8] for block in stage]
+    np.testing.assert_allclose(rates, [0.2 * i / 16 for i in range(16)])
+
+
+def test_bfloat16_keeps_float32_params_and_agrees_with_float32(b0: tuple) -> None:
+    """Loose by nature: bf16 carries ~0.4% error per op (torch autocast measured ~10% relative
+    L2 on this randomised model), and random weights leave near-ties among 1000 logits."""
+    _, state = b0
+    x = parity.random_images(8, SIZE, seed=3)
+    ref = parity.jax_logits(fast_build_loaded("efficientnet_b0", state, include_top=True), x)
+    module = fast_build_loaded("efficientnet_b0", state, include_top=True, dtype=jnp.bfloat16)
+    params = jax.tree.leaves(nnx.state(module, nnx.Param))
+    assert {p.dtype for p in params} == {jnp.dtype(jnp.float32)}
+    out = parity.jax_logits(module, x, jnp.bfloat16)
+    assert out.dtype == np.float32
+    assert np.linalg.norm(out - ref) <= 0.2 * np.linalg.norm(ref)
+    assert np.mean(out.argmax(-1) == ref.argmax(-1)) >= 0.75

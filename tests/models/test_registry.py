@@ -1,0 +1,119 @@
+"""Backbone registry: names, feature sizes, and the original's unfreeze_layers rule as labels."""
+
+import logging
+
+import jax
+import optax
+import pytest
+from flax import nnx
+
+from dermjax.models import (
+    BACKBONES,
+    create_backbone,
+    default_image_size,
+    feature_dim,
+    is_vit,
+    param_labels,
+    unit_count,
+)
+
+
+def _abstract(name, **kwargs):
+    return nnx.eval_shape(lambda: create_backbone(name, rngs=nnx.Rngs(0), **kwargs))
+
+
+@pytest.fixture(scope="module")
+def resnet50():
+    return _abstract("resnet50")
+
+
+def _trainable(model, name, n):
+    labels = param_labels(model, name, n)
+    flat = jax.tree_util.tree_flatten_with_path(labels)[0]
+    paths = {tuple(k.key for k in path): label for path, label in flat}
+    assert set(paths.values()) <= {"trainable", "frozen"}
+    return {p for p, label in paths.items() if label == "trainable"}, set(paths)
+
+
+def test_registry_lists_the_eleven_backbones_with_the_originals_dimensions():
+    assert len(BACKBONES) == 11
+    dims = {name: feature_dim(name) for name in BACKBONES}
+    assert dims == {
+        "resnet50": 2048,
+        "resnet101": 2048,
+        "densenet121": 1024,
+        "efficientnet_b0": 1280,
+        "efficientnet_b1": 1280,
+        "efficientnet_b4": 1792,
+        "vgg16": 512,
+        "vit_b_16": 768,
+        "vit_b_32": 768,
+        "vit_l_16": 1024,
+        "vit_l_32": 1024,
+    }
+    assert feature_dim("densenet121", "concat") == 2048
+    assert feature_dim("vit_b_16", "concat") == 768  # ViTs ignore pooling_type
+    assert [n for n in BACKBONES if is_vit(n)] == ["vit_b_16", "vit_b_32", "vit_l_16", "vit_l_32"]
+    assert default_image_size("efficientnet_b4") == 380
+    assert default_image_size("resnet50") == 224
+
+
+def test_unit_counts_follow_the_originals_top_level_children():
+    counts = {n: unit_count(n) for n in ("resnet50", "densenet121", "efficientnet_b0", "vgg16")}
+    assert counts == {"resnet50": 8, "densenet121": 12, "efficientnet_b0": 9, "vgg16": 31}
+    assert unit_count("vit_l_16") == 24
+
+
+def test_unknown_backbone_name_lists_the_choices():
+    with pytest.raises(ValueError, match="resnet50"):
+        feature_dim("resnet18")
+    with pytest.raises(ValueError, match="unknown backbone"):
+        create_backbone("resnet18", rngs=nnx.Rngs(0))
+
+
+def test_minus_one_trains_everything_and_zero_freezes_everything(resnet50):
+    trainable, every = _trainable(resnet50, "resnet50", -1)
+    assert trainable == every and len(every) == 159  # 161 torch parameters minus fc
+    assert _trainable(resnet50, "resnet50", 0)[0] == set()
+
+
+def test_resnet_units_count_parameterless_relu_and_maxpool(resnet50):
+    four, every = _trainable(resnet50, "resnet50", 4)
+    assert {p[0] for p in four} == {"layer1", "layer2", "layer3", "layer4"}
+    assert _trainable(resnet50, "resnet50", 6)[0] == four  # + relu, maxpool: no parameters
+    seven = _trainable(resnet50, "resnet50", 7)[0]
+    assert seven - four == {("bn1", "bias"), ("bn1", "scale")}
+    assert _trainable(resnet50, "resnet50", 8)[0] == every
+
+
+def test_more_units_than_the_backbone_has_unfreezes_all_with_a_warning(resnet50, caplog):
+    with caplog.at_level(logging.WARNING):
+        trainable, every = _trainable(resnet50, "resnet50", 10)
+    assert trainable == every
+    assert "exceeds the 8 units of resnet50" in caplog.text
+
+
+def test_densenet_eleven_units_leave_only_conv0_frozen():
+    model = _abstract("densenet121")
+    trainable, every = _trainable(model, "densenet121", 11)
+    assert every - trainable == {("features", "conv0", "kernel")}
+
+
+def test_vgg_units_are_conv_relu_and_pool_modules():
+    model = _abstract("vgg16")
+    assert _trainable(model, "vgg16", 2)[0] == set()  # features.30 pool, features.29 relu
+    assert _trainable(model, "vgg16", 3)[0] == {("features", 28, "kernel"), ("features", 28, "bias")}
+
+
+def test_torchvision_head_is_trainable_unless_everything_is_frozen():
+    model = _abstract("resnet50", include_top=True, num_classes=7)
+    assert _trainable(model, "resnet50", 1)[0] >= {("fc", "kernel"), ("fc", "bias")}
+    assert _trainable(model, "resnet50", 0)[0] == set()
+
+
+def test_labels_drive_optax_multi_transform_over_nnx_params(resnet50):
+    params = nnx.state(resnet50, nnx.Param)
+    labels = param_labels(resnet50, "resnet50", 2)
+    tx = optax.multi_transform({"trainable": optax.adamw(1e-3), "frozen": optax.set_to_zero()}, labels)
+    updates, _ = jax.eval_shape(lambda p: tx.update(p, tx.init(p), p), params)
+    assert jax.tree.structure(updates) == jax.tree.structure(params)
