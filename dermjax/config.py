@@ -9,7 +9,9 @@ every problem (field, bad value, what is allowed), so a long run never dies on a
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import numbers
+import pathlib
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -22,6 +24,18 @@ DERM1M_SOURCES = ("IIYI", "edu", "note", "public", "pubmed", "reddit", "twitter"
 MONITORS = ("val/accuracy", "val/loss", "val/macro_f1", "val/balanced_accuracy")
 ACTIVATIONS = ("relu", "gelu", "silu", "swish", "leaky_relu")
 VIT_PATCH = {"vit_b_16": 16, "vit_b_32": 32, "vit_l_16": 16, "vit_l_32": 32}
+
+
+CONFIG_DIR = pathlib.Path(__file__).resolve().parents[1] / "configs"
+
+
+def load_config(name: str, arg: str | None = None) -> config_dict.ConfigDict:
+    """Loads `configs/<name>.py` (or a path to a config file) and calls its get_config."""
+    path = pathlib.Path(name) if name.endswith(".py") else CONFIG_DIR / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"dermjax_config_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config() if arg is None else module.get_config(arg)
 
 
 class ConfigError(ValueError):

@@ -286,6 +286,70 @@ def print_table(result: dict) -> None:
     )
 
 
+def run_step(args: argparse.Namespace) -> dict:
+    from dermjax.train import bench
+
+    rows = []
+    for name in args.models:
+        row = bench.step_rate(
+            name, args.size, args.batch_size, args.dtype, args.steps, args.windows
+        )
+        if args.torch:
+            row["torch"] = bench.torch_step_rate(
+                name, args.size, args.batch_size, args.steps, args.windows
+            )
+        print(row, flush=True)
+        rows.append(row)
+    print(
+        f"\n{'model':<18}{'main img/s':>12}{'warm-up img/s':>15}{'torch bf16':>12}{'compile s':>11}"
+    )
+    for r in rows:
+        torch_rate = (r.get("torch") or {}).get("bf16_eager_img_s", "-")
+        print(
+            f"{r['model']:<18}{r['main_img_s']:>12}{r['warmup_img_s']:>15}{torch_rate:>12}"
+            f"{r['main_compile_s']:>11}"
+        )
+    return {"date": datetime.date.today().isoformat(), "rows": rows}
+
+
+def run_e2e(args: argparse.Namespace) -> dict:
+    from dermjax.train import bench
+
+    with tempfile.TemporaryDirectory() as tmp:
+        unique = write_photos(tmp, min(args.images, 256))
+        paths = unique + [f"{tmp}/copy{i:05d}.jpg" for i in range(args.images - len(unique))]
+        for i, path in enumerate(paths[len(unique) :]):
+            os.link(unique[i % len(unique)], path)  # same decode cost, distinct paths
+        n = len(paths)
+        records = pipeline.Records(
+            paths=paths,
+            labels=np.arange(n, dtype=np.int32) % bench.NUM_CLASSES,
+            text=np.zeros((n, bench.TEXT_DIM), np.float32),
+            has_text=np.zeros(n, bool),
+        )
+        size = (args.size, args.size)
+        start = time.perf_counter()
+        cache.build_cache(
+            paths, f"{tmp}/cache", img_size=size, rule=images.SHORTER, num_workers=args.workers
+        )
+        build_s = time.perf_counter() - start
+        train_cache = cache.open_cache(f"{tmp}/cache", paths, size, images.SHORTER)
+        rows = [
+            bench.end_to_end_rate(
+                args.model, records, args.size, args.batch_size, args.dtype, args.workers,
+                args.steps, cache=c,
+            )
+            for c in (train_cache, None)
+        ]  # fmt: skip
+    step = bench.step_rate(args.model, args.size, args.batch_size, args.dtype, args.steps, 3)
+    print(f"\n{args.model} {args.dtype} batch {args.batch_size}, {args.workers} workers")
+    print(f"step only (device-resident batch): {step['main_img_s']} img/s")
+    for r in rows:
+        print(f"end to end from {r['source']}: {r['img_s']} img/s")
+    print(f"cache build: {args.images / build_s:.0f} img/s")
+    return {"rows": rows, "step": step, "cache_build_img_s": round(args.images / build_s, 1)}
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -297,6 +361,26 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--out", required=True, help="JSON file to write")
     p.set_defaults(run=run_pipeline)
+    p = sub.add_parser("step", help="jitted train-step img/s per backbone (+ torch baseline)")
+    p.add_argument("--models", nargs="+", default=["resnet50", "efficientnet_b0", "vit_b_16"])
+    p.add_argument("--size", type=int, default=224)
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--windows", type=int, default=3)
+    p.add_argument("--torch", action="store_true", help="also time torchvision + AdamW bf16")
+    p.add_argument("--out", required=True, help="JSON file to write")
+    p.set_defaults(run=run_step)
+    p = sub.add_parser("e2e", help="loader + train step img/s, from the cache and from raw JPEGs")
+    p.add_argument("--model", default="resnet50")
+    p.add_argument("--images", type=int, default=2048)
+    p.add_argument("--workers", type=int, default=16)
+    p.add_argument("--size", type=int, default=224)
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--out", required=True, help="JSON file to write")
+    p.set_defaults(run=run_e2e)
     args = parser.parse_args(argv)
     result = {"command": args.command, **args.run(args)}
     with open(args.out, "w") as f:

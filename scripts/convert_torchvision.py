@@ -165,7 +165,9 @@ def main(argv: list[str] | None = None) -> int:
         "verification": check,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    save_converted(state, args.out, metadata={"arch": args.arch, "weights": sidecar["weights"] or ""})
+    save_converted(
+        state, args.out, metadata={"arch": args.arch, "weights": sidecar["weights"] or ""}
+    )
     args.out.with_suffix(".json").write_text(json.dumps(sidecar, indent=2) + "\n")
     print(f"wrote {args.out} and {args.out.with_suffix('.json')}")
     return 0

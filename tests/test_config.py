@@ -1,6 +1,5 @@
 """Config schema, validation (every problem in one error), path derivation, YAML loading."""
 
-import importlib.util
 import pathlib
 import subprocess
 import sys
@@ -9,16 +8,9 @@ import time
 
 import pytest
 
-from dermjax.config import ConfigError, data_paths, validate
+from dermjax.config import ConfigError, data_paths, load_config, validate
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-
-
-def load_config(name: str, arg: str | None = None):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "configs" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config() if arg is None else module.get_config(arg)
 
 
 @pytest.mark.parametrize("name", ["default", "demo"])

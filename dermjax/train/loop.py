@@ -73,6 +73,42 @@ def _group_tx(opt_cfg: config_dict.ConfigDict):
     )
 
 
+def init_training(cfg: config_dict.ConfigDict, model: DermClassifier):
+    """Splits `model` for the jitted steps and builds both optimizers and the train state.
+
+    Returns (parts, state, tx_backbone, tx_head); the backbone optimizer only touches the
+    parameters `vision_model.unfreeze_layers` leaves trainable.
+    """
+    v = cfg.vision_model
+    labels = registry.param_labels(model.backbone, v.name, v.unfreeze_layers)
+    labels = nnx.to_pure_dict(labels) if isinstance(labels, nnx.State) else labels
+    parts, params, batch_stats = split_model(
+        model, _frozen_prefixes(labels), update_frozen_bn_stats=cfg.training.update_frozen_bn_stats
+    )
+    tx_backbone = optim.masked_tx(_group_tx(cfg.optimizer.vision_model), labels)
+    tx_head = _group_tx(cfg.optimizer.multimodal_classifier)
+    state = {
+        "params": params,
+        "batch_stats": batch_stats,
+        "opt_backbone": tx_backbone.init(params["backbone"]),
+        "opt_head": tx_head.init(params["head"]),
+        "step": jnp.zeros((), jnp.int32),
+    }
+    return parts, state, tx_backbone, tx_head
+
+
+def step_spec(cfg: config_dict.ConfigDict, data_class_weights, mean, std) -> StepSpec:
+    """The static description of what the steps compute, from config."""
+    return StepSpec(
+        augment=AugmentSpec.from_config(cfg.augmentation),
+        mask=MaskSpec.from_config(cfg.masking.to_dict()),
+        loss=LossSpec.from_config(cfg.multimodal_classifier.to_dict(), data_class_weights),
+        mean=tuple(mean),
+        std=tuple(std),
+        compute_dtype=jnp.bfloat16 if cfg.training.dtype == "bfloat16" else jnp.float32,
+    )
+
+
 def epoch_learning_rates(cfg: config_dict.ConfigDict, epoch: int) -> tuple[float, float]:
     """(backbone, head) learning rates used during 0-based `epoch`."""
     t, s, o = cfg.training, cfg.training.scheduler, cfg.optimizer
@@ -117,35 +153,12 @@ class Trainer:
         )
         if cfg.vision_model.pretrained:
             _load_pretrained(cfg, model)
-        v = cfg.vision_model
-        labels = registry.param_labels(model.backbone, v.name, v.unfreeze_layers)
-        labels = labels.to_pure_dict() if isinstance(labels, nnx.State) else labels
-        parts, params, batch_stats = split_model(
-            model,
-            _frozen_prefixes(labels),
-            update_frozen_bn_stats=cfg.training.update_frozen_bn_stats,
-        )
-        tx_backbone = optim.masked_tx(_group_tx(cfg.optimizer.vision_model), labels)
-        tx_head = _group_tx(cfg.optimizer.multimodal_classifier)
-        state = {
-            "params": params,
-            "batch_stats": batch_stats,
-            "opt_backbone": tx_backbone.init(params["backbone"]),
-            "opt_head": tx_head.init(params["head"]),
-            "step": jnp.zeros((), jnp.int32),
-        }
+        parts, state, tx_backbone, tx_head = init_training(cfg, model)
         self.state = parallel.replicate(state, self.mesh)
         self.abstract = jax.tree.map(
             lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), self.state
         )
-        spec = StepSpec(
-            augment=aug,
-            mask=MaskSpec.from_config(cfg.masking.to_dict()),
-            loss=LossSpec.from_config(cfg.multimodal_classifier.to_dict(), self.data.class_weights),
-            mean=self.data.mean,
-            std=self.data.std,
-            compute_dtype=jnp.bfloat16 if cfg.training.dtype == "bfloat16" else jnp.float32,
-        )
+        spec = step_spec(cfg, self.data.class_weights, self.data.mean, self.data.std)
         self.warmup_step = make_train_step(parts, spec, tx_backbone, tx_head, warmup=True)
         self.main_step = make_train_step(parts, spec, tx_backbone, tx_head, warmup=False)
         self.eval_step = make_eval_step(parts, spec)

@@ -81,7 +81,7 @@ def split_model(
         graphs[mode], params, stats, rngs = nnx.split(model, nnx.Param, nnx.BatchStat, ...)
     model.train()
     parts = ModelParts(graphs["train"], graphs["warmup"], graphs["eval"], rngs)
-    return parts, params.to_pure_dict(), stats.to_pure_dict()
+    return parts, nnx.to_pure_dict(params), nnx.to_pure_dict(stats)
 
 
 def _forward(graph, params, stats, rngs, key, images, text):
@@ -89,7 +89,7 @@ def _forward(graph, params, stats, rngs, key, images, text):
     model = nnx.merge(graph, params, stats, rngs)
     nnx.reseed(model, dropout=key)
     outputs = model(images, text)
-    return outputs, nnx.state(model, nnx.BatchStat).to_pure_dict()
+    return outputs, nnx.to_pure_dict(nnx.state(model, nnx.BatchStat))
 
 
 def _select(pred: jax.Array, new: Any, old: Any) -> Any:

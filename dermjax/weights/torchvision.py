@@ -26,7 +26,8 @@ from flax import nnx
 from dermjax.models.registry import HEAD_NAMES
 
 _DENSENET_LEGACY = re.compile(
-    r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$"
+    r"^(.*denselayer\d+\.(?:norm|relu|conv))\."
+    r"((?:[12])\.(?:weight|bias|running_mean|running_var|num_batches_tracked))$"
 )
 _LEGACY_RENAMES = (
     (re.compile(r"\.mlp\.linear_1\."), ".mlp.0."),
@@ -243,6 +244,13 @@ def backbone_from_state_dict(
     module = nnx.eval_shape(lambda: create_backbone(name, rngs=nnx.Rngs(seed), **backbone_kwargs))
     load_state_dict(module, state_dict, drop_head=not backbone_kwargs.get("include_top", False))
     _concrete_rng_state(module, seed)
+    abstract = [
+        path
+        for path, var in nnx.to_flat_state(nnx.state(module))
+        if isinstance(var.get_value(), jax.ShapeDtypeStruct)
+    ]
+    if abstract:
+        raise ValueError(f"{name}: variables not covered by the state_dict: {abstract}")
     return module
 
 

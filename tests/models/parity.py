@@ -53,11 +53,11 @@ def randomize_torch_model(model: Any, image_size: int, *, seed: int = 0, batch: 
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in model.named_parameters():
-            noise = torch.randn(param.shape, generator=gen, dtype=param.dtype)
             if param.ndim == 1:
+                noise = torch.randn(param.shape, generator=gen, dtype=param.dtype)
                 param.copy_(1 + 0.2 * noise if name.endswith("weight") else 0.1 * noise)
             elif name.endswith(("class_token", "pos_embedding")) or "heads.head" in name:
-                param.copy_(0.05 * noise)
+                param.copy_(0.05 * torch.randn(param.shape, generator=gen, dtype=param.dtype))
         norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
         for m in norms:
             m.reset_running_stats()

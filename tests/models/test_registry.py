@@ -102,7 +102,10 @@ def test_densenet_eleven_units_leave_only_conv0_frozen():
 def test_vgg_units_are_conv_relu_and_pool_modules():
     model = _abstract("vgg16")
     assert _trainable(model, "vgg16", 2)[0] == set()  # features.30 pool, features.29 relu
-    assert _trainable(model, "vgg16", 3)[0] == {("features", 28, "kernel"), ("features", 28, "bias")}
+    assert _trainable(model, "vgg16", 3)[0] == {
+        ("features", 28, "kernel"),
+        ("features", 28, "bias"),
+    }
 
 
 def test_torchvision_head_is_trainable_unless_everything_is_frozen():
@@ -114,6 +117,8 @@ def test_torchvision_head_is_trainable_unless_everything_is_frozen():
 def test_labels_drive_optax_multi_transform_over_nnx_params(resnet50):
     params = nnx.state(resnet50, nnx.Param)
     labels = param_labels(resnet50, "resnet50", 2)
-    tx = optax.multi_transform({"trainable": optax.adamw(1e-3), "frozen": optax.set_to_zero()}, labels)
+    tx = optax.multi_transform(
+        {"trainable": optax.adamw(1e-3), "frozen": optax.set_to_zero()}, labels
+    )
     updates, _ = jax.eval_shape(lambda p: tx.update(p, tx.init(p), p), params)
     assert jax.tree.structure(updates) == jax.tree.structure(params)

@@ -56,7 +56,9 @@ def test_pooled_feature_shape_follows_pooling_type(pooling_type):
     model = nnx.eval_shape(
         lambda: create_backbone("resnet50", rngs=nnx.Rngs(0), pooling_type=pooling_type)
     )
-    out = nnx.eval_shape(lambda m, x: m(x), model, jax.ShapeDtypeStruct((2, 64, 64, 3), jnp.float32))
+    out = nnx.eval_shape(
+        lambda m, x: m(x), model, jax.ShapeDtypeStruct((2, 64, 64, 3), jnp.float32)
+    )
     assert out.shape == (2, feature_dim("resnet50", pooling_type))
 
 

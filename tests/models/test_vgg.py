@@ -39,7 +39,9 @@ def test_features_have_512_channels_per_pooling(pooling_type):
     model = nnx.eval_shape(
         lambda: create_backbone("vgg16", rngs=nnx.Rngs(0), pooling_type=pooling_type)
     )
-    out = nnx.eval_shape(lambda m, x: m(x), model, jax.ShapeDtypeStruct((1, 64, 64, 3), jnp.float32))
+    out = nnx.eval_shape(
+        lambda m, x: m(x), model, jax.ShapeDtypeStruct((1, 64, 64, 3), jnp.float32)
+    )
     assert out.shape == (1, feature_dim("vgg16", pooling_type))
     assert out.dtype == jnp.float32
 
