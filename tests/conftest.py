@@ -1,6 +1,7 @@
 """Test-wide environment: CPU JAX, offline services, absl flags parsed (grain#1355)."""
 
 import os
+import tempfile
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("WANDB_MODE", "offline")
@@ -13,6 +14,11 @@ os.environ.setdefault("NO_GCE_CHECK", "true")
 os.environ.setdefault("EPATH_USE_TF", "false")
 os.environ.setdefault("GOOGLE_AUTH_TOKEN_FOR_TESTING", "dummy")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Compiled train steps are reused across the end-to-end runs (and their subprocesses).
+os.environ.setdefault(
+    "JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), "dermjax-test-jax-cache")
+)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "1")
 
 from absl import flags
 

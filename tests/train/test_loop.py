@@ -1,0 +1,77 @@
+"""End to end on the synthetic demo data: the loop's records, schedule, checkpoints, summary."""
+
+import json
+
+import pytest
+
+from dermjax.config import load_config, validate
+from dermjax.train.loop import epoch_learning_rates, train_and_evaluate
+
+
+def tiny_demo_config(root, **overrides):
+    """The demo config shrunk to a CPU-test budget (160 images at 32 px, 3 short epochs)."""
+    cfg = load_config("demo")
+    cfg.data.local_root = str(root)
+    cfg.data.demo_size = 160
+    cfg.data.img_size = (32, 32)
+    cfg.training.batch_size = 16
+    cfg.training.eval_batch_size = 32
+    cfg.training.num_workers = 0
+    cfg.training.num_epochs = 3
+    cfg.training.n_warmup_epochs = 1
+    cfg.checkpoint.keep_last = 1
+    for key, value in overrides.items():
+        node = cfg
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    validate(cfg)
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("demo")
+    cfg = tiny_demo_config(root / "data")
+    workdir = root / "run"
+    summary = train_and_evaluate(cfg, str(workdir))
+    return cfg, workdir, summary
+
+
+def test_summary_has_val_test_and_baseline(demo_run):
+    _, workdir, summary = demo_run
+    on_disk = json.loads((workdir / "summary.json").read_text())
+    for split in ("val", "test"):
+        for key in ("accuracy", "macro_f1", "loss"):
+            assert key in on_disk[split]
+        assert 0.0 <= on_disk[split]["accuracy"] <= 1.0
+        assert len(on_disk[split]["per_class_recall"]) == len(on_disk["classes"])
+    assert 0.0 < on_disk["baseline"]["majority_accuracy"] < 1.0
+    assert on_disk["test"] == summary["test"]
+
+
+def test_metrics_jsonl_has_every_epoch_with_the_original_learning_rates(demo_run):
+    cfg, workdir, _ = demo_run
+    lines = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    epochs = [r for r in lines if r["event"] == "epoch"]
+    assert [r["epoch"] for r in epochs] == [0, 1, 2]
+    for r in epochs:
+        backbone, head = epoch_learning_rates(cfg, r["epoch"])
+        assert r["lr/backbone"] == pytest.approx(backbone, rel=1e-12)
+        assert r["lr/head"] == pytest.approx(head, rel=1e-12)
+        assert r["frozen_backbone"] == (r["epoch"] < cfg.training.n_warmup_epochs)
+        for key in ("train/loss", "train/accuracy", "train/macro_f1", "val/loss", "val/accuracy"):
+            assert key in r
+    # cosine starts after the warm-up: epoch 0 and 1 share the base rate, epoch 2 is lower
+    assert epochs[0]["lr/head"] == epochs[1]["lr/head"] > epochs[2]["lr/head"]
+    assert any(r["event"] == "final" for r in lines)
+
+
+def test_checkpoints_keep_last_plus_best(demo_run):
+    _, workdir, summary = demo_run
+    ckpt = workdir / "checkpoints"
+    periodic = sorted(p.name for p in (ckpt / "periodic").iterdir() if p.name.isdigit())
+    assert len(periodic) == 1  # keep_last=1
+    best = [p.name for p in (ckpt / "best").iterdir() if p.name.isdigit()]
+    assert best == [str(summary["best_step"])]
