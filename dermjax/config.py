@@ -190,9 +190,10 @@ def _check_models(c: _Checker) -> None:
     c.number("vision_model.unfreeze_layers", -1, integer=True)
     size = c.cfg.data.img_size
     sizes_ok = isinstance(size, Sequence) and all(map(_is_int, size))
-    if name in VIT_PATCH and sizes_ok and any(s % VIT_PATCH[name] for s in size):
+    if name in VIT_PATCH and sizes_ok and (size[0] != size[1] or size[0] % VIT_PATCH[name]):
         c.problems.append(
-            f"data.img_size={tuple(size)!r}: {name} needs sizes divisible by {VIT_PATCH[name]}"
+            f"data.img_size={tuple(size)!r}: {name} needs a square size divisible by "
+            f"{VIT_PATCH[name]}"
         )
     m = "multimodal_classifier"
     c.number(f"{m}.projection_dim", 1, integer=True)

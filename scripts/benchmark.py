@@ -306,7 +306,7 @@ def run_step(args: argparse.Namespace) -> dict:
     for r in rows:
         torch_rate = (r.get("torch") or {}).get("bf16_eager_img_s", "-")
         print(
-            f"{r['model']:<18}{r['main_img_s']:>12}{r['warmup_img_s']:>15}{torch_rate:>12}"
+            f"{r['model']:<18}{r['main_img_s']:>12}{r.get('warmup_img_s', '-'):>15}{torch_rate:>12}"
             f"{r['main_compile_s']:>11}"
         )
     return {"date": datetime.date.today().isoformat(), "rows": rows}
@@ -341,7 +341,9 @@ def run_e2e(args: argparse.Namespace) -> dict:
             )
             for c in (train_cache, None)
         ]  # fmt: skip
-    step = bench.step_rate(args.model, args.size, args.batch_size, args.dtype, args.steps, 3)
+    step = bench.step_rate(
+        args.model, args.size, args.batch_size, args.dtype, args.steps, 3, ("main",)
+    )
     print(f"\n{args.model} {args.dtype} batch {args.batch_size}, {args.workers} workers")
     print(f"step only (device-resident batch): {step['main_img_s']} img/s")
     for r in rows:
@@ -369,6 +371,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--windows", type=int, default=3)
     p.add_argument("--torch", action="store_true", help="also time torchvision + AdamW bf16")
+    p.add_argument("--phases", nargs="+", default=["main", "warmup"], choices=["main", "warmup"])
     p.add_argument("--out", required=True, help="JSON file to write")
     p.set_defaults(run=run_step)
     p = sub.add_parser("e2e", help="loader + train step img/s, from the cache and from raw JPEGs")

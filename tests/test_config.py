@@ -84,7 +84,7 @@ def test_cross_field_rules():
     text = str(info.value)
     assert "data.test_size + data.val_size" in text
     assert "Qwen models need 'last_token'" in text
-    assert "divisible by 16" in text
+    assert "square size divisible by 16" in text
     assert "min must be <= max" in text
 
 

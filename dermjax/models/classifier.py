@@ -29,12 +29,13 @@ def build_model(
     """Builds backbone and head from config (weights random; pretrained loading is separate)."""
     v = cfg.vision_model
     dtype = jnp.bfloat16 if cfg.training.dtype == "bfloat16" else jnp.float32
+    height, width = cfg.data.img_size
     backbone = create_backbone(
         v.name,
         rngs=rngs,
         pooling_type=v.pooling_type,
         dtype=dtype,
-        image_size=tuple(cfg.data.img_size),
+        image_size=height if height == width else (height, width),
     )
     head = MultimodalClassifier.from_config(
         cfg.multimodal_classifier.to_dict(),

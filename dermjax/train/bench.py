@@ -69,13 +69,23 @@ def _timed_windows(run_window, windows: int) -> float:
     return statistics.median(times)
 
 
-def step_rate(name: str, size: int, batch: int, dtype: str, steps: int, windows: int) -> dict:
-    """img/s of the warm-up (head-only) and main train steps on a device-resident batch."""
+def step_rate(
+    name: str,
+    size: int,
+    batch: int,
+    dtype: str,
+    steps: int,
+    windows: int,
+    phases: tuple[str, ...] = ("main", "warmup"),
+) -> dict:
+    """img/s of the main and/or warm-up (head-only) train steps on a device-resident batch."""
     state, warm, main, mesh = build_steps(name, size, batch, dtype)
     data = parallel.shard_batch(synthetic_batch(batch, size), mesh)
     key = jax.random.key(0)
     result: dict[str, Any] = {"model": name, "size": size, "batch": batch, "dtype": dtype}
     for label, fn in (("main", main), ("warmup", warm)):
+        if label not in phases:
+            continue
         start = time.perf_counter()
         state, out = fn(state, data, key)
         jax.block_until_ready(out["loss"])

@@ -20,7 +20,9 @@ newer than S (and S itself of the same kind): those belong to a trajectory that 
 the run resumed from an earlier or damaged step, and would otherwise win `latest()`.
 
 Saves are asynchronous when `async_save`: arrays are copied off the device before `save` returns
-and written in the background; `wait()` runs before every restore, listing and `close()`.
+and written in the background; `wait()` runs before every restore, listing and `close()`. A save
+first waits for pending saves of the other kinds, so checkpoints become visible in the order they
+were made: after a crash, a visible periodic step implies the best saved just before it is whole.
 """
 
 from __future__ import annotations
@@ -145,6 +147,9 @@ class Checkpointer:
         meta = {**meta, "kind": kind, "timestamp": stamp, "monitor_mode": self.monitor_mode}
         json.dumps(meta)  # fail here, not in the background writer, on non-JSON values
         self._drop_superseded(step, sub)
+        for name, manager in self._managers.items():  # keep saves visible in the order made
+            if name != sub:
+                manager.wait_until_finished()
         items = {"state": ocp.args.StandardSave(state), "meta": ocp.args.JsonSave(meta)}
         if data_iter is not None:
             items["data"] = grain.checkpoint.CheckpointSave(data_iter)

@@ -162,14 +162,17 @@ def test_non_json_meta_is_rejected_at_save_time(tmp_path):
         ckpt.save(1, state=make_state(), data_iter=None, meta={"x": object()}, kind="final")
 
 
-def test_async_save_is_complete_on_disk_after_wait(tmp_path):
-    state = {"w": jnp.arange(2_000_000, dtype=jnp.float32), "step": jnp.int32(3)}
+def test_async_saves_become_visible_in_order_and_complete_after_wait(tmp_path):
+    state = {"w": jnp.arange(4_000_000, dtype=jnp.float32), "step": jnp.int32(3)}
     ckpt = Checkpointer(str(tmp_path), save_frequency=1, keep_last=1, async_save=True)
+    ckpt.save(3, state=state, data_iter=None, meta={}, kind="best")
     ckpt.save(3, state=state, data_iter=None, meta={}, kind="periodic")
+    # The periodic save started only once the best one was finalised (a crash now keeps both).
+    assert (tmp_path / "best" / "3" / "commit_success.txt").exists()
     ckpt.wait()
     # A second process (here: a second Checkpointer) sees and reads the finished step.
     reader = Checkpointer(str(tmp_path), save_frequency=1, keep_last=1)
-    assert reader.latest() == 3
+    assert (reader.latest(), reader.best()) == (3, 3)
     restored, _ = reader.restore(3, abstract_state=abstract_of(state), data_iter=None)
     assert leaves_equal(restored, state)
     reader.close()
