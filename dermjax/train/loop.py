@@ -178,6 +178,8 @@ class Trainer:
 
         # ---- Checkpoints, early stopping, tracking ------------------------------------------
         self.ckpt_dir = cfg.output.save_dir or os.path.join(workdir, "checkpoints")
+        if "://" not in self.ckpt_dir:
+            self.ckpt_dir = os.path.abspath(self.ckpt_dir)  # Orbax needs absolute paths
         mode = "min" if cfg.training.monitor == "val/loss" else "max"
         self.ckpt = Checkpointer(
             self.ckpt_dir,
