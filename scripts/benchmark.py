@@ -292,7 +292,7 @@ def run_step(args: argparse.Namespace) -> dict:
     rows = []
     for name in args.models:
         row = bench.step_rate(
-            name, args.size, args.batch_size, args.dtype, args.steps, args.windows
+            name, args.size, args.batch_size, args.dtype, args.steps, args.windows, args.phases
         )
         if args.torch:
             row["torch"] = bench.torch_step_rate(

@@ -16,7 +16,8 @@ import pandas as pd
 from ml_collections import config_dict
 
 from dermjax.config import DataPaths, data_paths
-from dermjax.data import demo, embeddings, metadata, stats
+from dermjax.data import demo, embeddings, images, metadata, stats
+from dermjax.data.augment import AugmentSpec
 from dermjax.data.pipeline import Records
 
 log = logging.getLogger(__name__)
@@ -80,6 +81,13 @@ def prepare_data(cfg: config_dict.ConfigDict, workdir: str) -> PreparedData:
         has_text=d.has_text,
         data_fraction=d.data_fraction,
     )
+    if len(meta) == 0 or meta[metadata.LABEL_COL].nunique() < 2:
+        raise ValueError(
+            f"{paths.metadata}: {len(meta)} rows and "
+            f"{meta[metadata.LABEL_COL].nunique() if len(meta) else 0} classes left after the "
+            f"filters (min_samples_per_label={d.min_samples_per_label}, datasets={d.datasets}, "
+            f"has_text={d.has_text}, data_fraction={d.data_fraction}); need at least 2 classes"
+        )
     classes = metadata.class_list(meta)
     train_df, val_df, test_df = metadata.stratified_split(
         meta, test_size=d.test_size, val_size=d.val_size, seed=d.seed
@@ -129,3 +137,21 @@ def prepare_data(cfg: config_dict.ConfigDict, workdir: str) -> PreparedData:
             k: cfg.encoder[k] for k in ("model_name", "max_length", "pooling_type", "qwen_instr")
         },
     )
+
+
+def cache_plan(cfg: config_dict.ConfigDict, data: PreparedData) -> dict[str, tuple[str, list[str]]]:
+    """{rule: (cache folder, paths)} of the prepared caches this config's loaders read.
+
+    Training reads the train split at its resize rule (shorter side + crop when geometric
+    augmentation is on, else exact); evaluation reads val and test resized exactly.
+    """
+    h, w = cfg.data.img_size
+    train_rule = images.train_rule(AugmentSpec.from_config(cfg.augmentation).geometric)
+    plan: dict[str, list[str]] = {train_rule: list(data.train.paths)}
+    for records in (data.val, data.test):
+        if records is not None:
+            plan.setdefault(images.EXACT, []).extend(records.paths)
+    return {
+        rule: (os.path.join(data.paths.cache_dir, f"{rule}_{h}x{w}"), paths)
+        for rule, paths in plan.items()
+    }

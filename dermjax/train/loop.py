@@ -26,7 +26,7 @@ from dermjax import parallel
 from dermjax.data import cache as prepared
 from dermjax.data import images, pipeline
 from dermjax.data.augment import AugmentSpec
-from dermjax.data.setup import PreparedData, prepare_data
+from dermjax.data.setup import PreparedData, cache_plan, prepare_data
 from dermjax.models import registry
 from dermjax.models.classifier import DermClassifier, build_model
 from dermjax.models.losses import LossSpec
@@ -121,12 +121,6 @@ def epoch_learning_rates(cfg: config_dict.ConfigDict, epoch: int) -> tuple[float
     )
 
 
-def cache_dir(cfg: config_dict.ConfigDict, root: str, rule: str) -> str:
-    """Where the prepared cache for `rule` at the configured image size lives."""
-    h, w = cfg.data.img_size
-    return os.path.join(root, f"{rule}_{h}x{w}")
-
-
 class Trainer:
     """One run in one workdir; `run()` trains (or resumes), then evaluates val and test."""
 
@@ -214,17 +208,11 @@ class Trainer:
     def _open_caches(self) -> dict[str, prepared.Cache]:
         if not self.cfg.data.use_cache:
             return {}
-        root = self.data.paths.cache_dir
-        wanted = {self.train_rule: self.data.train.paths}
-        eval_paths = [p for r in (self.data.val, self.data.test) if r is not None for p in r.paths]
-        wanted[images.EXACT] = wanted.get(images.EXACT, []) + eval_paths
         caches = {}
-        for rule, paths in wanted.items():
-            found = prepared.open_cache(
-                cache_dir(self.cfg, root, rule), paths, self.cfg.data.img_size, rule
-            )
+        for rule, (directory, paths) in cache_plan(self.cfg, self.data).items():
+            found = prepared.open_cache(directory, paths, self.cfg.data.img_size, rule)
             if found is not None:
-                log.info("using prepared cache at %s", cache_dir(self.cfg, root, rule))
+                log.info("using prepared cache at %s", directory)
                 caches[rule] = found
         return caches
 

@@ -1,0 +1,57 @@
+"""Builds the prepared image caches a config's training and evaluation will read.
+
+  python -m dermjax.prepare --config=configs/default.py [--config.a.b=V ...] [--workers=16]
+
+Decodes and resizes every image of the filtered splits once and stores it in ArrayRecord shards
+under `data.cache_dir` (default `<dataset>/cache`), one cache per resize rule and image size.
+Training then says "using prepared cache at ..." and reads pixels instead of JPEGs. An
+interrupted build resumes where it stopped; a cache built for other paths, size or rule is not
+used (the log says why).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from dermjax.config import ConfigError, validate
+
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/default.py", "Config file.")
+_WORKERS = flags.DEFINE_integer(
+    "workers", None, "Decode processes (default: training.num_workers)."
+)
+
+
+def main(argv: list[str]) -> None:
+    del argv
+    cfg = _CONFIG.value
+    try:
+        validate(cfg)
+    except ConfigError as e:
+        raise app.UsageError(str(e)) from None
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    from dermjax.data.cache import build_cache
+    from dermjax.data.setup import cache_plan, prepare_data
+
+    cfg.training.compute_stats = False  # statistics belong to the training run, not the cache
+    with tempfile.TemporaryDirectory() as scratch:
+        data = prepare_data(cfg, scratch)
+    workers = _WORKERS.value if _WORKERS.value is not None else cfg.training.num_workers
+    for rule, (directory, paths) in cache_plan(cfg, data).items():
+        logging.info("building the %s cache of %d images at %s", rule, len(paths), directory)
+        os.makedirs(directory, exist_ok=True)
+        build_cache(
+            paths,
+            directory,
+            img_size=tuple(cfg.data.img_size),
+            rule=rule,
+            num_workers=max(1, workers),
+        )
+
+
+if __name__ == "__main__":
+    app.run(main)
