@@ -171,7 +171,6 @@ class EfficientNet(nnx.Module):
     ):
         layers.check_pooling_type(pooling_type)
         self.dtype = dtype
-        self.include_top = include_top
         self.pooling_type = pooling_type
         settings = stage_settings(name)
         kw = {"rngs": rngs, "dtype": dtype}

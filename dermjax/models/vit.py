@@ -3,7 +3,7 @@
 Attribute paths equal torchvision's state_dict keys, e.g. `encoder.layers.encoder_layer_3.mlp.0`
 and `encoder.pos_embedding`. Attention holds torch's fused `in_proj` (q, k, v stacked along the
 output) and `out_proj`, and runs `jax.nn.dot_product_attention` (cuDNN flash attention on GPU in
-bf16; exact XLA attention elsewhere). Without the top the model returns the class token after the
+bf16/fp16; XLA attention elsewhere). Without the top the model returns the class token after the
 final LayerNorm (the original's embedding); with it, torchvision's `heads.head` logits.
 
 Unlike the original (224 only), any image size divisible by the patch size is accepted; the
@@ -88,13 +88,18 @@ class MultiheadAttention(nnx.Module):
 def _attention(query: jax.Array, key: jax.Array, value: jax.Array) -> jax.Array:
     """softmax(q k^T / sqrt(d)) v on (batch, tokens, heads, head_dim) arrays.
 
-    `jax.nn.dot_product_attention` (fused on GPU) always takes its softmax in float32, so float64
-    (parity tests) uses the same formula written out.
+    On GPU in bf16/fp16 this is cuDNN's fused flash attention (jax 0.10 picks plain XLA unless
+    asked). XLA's version takes its softmax in float32, so float64 (parity tests) uses the same
+    formula written out.
     """
-    if query.dtype != jnp.float64:
-        return jax.nn.dot_product_attention(query, key, value)
-    logits = jnp.einsum("bqhd,bkhd->bhqk", query, key) / math.sqrt(query.shape[-1])
-    return jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(logits, axis=-1), value)
+    if query.dtype == jnp.float64:
+        logits = jnp.einsum("bqhd,bkhd->bhqk", query, key) / math.sqrt(query.shape[-1])
+        return jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(logits, axis=-1), value)
+    half = query.dtype in (jnp.bfloat16, jnp.float16)
+    fused = half and jax.default_backend() == "gpu"
+    return jax.nn.dot_product_attention(
+        query, key, value, implementation="cudnn" if fused else "xla"
+    )
 
 
 class EncoderBlock(nnx.Module):
@@ -209,7 +214,6 @@ class VisionTransformer(nnx.Module):
                 f"use a multiple of {patch} (e.g. {max(patch, image_size // patch * patch)})."
             )
         self.dtype = dtype
-        self.patch_size = patch
         self.image_size = image_size
         self.num_features = dim
         kw = {"rngs": rngs, "dtype": dtype}

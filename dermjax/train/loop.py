@@ -242,29 +242,18 @@ class Trainer:
 
     # ---------------------------------------------------------------------------------------------
     def resume(self) -> None:
-        """Continues from checkpoint.load_from, else this workdir's latest, else init_from."""
+        """Continues this workdir's latest checkpoint, else checkpoint.load_from, else init_from.
+
+        The workdir comes first so that re-running a preempted command never goes back to
+        `load_from` and overwrites the newer work.
+        """
         c = self.cfg.checkpoint
-        source, step = None, None
-        if c.load_from:
+        if c.auto_resume and self.ckpt.latest() is not None:
+            self._restore(self.ckpt, None, self.ckpt_dir)
+        elif c.load_from:
             directory, step = resolve_load_from(c.load_from)
-            source = Checkpointer(directory, save_frequency=1, keep_last=1)
-        elif c.auto_resume and self.ckpt.latest() is not None:
-            source = self.ckpt
-        if source is not None:
-            self.state, meta = source.restore(
-                step, abstract_state=self.abstract, data_iter=self.train_iter
-            )
-            self._check_classes(meta, c.load_from or self.ckpt_dir)
-            self.stopper.load_state_dict(meta["early_stopping"])
-            self.start_epoch, self.start_step_in_epoch = meta["epoch"], meta["step_in_epoch"]
-            self.train_acc = meta.get("train_accumulator")
-            log.info(
-                "resumed at epoch %d, step %d of %d in the epoch (global step %d)",
-                self.start_epoch,
-                self.start_step_in_epoch,
-                self.steps_per_epoch,
-                int(self.state["step"]),
-            )
+            with Checkpointer(directory, save_frequency=1, keep_last=1) as source:
+                self._restore(source, step, c.load_from)
         elif c.init_from:
             weights, meta = restore_weights_only(
                 c.init_from, {k: self.abstract[k] for k in ("params", "batch_stats")}
@@ -272,6 +261,23 @@ class Trainer:
             self._check_classes(meta, c.init_from)
             self.state = {**self.state, **weights}
             log.info("initialised weights from %s", c.init_from)
+
+    def _restore(self, source: Checkpointer, step: int | None, name: str) -> None:
+        self.state, meta = source.restore(
+            step, abstract_state=self.abstract, data_iter=self.train_iter
+        )
+        self._check_classes(meta, name)
+        self.stopper.load_state_dict(meta["early_stopping"])
+        self.start_epoch, self.start_step_in_epoch = meta["epoch"], meta["step_in_epoch"]
+        self.train_acc = meta.get("train_accumulator")
+        log.info(
+            "resumed from %s at epoch %d, step %d of %d in the epoch (global step %d)",
+            name,
+            self.start_epoch,
+            self.start_step_in_epoch,
+            self.steps_per_epoch,
+            int(self.state["step"]),
+        )
 
     def _check_classes(self, meta: dict, source: str) -> None:
         if meta["classes"] != self.data.classes:
@@ -388,8 +394,10 @@ class Trainer:
                 meta = self._meta(epoch + 1, 0, None)
                 if improved:
                     self._save("best", meta)
-                if self.ckpt.should_save_periodic(epoch) or stop:
+                if self.ckpt.should_save_periodic(epoch):
                     self._save("periodic", meta)
+                elif stop or epoch + 1 == cfg.training.num_epochs:
+                    self._save("final", meta)  # the finished run is always on disk
                 if stop:
                     log.info(
                         "early stopping after epoch %d: %s stalled", epoch, cfg.training.monitor
