@@ -4,8 +4,8 @@
 
 Generates the demo data under ./data/demo_v1 if absent (about 1,200 images over 8 labels and all
 four source datasets, with hashed-n-gram text embeddings), then trains a randomly initialised
-ResNet-50 with a concat_mlp fusion head: two warm-up epochs with the backbone frozen, then the
-last backbone stage fine-tuned; validation each epoch; a final test evaluation.
+ResNet-50 with a concat_mlp fusion head: three warm-up epochs with the backbone frozen, then three
+with the last backbone stage fine-tuned; validation each epoch; a final test evaluation.
 Writes metrics.jsonl and summary.json to the workdir. Measured wall time and accuracy: README.md.
 """
 
@@ -31,9 +31,14 @@ def get_config():
     cfg.training.batch_size = 32
     cfg.training.num_workers = 1
     cfg.training.prefetch_factor = 4
-    cfg.training.num_epochs = 4
-    cfg.training.n_warmup_epochs = 2
+    cfg.training.num_epochs = 6
+    cfg.training.n_warmup_epochs = 3
     cfg.training.patience = 3
+    # The backbone is randomly initialised here: frozen BatchNorm layers normalised with batch
+    # statistics wash out its random features (linear-probe test accuracy 0.32 vs 0.86 with the
+    # running statistics), so frozen layers run in inference mode. With pretrained weights the
+    # original's behaviour (statistics keep updating) is the default.
+    cfg.training.update_frozen_bn_stats = False
 
     cfg.vision_model.name = "resnet50"
     cfg.vision_model.pretrained = False
