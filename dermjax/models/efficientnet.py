@@ -58,15 +58,6 @@ def feature_dim(name: str) -> int:
     return 4 * stage_settings(name)[-1][4]
 
 
-class Sequential(nnx.List):
-    """torch.nn.Sequential: an `nnx.List` whose items are applied in order (paths `name.i`)."""
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        for layer in self:
-            x = layer(x)
-        return x
-
-
 class SiLU(nnx.Module):
     """Parameter-less torch.nn.SiLU, holding its index in a `Conv2dNormActivation`."""
 
@@ -84,7 +75,7 @@ def conv_norm_act(
     activation: bool = True,
     rngs: nnx.Rngs,
     dtype: Dtype,
-) -> Sequential:
+) -> layers.Sequential:
     """torchvision `Conv2dNormActivation`: conv (no bias, padding (k-1)//2), BN, optional SiLU."""
     conv = layers.conv(
         in_channels,
@@ -98,7 +89,7 @@ def conv_norm_act(
         dtype=dtype,
     )
     norm = layers.batch_norm(out_channels, rngs=rngs, dtype=dtype)
-    return Sequential([conv, norm, SiLU()] if activation else [conv, norm])
+    return layers.Sequential([conv, norm, SiLU()] if activation else [conv, norm])
 
 
 class SqueezeExcitation(nnx.Module):
@@ -145,7 +136,7 @@ class MBConv(nnx.Module):
         )
         block.append(SqueezeExcitation(expanded, max(1, in_channels // 4), **kw))
         block.append(conv_norm_act(expanded, out_channels, 1, activation=False, **kw))
-        self.block = Sequential(block)
+        self.block = layers.Sequential(block)
         self.use_res_connect = stride == 1 and in_channels == out_channels
         self.stochastic_depth = nnx.Dropout(drop_path, broadcast_dims=(1, 2, 3), rngs=rngs)
 
@@ -186,10 +177,10 @@ class EfficientNet(nnx.Module):
                     MBConv(block_in, out_channels, expand, kernel, block_stride, drop_path, **kw)
                 )
                 block_index += 1
-            features.append(Sequential(stage))
+            features.append(layers.Sequential(stage))
         self.num_features = feature_dim(name)
         features.append(conv_norm_act(settings[-1][4], self.num_features, 1, **kw))
-        self.features = Sequential(features)
+        self.features = layers.Sequential(features)
         classifier = None
         if include_top:
             # torchvision: weight ~ U(±1/sqrt(out_features)), zero bias.
@@ -201,7 +192,7 @@ class EfficientNet(nnx.Module):
                 rngs=rngs,
                 dtype=dtype,
             )
-            classifier = Sequential([nnx.Dropout(VARIANTS[name][2], rngs=rngs), head])
+            classifier = layers.Sequential([nnx.Dropout(VARIANTS[name][2], rngs=rngs), head])
         self.classifier = classifier
 
     def __call__(self, x: jax.Array) -> jax.Array:

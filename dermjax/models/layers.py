@@ -178,6 +178,15 @@ def check_pooling_type(pooling_type: str) -> None:
         raise ValueError(f"pooling_type={pooling_type!r}; expected one of {POOLING_TYPES}")
 
 
+class Sequential(nnx.List):
+    """torch.nn.Sequential: an `nnx.List` whose items are applied in order (paths `name.i`)."""
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        for layer in self:
+            x = layer(x)
+        return x
+
+
 class ReLU(nnx.Module):
     """Parameter-less torch.nn.ReLU, so it can hold its index in an `nnx.List`."""
 

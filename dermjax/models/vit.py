@@ -59,15 +59,6 @@ class GELU(nnx.Module):
         return jax.nn.gelu(x, approximate=False)
 
 
-class Sequential(nnx.List):
-    """torch.nn.Sequential: an `nnx.List` whose items are applied in order (paths `name.i`)."""
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        for layer in self:
-            x = layer(x)
-        return x
-
-
 class MultiheadAttention(nnx.Module):
     """torch.nn.MultiheadAttention(batch_first=True) self-attention, no attention dropout."""
 
@@ -121,7 +112,7 @@ class EncoderBlock(nnx.Module):
         self.self_attention = MultiheadAttention(dim, num_heads, **kw)
         self.dropout = nnx.Dropout(dropout, rngs=rngs)
         self.ln_2 = _layer_norm(dim, **kw)
-        self.mlp = Sequential(
+        self.mlp = layers.Sequential(
             [
                 layers.linear(dim, mlp_dim, **mlp_init, **kw),
                 GELU(),
@@ -137,7 +128,7 @@ class EncoderBlock(nnx.Module):
 
 
 class EncoderLayers(nnx.Module):
-    """torch `Sequential(OrderedDict(encoder_layer_i=...))`: blocks as named attributes."""
+    """torch `layers.Sequential(OrderedDict(encoder_layer_i=...))`: blocks as named attributes."""
 
     def __init__(self, blocks: list[EncoderBlock]):
         self.num_layers = len(blocks)
@@ -182,7 +173,7 @@ class Encoder(nnx.Module):
 
 
 class Heads(nnx.Module):
-    """torch `heads = Sequential(OrderedDict(head=Linear))`."""
+    """torch `heads = layers.Sequential(OrderedDict(head=Linear))`."""
 
     def __init__(self, dim: int, num_classes: int, *, rngs: nnx.Rngs, dtype: Dtype):
         self.head = layers.linear(
