@@ -297,10 +297,11 @@ class Trainer:
         metrics = ClassificationMetrics(self.num_classes)
         progress = Progress(len(records.labels), desc=desc, enabled=self.is_main)
         for batch in loader:
-            out = self.eval_step(self.state, parallel.shard_batch(batch, self.mesh))
-            valid = batch["valid"]
-            preds = parallel.to_host(out["preds"])[: len(valid)]
-            metrics.update(batch["label"], preds, valid=valid, loss=out["loss"])
+            batch = parallel.shard_batch(batch, self.mesh)
+            out = self.eval_step(self.state, batch)
+            valid = parallel.to_host(batch["valid"])  # global views, also on several hosts
+            labels, preds = parallel.to_host(batch["label"]), parallel.to_host(out["preds"])
+            metrics.update(labels, preds, valid=valid, loss=out["loss"])
             progress.update(int(valid.sum()))
         progress.close()
         return metrics.compute()
