@@ -12,6 +12,7 @@ import dataclasses
 import importlib.util
 import numbers
 import pathlib
+import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -266,6 +267,15 @@ def validate(cfg: config_dict.ConfigDict) -> None:
         section(c)
     if c.problems:
         raise ConfigError(c.problems)
+
+
+def validate_or_exit(cfg: config_dict.ConfigDict) -> None:
+    """Command-line form of `validate`: prints every problem and exits with status 2."""
+    try:
+        validate(cfg)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
 
 
 @dataclasses.dataclass(frozen=True)

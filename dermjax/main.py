@@ -17,7 +17,7 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-from dermjax.config import ConfigError, validate
+from dermjax.config import validate_or_exit
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/default.py", "Config file.")
 _WORKDIR = flags.DEFINE_string(
@@ -41,11 +41,7 @@ def _setup_logging(workdir: str) -> None:
 def main(argv: list[str]) -> None:
     del argv
     cfg = _CONFIG.value
-    try:
-        validate(cfg)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    validate_or_exit(cfg)
     workdir = _WORKDIR.value or os.path.join("workdirs", cfg.output.experiment_name)
     os.makedirs(workdir, exist_ok=True)
     _setup_logging(workdir)

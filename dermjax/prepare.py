@@ -18,7 +18,7 @@ import tempfile
 from absl import app, flags
 from ml_collections import config_flags
 
-from dermjax.config import ConfigError, validate
+from dermjax.config import validate_or_exit
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/default.py", "Config file.")
 _WORKERS = flags.DEFINE_integer(
@@ -29,10 +29,7 @@ _WORKERS = flags.DEFINE_integer(
 def main(argv: list[str]) -> None:
     del argv
     cfg = _CONFIG.value
-    try:
-        validate(cfg)
-    except ConfigError as e:
-        raise app.UsageError(str(e)) from None
+    validate_or_exit(cfg)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     from dermjax.data.cache import build_cache
     from dermjax.data.setup import cache_plan, prepare_data

@@ -26,17 +26,22 @@ class DermClassifier(nnx.Module):
 def build_model(
     cfg: config_dict.ConfigDict, *, num_classes: int, text_dim: int, rngs: nnx.Rngs
 ) -> DermClassifier:
-    """Builds backbone and head from config (weights random; pretrained loading is separate)."""
+    """Builds backbone and head from config; `vision_model.pretrained` loads converted
+    torchvision weights (classifier head dropped), else the backbone is randomly initialised."""
     v = cfg.vision_model
     dtype = jnp.bfloat16 if cfg.training.dtype == "bfloat16" else jnp.float32
     height, width = cfg.data.img_size
-    backbone = create_backbone(
-        v.name,
-        rngs=rngs,
+    kwargs = dict(
         pooling_type=v.pooling_type,
         dtype=dtype,
         image_size=height if height == width else (height, width),
     )
+    if v.pretrained:  # built straight from the converted weights: no random init to discard
+        from dermjax.weights.torchvision import pretrained_backbone
+
+        backbone = pretrained_backbone(v.name, v.weights_path, **kwargs)
+    else:
+        backbone = create_backbone(v.name, rngs=rngs, **kwargs)
     head = MultimodalClassifier.from_config(
         cfg.multimodal_classifier.to_dict(),
         registry.feature_dim(v.name, v.pooling_type),

@@ -44,14 +44,6 @@ log = logging.getLogger(__name__)
 SUMMARY_KEYS = ("accuracy", "macro_f1", "balanced_accuracy", "loss", "per_class_recall")
 
 
-def _load_pretrained(cfg: config_dict.ConfigDict, model: DermClassifier) -> None:
-    from dermjax.weights import torchvision as tv_weights
-
-    path = tv_weights.resolve_weights_path(cfg.vision_model.name, cfg.vision_model.weights_path)
-    tv_weights.load_converted(model.backbone, path, drop_head=True)
-    log.info("loaded pretrained %s weights from %s", cfg.vision_model.name, path)
-
-
 def _frozen_prefixes(labels: Any) -> list[tuple]:
     """Model paths of frozen parameters' modules, e.g. ('backbone', 'layer1', 0, 'bn1')."""
     flat = jax.tree_util.tree_flatten_with_path(labels)[0]
@@ -145,8 +137,6 @@ class Trainer:
         model = build_model(
             cfg, num_classes=self.num_classes, text_dim=self.data.text_dim, rngs=rngs
         )
-        if cfg.vision_model.pretrained:
-            _load_pretrained(cfg, model)
         parts, state, tx_backbone, tx_head = init_training(cfg, model)
         self.state = parallel.replicate(state, self.mesh)
         self.abstract = jax.tree.map(
