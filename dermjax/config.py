@@ -2,50 +2,54 @@
 
 `validate` checks every field before any data is touched and raises one `ConfigError` that names
 every problem (field, bad value, what is allowed), so a long run never dies on a typo an hour in.
-`data_paths` derives the metadata, image and embedding locations from `data.dataset` and
-`data.use_local` as the original did, with explicit paths taking precedence.
+`validate_for_run` adds the checks that need the machine (device count, paths). `data_paths`
+derives the metadata, image and embedding locations from `data.dataset` and `data.use_local` as
+the original did, with explicit paths taking precedence. Option lists come from the modules that
+implement them.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib.resources
 import importlib.util
+import math
 import numbers
+import os
 import pathlib
-import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from ml_collections import config_dict
 
-from dermjax.models.registry import BACKBONES
+from dermjax.data.embeddings import TEXT_POOLING
+from dermjax.data.images import BAD_IMAGE_POLICIES
+from dermjax.data.metadata import DATASETS, DERM1M_SOURCES
+from dermjax.errors import ConfigError
+from dermjax.models.fusion import ACTIVATIONS, FUSION_STRATEGIES
+from dermjax.models.layers import POOLING_TYPES
+from dermjax.models.losses import LOSS_FNS, REDUCTIONS
+from dermjax.models.registry import BACKBONES, vit_patch_size
+from dermjax.train.early_stopping import MONITORS
+from dermjax.train.masking import MASK_MODES
+from dermjax.train.optim import OPTIMIZERS
+from dermjax.train.step import COMPUTE_DTYPES, NONFINITE_POLICIES
 
-DATASETS = ("fitzpatrick17k", "ddi", "isic", "derm1m", "scin")
-DERM1M_SOURCES = ("IIYI", "edu", "note", "public", "pubmed", "reddit", "twitter", "youtube")
-MONITORS = ("val/accuracy", "val/loss", "val/macro_f1", "val/balanced_accuracy")
-ACTIVATIONS = ("relu", "gelu", "silu", "swish", "leaky_relu")
-VIT_PATCH = {"vit_b_16": 16, "vit_b_32": 32, "vit_l_16": 16, "vit_l_32": 32}
 
-
-CONFIG_DIR = pathlib.Path(__file__).resolve().parents[1] / "configs"
+def packaged_config_path(name: str) -> pathlib.Path:
+    """Path of the config `name` shipped in the `dermjax.configs` package (may not exist)."""
+    return pathlib.Path(str(importlib.resources.files("dermjax.configs"))) / f"{name}.py"
 
 
 def load_config(name: str, arg: str | None = None) -> config_dict.ConfigDict:
-    """Loads `configs/<name>.py` (or a path to a config file) and calls its get_config."""
-    path = pathlib.Path(name) if name.endswith(".py") else CONFIG_DIR / f"{name}.py"
+    """Loads the packaged config `name` (or a path ending in .py) and calls its get_config."""
+    path = pathlib.Path(name) if name.endswith(".py") else packaged_config_path(name)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} not found")
     spec = importlib.util.spec_from_file_location(f"dermjax_config_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.get_config() if arg is None else module.get_config(arg)
-
-
-class ConfigError(ValueError):
-    """Raised with every problem of a config, one per line."""
-
-    def __init__(self, problems: Sequence[str]):
-        self.problems = list(problems)
-        lines = "\n".join(f"  - {p}" for p in self.problems)
-        super().__init__(f"{len(self.problems)} invalid config field(s):\n{lines}")
 
 
 def _is_int(x: Any) -> bool:
@@ -84,19 +88,26 @@ class _Checker:
     def choice(self, path: str, options: Sequence[str], optional=False) -> Any:
         return self.check(path, lambda v: v in options, f"one of {list(options)}", optional)
 
-    def number(self, path: str, lo=None, hi=None, *, integer=False, lo_open=False, optional=False):
+    def number(
+        self, path: str, lo=None, hi=None, *, integer=False, lo_open=False, hi_open=False,
+        optional=False,
+    ):  # fmt: skip
         def ok(v):
             if not (_is_int(v) if integer else _is_num(v)):
                 return False
             if lo is not None and (v <= lo if lo_open else v < lo):
                 return False
-            return hi is None or v <= hi
+            return hi is None or (v < hi if hi_open else v <= hi)
 
         kind = "an integer" if integer else "a number"
-        lo_s = "" if lo is None else (f" > {lo}" if lo_open else f" >= {lo}")
-        hi_s = "" if hi is None else f" <= {hi}"
+        if lo is not None and hi is not None:
+            bounds = f" in {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
+        elif lo is not None:
+            bounds = f" > {lo}" if lo_open else f" >= {lo}"
+        else:
+            bounds = "" if hi is None else (f" < {hi}" if hi_open else f" <= {hi}")
         extra = " or None" if optional else ""
-        return self.check(path, ok, f"{kind}{lo_s}{hi_s}{extra}", optional)
+        return self.check(path, ok, f"{kind}{bounds}{extra}", optional)
 
     def prob(self, path: str, optional=False):
         return self.number(path, 0.0, 1.0, optional=optional)
@@ -137,7 +148,7 @@ def _check_data(c: _Checker) -> None:
         c.problems.append(f"data.test_size + data.val_size = {test + val}: must be < 1")
     c.seq("data.img_size", lambda x: _is_int(x) and x >= 8, "[height, width], ints >= 8", length=2)
     c.number("data.seed", 0, integer=True)
-    c.choice("data.on_bad_image", ("skip", "error"))
+    c.choice("data.on_bad_image", BAD_IMAGE_POLICIES)
     c.boolean("data.use_cache")
     c.boolean("data.demo")
     c.number("data.demo_size", 50, integer=True)
@@ -152,11 +163,9 @@ def _check_training(c: _Checker) -> None:
     c.number("training.log_every_steps", 1, integer=True)
     for f in ("compute_stats", "weighted_sampling", "update_frozen_bn_stats"):
         c.boolean(f"training.{f}")
-    monitor = c.choice("training.monitor", MONITORS)
-    if monitor in MONITORS and c.cfg.data.val_size is None:
-        c.problems.append(f"training.monitor={monitor!r} needs validation: data.val_size is None")
-    c.choice("training.on_nonfinite", ("error", "skip"))
-    c.choice("training.dtype", ("float32", "bfloat16"))
+    c.choice("training.monitor", MONITORS)  # unused when data.val_size is None
+    c.choice("training.on_nonfinite", NONFINITE_POLICIES)
+    c.choice("training.dtype", COMPUTE_DTYPES)
     c.boolean("training.scheduler.use_cosine_annealing")
     c.number("training.scheduler.vision_eta_min", 0.0)
     c.number("training.scheduler.multimodal_classifier_eta_min", 0.0)
@@ -187,14 +196,14 @@ def _check_augmentation(c: _Checker) -> None:
 def _check_models(c: _Checker) -> None:
     name = c.choice("vision_model.name", BACKBONES)
     c.boolean("vision_model.pretrained")
-    c.choice("vision_model.pooling_type", ("avg", "max", "concat"))
+    c.choice("vision_model.pooling_type", POOLING_TYPES)
     c.number("vision_model.unfreeze_layers", -1, integer=True)
     size = c.cfg.data.img_size
     sizes_ok = isinstance(size, Sequence) and all(map(_is_int, size))
-    if name in VIT_PATCH and sizes_ok and (size[0] != size[1] or size[0] % VIT_PATCH[name]):
+    patch = vit_patch_size(name) if name in BACKBONES else None
+    if patch and sizes_ok and (size[0] != size[1] or size[0] % patch):
         c.problems.append(
-            f"data.img_size={tuple(size)!r}: {name} needs a square size divisible by "
-            f"{VIT_PATCH[name]}"
+            f"data.img_size={tuple(size)!r}: {name} needs a square size divisible by {patch}"
         )
     m = "multimodal_classifier"
     c.number(f"{m}.projection_dim", 1, integer=True)
@@ -203,15 +212,15 @@ def _check_models(c: _Checker) -> None:
     for f in ("projection_activation", "final_activation"):
         c.choice(f"{m}.{f}", ACTIVATIONS)
     for f in ("projection_dropout", "final_dropout"):
-        c.number(f"{m}.{f}", 0.0, 1.0)
-    c.number(f"{m}.text_projection_dropout", 0.0, 1.0, optional=True)
+        c.number(f"{m}.{f}", 0.0, 1.0, hi_open=True)
+    c.number(f"{m}.text_projection_dropout", 0.0, 1.0, hi_open=True, optional=True)
     c.boolean(f"{m}.use_l2_normalization")
-    c.choice(f"{m}.fusion_strategy", ("concat_mlp", "weighted_sum"))
+    c.choice(f"{m}.fusion_strategy", FUSION_STRATEGIES)
     c.boolean(f"{m}.use_auxiliary_loss")
     c.number(f"{m}.auxiliary_loss_weight", 0.0)
     c.number(f"{m}.auxiliary_vision_loss_weight", 0.0, optional=True)
     c.number(f"{m}.auxiliary_text_loss_weight", 0.0, optional=True)
-    c.choice(f"{m}.loss_fn", ("cross_entropy", "focal"))
+    c.choice(f"{m}.loss_fn", LOSS_FNS)
     c.number(f"{m}.label_smoothing", 0.0, 1.0)
     c.boolean(f"{m}.use_class_weights_from_data")
     c.seq(
@@ -221,11 +230,11 @@ def _check_models(c: _Checker) -> None:
     if not (alpha is None or (_is_num(alpha) and alpha >= 0)):
         c.seq(f"{m}.alpha", lambda x: _is_num(x) and x >= 0, "None, a number or a list >= 0")
     c.number(f"{m}.gamma", 0.0)
-    c.choice(f"{m}.reduction", ("mean",))
+    c.choice(f"{m}.reduction", REDUCTIONS)
 
 
 def _check_rest(c: _Checker) -> None:
-    c.choice("masking.mask_complete", ("image", "text"), optional=True)
+    c.choice("masking.mask_complete", MASK_MODES, optional=True)
     c.boolean("masking.random_mask.enabled")
     c.prob("masking.random_mask.image_prob")
     c.prob("masking.random_mask.text_prob")
@@ -234,7 +243,7 @@ def _check_rest(c: _Checker) -> None:
     c.check("encoder.model_name", lambda v: isinstance(v, str) and v, "a model name or path")
     c.number("encoder.max_length", 1, integer=True)
     c.number("encoder.batch_size", 1, integer=True)
-    pooling = c.choice("encoder.pooling_type", ("cls", "mean", "last_token"))
+    pooling = c.choice("encoder.pooling_type", TEXT_POOLING)
     is_qwen = isinstance(e.model_name, str) and "qwen" in e.model_name.lower()
     if is_qwen and pooling != "last_token":
         c.problems.append(f"encoder.pooling_type={pooling!r}: Qwen models need 'last_token'")
@@ -242,7 +251,7 @@ def _check_rest(c: _Checker) -> None:
         c.problems.append("encoder.pooling_type='last_token': only for Qwen models")
     for group in ("vision_model", "multimodal_classifier"):
         p = f"optimizer.{group}"
-        c.choice(f"{p}.name", ("adam", "adamw", "sgd"))
+        c.choice(f"{p}.name", OPTIMIZERS)
         c.number(f"{p}.learning_rate", 0.0, lo_open=True)
         c.number(f"{p}.weight_decay", 0.0)
         c.seq(f"{p}.betas", lambda x: _is_num(x) and 0 <= x < 1, "two numbers in [0, 1)", length=2)
@@ -260,22 +269,80 @@ def _check_rest(c: _Checker) -> None:
         c.problems.append("checkpoint.load_from and checkpoint.init_from: set at most one")
 
 
-def validate(cfg: config_dict.ConfigDict) -> None:
-    """Raises ConfigError listing every invalid field of `cfg` (no I/O is done)."""
+def _problems(cfg: config_dict.ConfigDict) -> list[str]:
     c = _Checker(cfg)
     for section in (_check_data, _check_training, _check_augmentation, _check_models, _check_rest):
         section(c)
-    if c.problems:
-        raise ConfigError(c.problems)
+    return c.problems
 
 
-def validate_or_exit(cfg: config_dict.ConfigDict) -> None:
-    """Command-line form of `validate`: prints every problem and exits with status 2."""
-    try:
-        validate(cfg)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+def validate(cfg: config_dict.ConfigDict) -> None:
+    """Raises ConfigError listing every invalid field of `cfg` (no I/O is done).
+
+    `data.val_size=None` is valid and means no validation split, as in the original: nothing is
+    validated or monitored (`training.monitor` is unused, no early stopping), and the run keeps
+    its last epoch as the final model.
+    """
+    problems = _problems(cfg)
+    if problems:
+        raise ConfigError(problems)
+
+
+def validate_for_run(
+    cfg: config_dict.ConfigDict, *, device_count: int, process_count: int = 1
+) -> None:
+    """`validate` plus the checks that need this machine, all in one ConfigError.
+
+    Batch sizes must split evenly over the devices (and processes); local checkpoint sources must
+    be readable and local output folders writable or creatable (gs:// paths are not checked).
+    """
+    problems = _problems(cfg)
+    multiple = math.lcm(device_count, process_count)
+    where = f"{device_count} device(s)"
+    if process_count > 1:
+        where += f" over {process_count} processes"
+    for key in ("batch_size", "eval_batch_size"):  # eval_batch_size None: batch_size is used
+        size = cfg.training[key]
+        if _is_int(size) and size >= 1 and size % multiple:
+            problems.append(
+                f"training.{key}={size}: must be divisible by {multiple} ({where}); "
+                f"use {_nearest_multiples(size, multiple)}"
+            )
+    for key in ("load_from", "init_from"):
+        path = cfg.checkpoint[key]
+        if _is_local(path) and not os.path.exists(path):
+            problems.append(f"checkpoint.{key}={path!r}: no such file or folder")
+        elif _is_local(path) and not os.access(path, os.R_OK):
+            problems.append(f"checkpoint.{key}={path!r}: not readable (check its permissions)")
+    for key in ("save_dir", "log_dir"):
+        path = cfg.output[key]
+        problem = _unwritable(path) if _is_local(path) else None
+        if problem:
+            problems.append(f"output.{key}={path!r}: {problem}")
+    if problems:
+        raise ConfigError(problems)
+
+
+def _nearest_multiples(size: int, multiple: int) -> str:
+    below = size // multiple * multiple
+    above = below + multiple
+    return f"{below} or {above}" if below else str(above)
+
+
+def _is_local(path: Any) -> bool:
+    return isinstance(path, str) and bool(path) and "://" not in path
+
+
+def _unwritable(path: str) -> str | None:
+    """Why the folder `path` cannot be written or created, or None when it can."""
+    target = pathlib.Path(path).absolute()
+    existing = next(p for p in (target, *target.parents) if p.exists())
+    if not existing.is_dir():
+        return f"{str(existing)!r} is a file, not a folder"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        verb = "written" if existing == target else f"created (in {str(existing)!r})"
+        return f"cannot be {verb}: permission denied"
+    return None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -8,7 +8,9 @@ import time
 
 import pytest
 
-from dermjax.config import ConfigError, data_paths, load_config, validate
+from dermjax import config
+from dermjax.config import ConfigError, data_paths, load_config, validate, validate_for_run
+from dermjax.errors import ConfigError as BaseConfigError
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -88,11 +90,83 @@ def test_cross_field_rules():
     assert "min must be <= max" in text
 
 
-def test_monitor_needs_validation_split():
+def test_val_size_none_means_no_validation_and_is_valid():
     cfg = load_config("default")
     cfg.data.val_size = None
-    with pytest.raises(ConfigError, match="needs validation"):
+    validate(cfg)  # training.monitor is then unused: the last epoch is the final model
+    cfg.data.test_size = 0.95  # test + val >= 1 is only a problem when val_size is set
+    validate(cfg)
+
+
+def test_dropouts_must_be_below_one():
+    cfg = load_config("default")
+    m = cfg.multimodal_classifier
+    m.final_dropout, m.projection_dropout, m.text_projection_dropout = 1.0, 1.0, 1.0
+    with pytest.raises(ConfigError) as info:
         validate(cfg)
+    assert len(info.value.problems) == 3
+    assert all("in [0.0, 1.0)" in p for p in info.value.problems)
+    m.final_dropout, m.projection_dropout, m.text_projection_dropout = 0.0, 0.99, None
+    validate(cfg)
+
+
+def test_option_lists_come_from_the_modules_that_implement_them():
+    from dermjax.data import embeddings, images, metadata
+    from dermjax.models import fusion, layers, losses, registry
+    from dermjax.train import early_stopping, masking, optim, step
+
+    for module, names in [
+        (embeddings, ["TEXT_POOLING"]),
+        (images, ["BAD_IMAGE_POLICIES"]),
+        (metadata, ["DATASETS", "DERM1M_SOURCES"]),
+        (fusion, ["ACTIVATIONS", "FUSION_STRATEGIES"]),
+        (layers, ["POOLING_TYPES"]),
+        (losses, ["LOSS_FNS", "REDUCTIONS"]),
+        (registry, ["BACKBONES", "vit_patch_size"]),
+        (early_stopping, ["MONITORS"]),
+        (masking, ["MASK_MODES"]),
+        (optim, ["OPTIMIZERS"]),
+        (step, ["COMPUTE_DTYPES", "NONFINITE_POLICIES"]),
+    ]:
+        for name in names:
+            assert getattr(config, name) is getattr(module, name), name
+    assert load_config("default").data.derm1m_sources == metadata.DERM1M_SOURCES
+
+
+def test_validate_for_run_adds_device_and_path_checks_to_one_error(tmp_path):
+    cfg = load_config("default")
+    cfg.training.batch_size, cfg.training.eval_batch_size = 30, 6
+    cfg.vision_model.name = "resnet18"  # a validate() problem, reported in the same error
+    cfg.checkpoint.load_from = str(tmp_path / "missing")
+    blocker = tmp_path / "file.txt"
+    blocker.write_text("")
+    cfg.output.save_dir = str(blocker / "ckpt")
+    cfg.output.log_dir = str(tmp_path / "new" / "logs")  # creatable: fine
+    with pytest.raises(ConfigError) as pure:
+        validate(cfg)  # pure: no device count, no file system
+    assert len(pure.value.problems) == 1
+    with pytest.raises(ConfigError) as info:
+        validate_for_run(cfg, device_count=4)
+    problems = info.value.problems
+    assert len(problems) == 5, problems
+    text = "\n".join(problems)
+    assert "vision_model.name='resnet18'" in text
+    assert "training.batch_size=30: must be divisible by 4 (4 device(s)); use 28 or 32" in text
+    assert "training.eval_batch_size=6: must be divisible by 4 (4 device(s)); use 4 or 8" in text
+    assert f"checkpoint.load_from={str(tmp_path / 'missing')!r}: no such file" in text
+    assert f"output.save_dir={str(blocker / 'ckpt')!r}: {str(blocker)!r} is a file" in text
+
+
+def test_validate_for_run_accepts_a_runnable_config(tmp_path):
+    cfg = load_config("default")
+    cfg.training.batch_size, cfg.training.eval_batch_size = 24, None
+    cfg.checkpoint.init_from = "gs://bucket/run/checkpoints/10"  # remote: not checked
+    cfg.output.save_dir = str(tmp_path / "a" / "b")
+    validate_for_run(cfg, device_count=8)
+    with pytest.raises(ConfigError, match=r"batch_size=24: .*\(8 device\(s\) over 16 processes\)"):
+        validate_for_run(cfg, device_count=8, process_count=16)
+    cfg.checkpoint.init_from = str(tmp_path)
+    validate_for_run(cfg, device_count=3)
 
 
 def test_config_is_locked_against_typos():
@@ -150,8 +224,42 @@ def test_original_yaml_loads_and_unknown_keys_are_rejected(tmp_path):
     assert cfg.data.embeddings_path == "/data/emb.parquet"
     bad = tmp_path / "bad.yaml"
     bad.write_text("data: {datset: x}\ntrainingg: {}\n")
-    with pytest.raises(ValueError, match=r"data\.datset.*trainingg"):
+    with pytest.raises(ConfigError, match=r"data\.datset.*\n.*trainingg"):
         load_config("from_yaml", str(bad))
+
+
+def test_yaml_type_errors_are_reported_together_with_every_other_problem(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(
+        "training: {batch_size: abc, num_epochs: 3.5, patiense: 2}\n"
+        "data: {val_size: null, seed: -1}\n"
+        "vision_model: resnet50\n"
+    )
+    with pytest.raises(ConfigError) as info:
+        load_config("from_yaml", str(bad))
+    text = str(info.value)
+    assert len(info.value.problems) == 5, text
+    for expected in (
+        "training.batch_size='abc': expected a value of type int",
+        "training.num_epochs=3.5: expected a value of type int",
+        "training.patiense: unknown key",
+        "vision_model='resnet50': expected a section",
+        "data.seed=-1",  # loaded fine but invalid: found by validate in the same message
+    ):
+        assert expected in text
+
+
+def test_yaml_syntax_error_names_file_and_line(tmp_path):
+    bad = tmp_path / "syntax.yaml"
+    bad.write_text("training:\n  batch_size: 3\n  num_epochs: [1, 2\n")
+    with pytest.raises(ConfigError, match=rf"{bad}:4:1: YAML syntax error: .*line 3"):
+        load_config("from_yaml", str(bad))
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_config("from_yaml", str(tmp_path / "missing.yaml"))
+
+
+def test_config_error_is_the_shared_user_error():
+    assert ConfigError is BaseConfigError
 
 
 def test_cli_with_bad_values_exits_fast_naming_every_field(tmp_path):
@@ -185,5 +293,9 @@ def test_cli_rejects_unknown_override_key(tmp_path):
          "--config.training.batchsize=4", f"--workdir={tmp_path}"],
         cwd=ROOT, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
-    assert proc.returncode != 0
-    assert "batchsize" in proc.stderr
+    assert proc.returncode == 2
+    assert (
+        "--config.training.batchsize: no such config field (did you mean training.batch_size?)"
+        in proc.stderr
+    )
+    assert "Traceback" not in proc.stderr

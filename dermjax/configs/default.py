@@ -13,6 +13,8 @@ Any field is overridable: --config.training.batch_size=64 --config.vision_model.
 
 from ml_collections import config_dict
 
+from dermjax.data.metadata import DERM1M_SOURCES
+
 _P = config_dict.placeholder
 
 
@@ -21,7 +23,6 @@ def _opt(value, field_type):
     return config_dict.FieldReference(value, field_type=field_type)
 
 
-DERM1M_SOURCES = ("IIYI", "edu", "note", "public", "pubmed", "reddit", "twitter", "youtube")
 QWEN_INSTRUCTION = (
     "Represent the patient's description and characteristics (including clinical details, age, "
     "sex, and symptoms) as a semantic embedding suitable for clinical classification. "
@@ -59,7 +60,7 @@ def get_config() -> config_dict.ConfigDict:
     d.test_size = 0.1  # fraction held out for test (stratified by label)
     d.val_size = _opt(
         0.1, float
-    )  # fraction of the whole held out for validation; None: no validation
+    )  # fraction of the whole held out for validation; None: none, the last epoch is kept
     d.img_size = (224, 224)  # image (height, width) fed to the backbone
     d.seed = 42  # seed for splits, shuffling, augmentation, init and masking
     d.on_bad_image = "skip"  # dermjax: skip (count, log, list in workdir) or error
@@ -79,7 +80,7 @@ def get_config() -> config_dict.ConfigDict:
     t.n_warmup_epochs = 3  # epochs with the whole backbone frozen (head only)
     t.compute_stats = False  # true: mean/std from training images; false: ImageNet statistics
     t.weighted_sampling = False  # sample inversely to class frequency (with replacement)
-    t.monitor = "val/accuracy"  # dermjax: metric for early stopping and best checkpoint
+    t.monitor = "val/accuracy"  # dermjax: early-stopping/best metric (unused when val_size is None)
     t.update_frozen_bn_stats = True  # dermjax: frozen BatchNorm layers still update statistics
     t.on_nonfinite = "error"  # dermjax: on a NaN/inf loss stop with an error, or skip the batch
     t.dtype = "float32"  # dermjax: compute dtype (bfloat16 = mixed precision, f32 params)

@@ -9,11 +9,7 @@ with the last backbone stage fine-tuned; validation each epoch; a final test eva
 Writes metrics.jsonl and summary.json to the workdir. Measured wall time and accuracy: README.md.
 """
 
-import pathlib
-import sys
-
-sys.path.insert(0, str(pathlib.Path(__file__).parent))
-import default
+from dermjax.configs import default
 
 
 def get_config():
