@@ -2,7 +2,7 @@
 
 The host pipeline hands over uint8 [B,H,W,3] batches that are already resized (and randomly
 cropped when `AugmentSpec.geometric`). `augment` does the rest of the original train transform
-(ORIGINAL_WORKFLOW.md §5) in the original order:
+in the original order:
 hflip -> vflip -> RandomRotation -> RandomAffine(degrees=0) -> ColorJitter -> RandomGrayscale
 -> ToTensor; `normalize` is the final Normalize.
 
@@ -53,28 +53,39 @@ class AugmentSpec:
     grayscale_prob: float | None = None
 
     @classmethod
-    def from_config(cls, aug_cfg: Any) -> AugmentSpec:
-        """Builds the spec from the `augmentation` section (dict or ConfigDict, original names)."""
+    def create(
+        cls,
+        *,
+        brightness_jitter: float | None = None,
+        contrast_jitter: float | None = None,
+        saturation_jitter: float | None = None,
+        hue_jitter: float | None = None,
+        rotation_degrees: float | None = None,
+        translate: tuple[float, float] | None = None,
+        scale: tuple[float, float] | None = None,
+        grayscale_prob: float | None = None,
+        horizontal_flip_prob: float | None = None,
+        vertical_flip_prob: float | None = None,
+    ) -> AugmentSpec:
+        """The spec from the `augmentation` config fields (keyword names are the field names)."""
 
-        def number(name: str) -> float | None:
-            value = aug_cfg.get(name)
+        def number(value: float | None) -> float | None:
             return None if value is None else float(value)
 
-        def pair(name: str) -> tuple[float, float] | None:
-            value = aug_cfg.get(name)
+        def pair(value: Any) -> tuple[float, float] | None:
             return None if value is None else (float(value[0]), float(value[1]))
 
         return cls(
-            horizontal_flip_prob=number("horizontal_flip_prob"),
-            vertical_flip_prob=number("vertical_flip_prob"),
-            rotation_degrees=number("rotation_degrees"),
-            translate=pair("translate"),
-            scale=pair("scale"),
-            brightness=number("brightness_jitter"),
-            contrast=number("contrast_jitter"),
-            saturation=number("saturation_jitter"),
-            hue=number("hue_jitter"),
-            grayscale_prob=number("grayscale_prob"),
+            horizontal_flip_prob=number(horizontal_flip_prob),
+            vertical_flip_prob=number(vertical_flip_prob),
+            rotation_degrees=number(rotation_degrees),
+            translate=pair(translate),
+            scale=pair(scale),
+            brightness=number(brightness_jitter),
+            contrast=number(contrast_jitter),
+            saturation=number(saturation_jitter),
+            hue=number(hue_jitter),
+            grayscale_prob=number(grayscale_prob),
         )
 
     @property

@@ -4,6 +4,8 @@ The parquet file has the original's columns `image_id` (str), `text_desc` (str o
 `embedding` (list<float>), one row per image. dermjax also stores the encoder's spec in the
 schema metadata so that a file made by another encoder is never silently mixed or overwritten.
 Missing text (NaN, "" or no embedding row) becomes the zero vector with `has_text` False.
+A file that cannot be used (unreadable, missing columns, mixed dimensions, NaN or inf values)
+raises `DataError` naming the file and some of the image_ids concerned.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from dermjax.data import fs
 from dermjax.data.metadata import (
     IMG_COL,
     IMG_ID_COL,
@@ -33,6 +36,7 @@ from dermjax.data.metadata import (
     require_columns,
     text_is_missing,
 )
+from dermjax.errors import DataError
 
 if TYPE_CHECKING:
     from dermjax.data.pipeline import Records
@@ -40,11 +44,13 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 EMBEDDING_COL = "embedding"
+SOURCE_ATTR = "source"  # df.attrs key: the file an embeddings frame was read from
+TEXT_POOLING = ("cls", "mean", "last_token")  # encoder.pooling_type of transformer encoders
 SPEC_KEY = b"dermjax.encoder"
 _TOKEN = re.compile(r"\w+")
 
 
-class EncoderMismatchError(ValueError):
+class EncoderMismatchError(DataError):
     """An embeddings file was made by a different encoder than the one configured."""
 
 
@@ -152,25 +158,37 @@ def write_embeddings(
     )
     if encoder_spec is not None:
         table = table.replace_schema_metadata({SPEC_KEY: json.dumps(encoder_spec, sort_keys=True)})
-    fs, fs_path = fsspec.core.url_to_fs(str(path), **(storage_options or {}))
-    fs.makedirs(os.path.dirname(fs_path) or ".", exist_ok=True)
+    target, fs_path = fsspec.core.url_to_fs(str(path), **(storage_options or {}))
+    target.makedirs(os.path.dirname(fs_path) or ".", exist_ok=True)
     tmp = f"{fs_path}.tmp-{os.getpid()}"
-    with fs.open(tmp, "wb") as f:
+    with target.open(tmp, "wb") as f:
         pq.write_table(table, f)
-    fs.mv(tmp, fs_path)
+    target.mv(tmp, fs_path)
 
 
 def read_embeddings(path: str, storage_options: dict | None = None) -> pd.DataFrame:
     """Reads an embeddings parquet; `embedding` cells become float32 arrays (None if null).
 
     The encoder spec stored by dermjax (None for files made elsewhere) is in
-    `df.attrs["encoder_spec"]`.
+    `df.attrs["encoder_spec"]`, the path in `df.attrs["source"]`. A missing file raises
+    FileNotFoundError; one that is not parquet or lacks a column raises DataError.
     """
-    with fsspec.open(str(path), "rb", **(storage_options or {})) as f:
-        table = pq.read_table(f)
+    fs.check_credentials(str(path), storage_options)
+    try:
+        with fsspec.open(str(path), "rb", **(storage_options or {})) as f:
+            table = pq.read_table(f)
+    except FileNotFoundError:
+        raise
+    except (pa.ArrowException, OSError) as e:
+        raise DataError(
+            f"embeddings file {path} cannot be read as parquet ({type(e).__name__}: {e}); "
+            "regenerate it or point data.embeddings_path at another file"
+        ) from e
     missing = [c for c in (IMG_ID_COL, EMBEDDING_COL) if c not in table.column_names]
     if missing:
-        raise ValueError(f"embeddings file {path} lacks column(s) {missing}")
+        raise DataError(
+            f"embeddings file {path} lacks column(s) {missing}; columns found: {table.column_names}"
+        )
     df = table.drop_columns([EMBEDDING_COL]).to_pandas()
     column = table.column(EMBEDDING_COL).combine_chunks()
     if pa.types.is_string(column.type):
@@ -182,6 +200,7 @@ def read_embeddings(path: str, storage_options: dict | None = None) -> pd.DataFr
         df[TEXT_DESC_COL] = None
     spec = (table.schema.metadata or {}).get(SPEC_KEY)
     df.attrs["encoder_spec"] = None if spec is None else json.loads(spec)
+    df.attrs[SOURCE_ATTR] = str(path)
     return df
 
 
@@ -223,12 +242,14 @@ def ensure_embeddings(
     request = metadata_df.drop_duplicates(IMG_ID_COL)
     if path is None:
         return encode_frame(request, encoder)
+    fs.check_credentials(str(path), storage_options)
     spec = _canonical_spec(encoder.spec)
-    fs, fs_path = fsspec.core.url_to_fs(str(path), **(storage_options or {}))
-    if not fs.exists(fs_path):
+    target, fs_path = fsspec.core.url_to_fs(str(path), **(storage_options or {}))
+    if not target.exists(fs_path):
         log.info("embeddings: encoding %d rows into new file %s", len(request), path)
         result = encode_frame(request, encoder)
         write_embeddings(result, path, encoder_spec=spec, storage_options=storage_options)
+        result.attrs[SOURCE_ATTR] = str(path)
         return result
 
     existing = read_embeddings(path, storage_options)
@@ -254,6 +275,7 @@ def ensure_embeddings(
     kept = existing[~existing[IMG_ID_COL].astype(str).isin(stale)]
     result = pd.concat([kept, fresh], ignore_index=True)
     write_embeddings(result, path, encoder_spec=spec, storage_options=storage_options)
+    result.attrs[SOURCE_ATTR] = str(path)
     return result
 
 
@@ -263,22 +285,33 @@ def join_text(
     """Text vectors for each metadata row, joined 1:1 on image_id -> (float32[N, D], bool[N]).
 
     Rows whose text is NaN or "" or that have no embedding get zeros and has_text False.
-    D is `dim` or the length of the first non-null embedding. NaN embeddings raise.
+    D is `dim` or the length of the first non-null embedding. Embeddings of another length, or
+    with NaN or inf values, raise DataError naming the file (`emb_df.attrs["source"]`).
     """
     require_columns(metadata_df, [IMG_ID_COL, TEXT_DESC_COL], "joining text embeddings")
-    for name, frame in (("metadata", metadata_df), ("embeddings", emb_df)):
+    source = emb_df.attrs.get(SOURCE_ATTR) or "the text embeddings"
+    for name, frame in (("metadata", metadata_df), (source, emb_df)):
         duplicated = frame[IMG_ID_COL][frame[IMG_ID_COL].duplicated()]
         if not duplicated.empty:
-            raise ValueError(
-                f"{name} image_id must be unique for the 1:1 join; repeated: {duplicated.unique()[:5].tolist()}"
+            raise DataError(
+                f"{name}: image_id must be unique for the 1:1 join; repeated: "
+                f"{duplicated.unique()[:5].tolist()}"
             )
     vectors = [_as_vector(v) for v in emb_df[EMBEDDING_COL]]
+    emb_ids = emb_df[IMG_ID_COL].astype(str).tolist()
     if dim is None:
         dim = next((len(v) for v in vectors if v is not None), None)
         if dim is None:
-            raise ValueError("no embedding to take the text dimension from; pass dim")
+            raise DataError(f"{source} holds no embedding to take the text dimension from")
+    odd = [i for i, v in zip(emb_ids, vectors, strict=True) if v is not None and v.shape != (dim,)]
+    if odd:
+        shapes = sorted({v.shape for v in vectors if v is not None})
+        raise DataError(
+            f"{source}: embeddings of mixed dimensions {shapes}; {len(odd)} differ from {dim}, "
+            f"e.g. image_id(s) {odd[:5]}; recompute the file with one encoder"
+        )
     ids = metadata_df[IMG_ID_COL].astype(str)
-    position = pd.Index(emb_df[IMG_ID_COL].astype(str)).get_indexer(ids)
+    position = pd.Index(emb_ids).get_indexer(ids)
     texted = ~text_is_missing(metadata_df[TEXT_DESC_COL]).to_numpy()
     has_text = texted & (position >= 0)
     has_text[has_text] = [vectors[p] is not None for p in position[has_text]]
@@ -287,10 +320,11 @@ def join_text(
     text = np.zeros((len(metadata_df), dim), np.float32)
     if has_text.any():
         text[has_text] = np.stack([vectors[p] for p in position[has_text]])
-    bad = np.isnan(text).any(axis=1)
+    bad = ~np.isfinite(text).all(axis=1)
     if bad.any():
-        raise ValueError(
-            f"NaN text embeddings for image_id(s) {ids[bad].tolist()[:5]} ({int(bad.sum())} rows)"
+        raise DataError(
+            f"{source}: NaN or inf text embeddings for image_id(s) {ids[bad].tolist()[:5]} "
+            f"({int(bad.sum())} rows); recompute them or drop those rows"
         )
     return text, has_text
 

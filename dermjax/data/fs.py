@@ -4,17 +4,74 @@ The filesystems live in a module-level cache keyed by process id, so they are ne
 grain workers (each spawned worker builds its own on first use) and never shared across a fork.
 gcsfs reads its settings from the environment (`STORAGE_EMULATOR_HOST`, `FSSPEC_GCS_TOKEN`); set
 `GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT=false` before gcsfs is imported when talking to an emulator.
+
+gs:// paths are refused at once, with a hint, when no credentials can be found: gcsfs would
+otherwise fall back to anonymous access and retry the refused requests for about a minute.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import IO
 
 import fsspec
 from fsspec.utils import get_protocol
 
+from dermjax.errors import DataError
+
 _FILESYSTEMS: dict[tuple[int, str], fsspec.AbstractFileSystem] = {}
+GCS_PROTOCOLS = ("gs", "gcs")
+_LOGIN_HINT = (
+    "run `gcloud auth application-default login`, or set GOOGLE_APPLICATION_CREDENTIALS to a "
+    "service-account key file (FSSPEC_GCS_TOKEN=anon for a public bucket)"
+)
+
+
+@functools.cache
+def _on_google_cloud() -> bool:
+    """Whether this machine gets credentials from a Google Cloud metadata server (no network)."""
+    if any(os.environ.get(v) for v in ("GCE_METADATA_HOST", "GCE_METADATA_IP", "K_SERVICE")):
+        return True
+    try:
+        with open("/sys/class/dmi/id/product_name") as f:
+            return "Google" in f.read()
+    except OSError:
+        return False
+
+
+def _gcloud_credentials_file() -> str:
+    """Where `gcloud auth application-default login` stores the user's credentials."""
+    config = os.environ.get("CLOUDSDK_CONFIG")
+    if not config:
+        base = os.environ.get("APPDATA") if os.name == "nt" else None
+        config = os.path.join(base, "gcloud") if base else os.path.expanduser("~/.config/gcloud")
+    return os.path.join(config, "application_default_credentials.json")
+
+
+def check_credentials(path: str, storage_options: dict | None = None) -> None:
+    """Raises DataError for a gs:// `path` when no Google Cloud credentials can be found.
+
+    Accepted without a network call: an explicit token (`storage_options["token"]` or
+    FSSPEC_GCS_TOKEN, "anon" included), an emulator (STORAGE_EMULATOR_HOST), an existing
+    GOOGLE_APPLICATION_CREDENTIALS file, gcloud's application-default credentials, or a
+    Google Cloud machine with a metadata server. Other paths are not checked.
+    """
+    if get_protocol(str(path)) not in GCS_PROTOCOLS:
+        return
+    token = (storage_options or {}).get("token") or os.environ.get("FSSPEC_GCS_TOKEN")
+    if token or os.environ.get("STORAGE_EMULATOR_HOST"):
+        return
+    key = os.environ.get("GOOGLE_APPLICATION_CREDENTIALS")
+    if key:
+        if os.path.exists(key):
+            return
+        raise DataError(
+            f"cannot read {path}: GOOGLE_APPLICATION_CREDENTIALS={key} does not exist; {_LOGIN_HINT}"
+        )
+    if os.path.exists(_gcloud_credentials_file()) or _on_google_cloud():
+        return
+    raise DataError(f"cannot read {path}: no Google Cloud credentials found; {_LOGIN_HINT}")
 
 
 def is_local(path: str) -> bool:
@@ -24,6 +81,7 @@ def is_local(path: str) -> bool:
 
 def filesystem(path: str) -> fsspec.AbstractFileSystem:
     """The filesystem serving `path`, created once per protocol in this process."""
+    check_credentials(path)
     key = (os.getpid(), get_protocol(path))
     fs = _FILESYSTEMS.get(key)
     if fs is None:

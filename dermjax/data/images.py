@@ -11,6 +11,10 @@ Resizing is PIL bilinear (always antialiased), which is what torchvision does fo
 JPEGs are decoded at reduced size first (`Image.draft`: DCT scaling by 1/2, 1/4 or 1/8 while
 staying at least as large as the resize target), which is several times faster on photo-sized
 files and changes pixels by about one grey level. Unlike the original, EXIF orientation is applied.
+
+Every PIL mode becomes 8-bit RGB by value, not by clipping (see `to_rgb`): 16-bit greyscale is
+scaled by 1/257, alpha is dropped after un-premultiplying, palettes and colour spaces are
+converted.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from PIL import Image
 SHORTER = "shorter"
 EXACT = "exact"
 RULES = (SHORTER, EXACT)
+BAD_IMAGE_POLICIES = ("skip", "error")  # data.on_bad_image: skip (mask, count, log) or error
 
 _ORIENTATION_TAG = 0x0112
 _TRANSPOSE = {
@@ -47,6 +52,39 @@ class BadImageError(Exception):
 
     def __str__(self) -> str:
         return f"bad image {self.path}: {self.reason}"
+
+
+def _grey(values: np.ndarray) -> Image.Image:
+    return Image.fromarray(np.repeat(values.astype(np.uint8)[..., None], 3, axis=-1), "RGB")
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """`img` as 8-bit RGB with every mode PIL opens mapped by value.
+
+    * I;16, I;16B, I;16L, I;16N and I (16-bit greyscale, as 16-bit PNGs and TIFFs open): each
+      value v, clipped to [0, 65535], becomes round(v / 257), so 65535 is white and 257 is 1.
+      PIL's own `convert` clips these at 255 instead, which turns almost every pixel white.
+    * F (32-bit float): values in [0, 1] when the image's maximum is at most 1, else in [0, 255];
+      round(v * 255) or round(v), clipped, NaN as 0.
+    * LA, La, PA, RGBA, RGBa, and P with a transparent colour: the colour (un-premultiplied for
+      La and RGBa), alpha dropped.
+    * 1, L, P, CMYK, YCbCr, LAB, HSV and others: PIL's conversion to RGB.
+    """
+    mode = img.mode
+    if mode == "RGB":
+        return img
+    if mode == "I" or mode.startswith("I;16"):
+        v = np.clip(np.asarray(img).astype(np.int64), 0, 65535)
+        return _grey((2 * v + 257) // 514)  # round(v / 257); never a tie since 257 is odd
+    if mode == "F":
+        v = np.nan_to_num(np.asarray(img, dtype=np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+        scale = 255.0 if v.size and v.max() <= 1.0 else 1.0
+        return _grey(np.clip(np.rint(v * scale), 0, 255))
+    if mode == "La":
+        img = img.convert("LA")
+    if mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    return img.convert("RGB")
 
 
 def train_rule(geometric: bool) -> str:
@@ -100,10 +138,7 @@ def decode(
         if box is None:
             box = (0, 0, full_w, full_h)
         img.load()
-        if img.mode == "P" and "transparency" in img.info:
-            img = img.convert("RGBA")
-        if img.mode != "RGB":
-            img = img.convert("RGB")
+        img = to_rgb(img)
         if img.size != stored_wh or box != (0, 0, *img.size):
             img = img.resize(stored_wh, Image.Resampling.BILINEAR, box=box)
         if orientation != 1:

@@ -1,20 +1,26 @@
 """Metadata CSV: the original ml_workflow's filters, stratified splits, class list and weights.
 
-Every rule here reproduces `utils.load_metadata`, `utils.stratified_split` and the class handling
-of `create_dataloaders` (docs: ORIGINAL_WORKFLOW.md §3-4), except the original's crashes on
-`datasets=None` / `derm1m_sources=None`, which here mean "all". Splits call sklearn's
+Every rule here reproduces the original's metadata loading, stratified splitting and class
+handling (classes sorted over the filtered metadata, raw 1/count weights), except the original's
+crashes on `datasets=None` / `derm1m_sources=None`, which here mean "all". Splits call sklearn's
 `train_test_split` exactly as the original does, so a given seed selects the same rows.
+Problems the user can fix (missing columns, filters or splits that leave too little data) raise
+`DataError` naming the file or config field.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Iterable, Sequence
 
 import fsspec
 import numpy as np
 import pandas as pd
 from sklearn.model_selection import train_test_split
+
+from dermjax.data import fs
+from dermjax.errors import DataError
 
 log = logging.getLogger(__name__)
 
@@ -27,20 +33,34 @@ ORIG_FILENAME_COL = "orig_filename"
 
 DATA_FRACTION_SEED = 42  # hard-coded in the original, independent of data.seed
 DERM1M = "derm1m"
+DATASETS = ("fitzpatrick17k", "ddi", "isic", "derm1m", "scin")  # values of the dataset column
 DERM1M_SOURCES = ("IIYI", "edu", "note", "public", "pubmed", "reddit", "twitter", "youtube")
 
 
 def read_metadata_csv(path: str, storage_options: dict | None = None) -> pd.DataFrame:
     """Reads the harmonized CSV from a local path or any fsspec URL (e.g. gs://)."""
-    with fsspec.open(str(path), "rb", **(storage_options or {})) as f:
-        return pd.read_csv(f, low_memory=False)
+    fs.check_credentials(str(path), storage_options)
+    try:
+        with fsspec.open(str(path), "rb", **(storage_options or {})) as f:
+            return pd.read_csv(f, low_memory=False)
+    except FileNotFoundError as e:
+        raise DataError(
+            f"metadata CSV {path} does not exist; set data.metadata_path (or data.dataset and "
+            "data.local_root) to an existing file"
+        ) from e
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
+        raise DataError(f"metadata CSV {path} cannot be parsed as CSV ({e}); fix the file") from e
 
 
-def require_columns(df: pd.DataFrame, columns: Iterable[str], why: str) -> None:
+def require_columns(
+    df: pd.DataFrame, columns: Iterable[str], why: str, source: str = "metadata"
+) -> None:
+    """Raises DataError naming `source`, the missing columns and the columns it has."""
     missing = [c for c in columns if c not in df.columns]
     if missing:
-        raise ValueError(
-            f"metadata is missing column(s) {missing} needed for {why}; it has {list(df.columns)}"
+        raise DataError(
+            f"{source} lacks column(s) {missing} needed for {why}; "
+            f"columns found: {list(map(str, df.columns))}"
         )
 
 
@@ -74,7 +94,7 @@ def _drop_rare_labels(df: pd.DataFrame, context: str) -> pd.DataFrame:
 
 
 def load_metadata(
-    source: str | pd.DataFrame,
+    data: str | pd.DataFrame,
     *,
     min_samples_per_label: int | None = None,
     datasets: Sequence[str] | None = None,
@@ -82,21 +102,25 @@ def load_metadata(
     has_text: bool | None = None,
     data_fraction: float | None = None,
     storage_options: dict | None = None,
+    source: str | None = None,
+    min_classes: int = 2,
 ) -> pd.DataFrame:
-    """Loads and filters metadata in the original's order.
+    """Loads and filters metadata (a CSV path or a DataFrame) in the original's order.
 
     1. min_samples_per_label, counted over the whole CSV before any other filter;
     2. datasets (None: all); 3. has_text (True: text present, False: NaN or "", None: all);
     4. derm1m sources, the first path component of orig_filename, when derm1m is selected
        (None: all sources); 5. data_fraction in (0, 1): stratified subsample with seed 42.
     Row order is kept as the original leaves it, since the later splits depend on it.
+    `source` names the CSV in errors (default: `data` when it is a path). Raises DataError
+    when columns are missing or the filters leave fewer than `min_classes` classes (a
+    classifier needs 2).
     """
-    df = (
-        source.copy()
-        if isinstance(source, pd.DataFrame)
-        else read_metadata_csv(source, storage_options)
-    )
-    require_columns(df, [IMG_ID_COL, IMG_COL, LABEL_COL], "every run")
+    if isinstance(data, pd.DataFrame):
+        df, source = data.copy(), source or "metadata"
+    else:
+        df, source = read_metadata_csv(data, storage_options), source or str(data)
+    require_columns(df, [IMG_ID_COL, IMG_COL, LABEL_COL], "every run", source)
     log.info("metadata: %d rows, %d labels", len(df), df[LABEL_COL].nunique())
 
     if min_samples_per_label is not None:
@@ -112,26 +136,36 @@ def load_metadata(
 
     selected = None if datasets is None else _as_list(datasets, "datasets")
     if selected is not None:
-        require_columns(df, [DATASET_COL], "the datasets filter")
+        require_columns(df, [DATASET_COL], "the data.datasets filter", source)
         df = df[df[DATASET_COL].isin(selected)]
         log.info("datasets=%s: %d rows", selected, len(df))
 
     if has_text is not None:
-        require_columns(df, [TEXT_DESC_COL], "the has_text filter")
+        require_columns(df, [TEXT_DESC_COL], "the data.has_text filter", source)
         missing = text_is_missing(df[TEXT_DESC_COL])
         df = df[~missing] if has_text else df[missing]
         log.info("has_text=%s: %d rows", has_text, len(df))
 
     if derm1m_sources is not None and (selected is None or DERM1M in selected):
         sources = _as_list(derm1m_sources, "derm1m_sources")
-        require_columns(df, [DATASET_COL, ORIG_FILENAME_COL], "the derm1m_sources filter")
+        require_columns(
+            df, [DATASET_COL, ORIG_FILENAME_COL], "the data.derm1m_sources filter", source
+        )
         source_of_row = df[ORIG_FILENAME_COL].astype("string").str.split("/").str[0]
         df = df[(df[DATASET_COL] != DERM1M) | source_of_row.isin(sources)]
         log.info("derm1m_sources=%s: %d rows", sources, len(df))
 
+    filters = {
+        "data.min_samples_per_label": min_samples_per_label,
+        "data.datasets": datasets,
+        "data.derm1m_sources": derm1m_sources,
+        "data.has_text": has_text,
+    }
     if data_fraction is not None:
         if 0 < data_fraction < 1:
             df = _drop_rare_labels(df, "data_fraction")
+            filters["data.data_fraction"] = data_fraction
+            check_classes(df, source, filters, min_classes)
             df, _ = train_test_split(
                 df,
                 train_size=data_fraction,
@@ -142,8 +176,23 @@ def load_metadata(
         elif data_fraction != 1:
             log.warning("data_fraction=%g is outside (0, 1]; ignored", data_fraction)
 
+    check_classes(df, source, filters, min_classes)
     log.info("metadata after filters: %d rows, %d labels", len(df), df[LABEL_COL].nunique())
     return df
+
+
+def check_classes(
+    df: pd.DataFrame, source: str, filters: dict[str, object], min_classes: int = 2
+) -> None:
+    """Raises DataError if `df` has fewer than `min_classes` labels, naming the filters set."""
+    classes = df[LABEL_COL].nunique() if len(df) else 0
+    if classes >= min_classes:
+        return
+    applied = ", ".join(f"{k}={v!r}" for k, v in filters.items() if v is not None) or "none"
+    raise DataError(
+        f"{source}: {len(df)} row(s) and {classes} class(es) left after the filters ({applied}); "
+        f"at least {min_classes} classes are needed: relax these filters"
+    )
 
 
 def stratified_split(
@@ -157,6 +206,7 @@ def stratified_split(
     """
     require_columns(df, [LABEL_COL], "stratified splitting")
     df = _drop_rare_labels(df, "split (before test)")
+    _check_split_size(len(df), df[LABEL_COL].nunique(), test_size, 1.0, "data.test_size", "test")
     train, test = train_test_split(
         df, test_size=test_size, stratify=df[LABEL_COL], random_state=seed
     )
@@ -165,11 +215,37 @@ def stratified_split(
         return train, None, test
     adjusted = val_size / (1 - test_size)
     train = _drop_rare_labels(train, "split (train part, before val)")
+    n, k = len(train), train[LABEL_COL].nunique()
+    _check_split_size(n, k, adjusted, 1 - test_size, "data.val_size", "validation")
     train, val = train_test_split(
         train, test_size=adjusted, stratify=train[LABEL_COL], random_state=seed
     )
     log.info("split: train %d, val %d, test %d", len(train), len(val), len(test))
     return train, val, test
+
+
+def _check_split_size(n: int, k: int, fraction: float, scale: float, field: str, name: str) -> None:
+    """DataError unless sklearn's stratified split of `n` rows and `k` classes can be made.
+
+    sklearn takes ceil(fraction * n) rows for the split and needs at least one row per class on
+    both sides. `fraction * scale` is the config value; the suggestion is in those units. Every
+    class has 2 or more rows here (rarer ones are dropped first), so some fraction always works.
+    """
+    if k == 0:
+        raise DataError(
+            f"no class has the 2 rows a stratified {name} split needs ({field}); "
+            f"use more data, a smaller data.test_size, or {field}=None"
+        )
+    taken = math.ceil(fraction * n)
+    if taken >= k and n - taken >= k:
+        return
+    side = f"the {name} split" if taken < k else "the rest"
+    low = math.ceil(k / n * scale * 1000) / 1000
+    high = math.floor((n - k) / n * scale * 1000) / 1000
+    raise DataError(
+        f"{field}={round(fraction * scale, 6)} takes {taken} of {n} rows for the {name} split, "
+        f"leaving {side} with fewer rows than the {k} classes; use {field} between {low} and {high}"
+    )
 
 
 def class_list(df: pd.DataFrame) -> list[str]:

@@ -12,20 +12,37 @@ the main process after `mp_prefetch`.
 Multi-host: `batch_size` is the global batch; process `shard_index` of `shard_count` loads its
 contiguous `batch_size // shard_count` slice of every global batch, so the global batches are the
 same as on one host.
+
+Closing. Close every iterator taken from a loader with `close_iterator(it)` (or all of them with
+`loader.close()`) when done: it stops the grain workers and releases their shared memory before
+the interpreter exits. Iterators still open at exit are closed by an `atexit` hook, and each
+worker kills itself as soon as the process that started it is gone, even after a SIGKILL.
 """
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import dataclasses
+import functools
+import gc
 import logging
 import os
+import select
+import signal
+import threading
+import time
+import weakref
 from collections.abc import Iterator
+from typing import Any
 
 import grain
+import grain.multiprocessing
 import numpy as np
 
 from dermjax.data import fs, images
 from dermjax.data.cache import Cache, CacheReader
+from dermjax.errors import DataError
 
 _SHUFFLE_STREAM, _CROP_STREAM = 0, 1
 
@@ -55,26 +72,119 @@ class Records:
         return len(self.paths)
 
 
+_OPEN_ITERATORS: weakref.WeakSet = weakref.WeakSet()  # of every loader, until closed
+
+
+class LoaderIterator(grain.DatasetIterator):
+    """A loader's iterator: grain's iterator (checkpointable) with a `close()` that cleans up.
+
+    `close()` stops the grain workers, waits until the shared memory of the batches in flight is
+    freed and drops the pipeline, so nothing of it is left for the interpreter's exit. Call it
+    when done (also after an error); calling it again does nothing, and an exhausted iterator
+    (an eval pass) closes itself. Without it the exit races grain's own cleanup: "leaked
+    shared_memory objects" warnings and `__del__` tracebacks.
+    """
+
+    def __init__(self, inner: grain.DatasetIterator):
+        super().__init__()  # no parents: this object holds the only reference to `inner`
+        self._inner: grain.DatasetIterator | None = inner
+        _OPEN_ITERATORS.add(self)
+
+    def _live(self) -> grain.DatasetIterator:
+        if self._inner is None:
+            raise ValueError("this loader iterator was closed")
+        return self._inner
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        try:
+            return next(self._live())
+        except StopIteration:  # an eval pass is over: nothing more to keep running
+            self.close()
+            raise
+
+    def get_state(self) -> dict[str, Any]:
+        return self._live().get_state()
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self._live().set_state(state)
+
+    def start_prefetch(self) -> None:
+        self._live().start_prefetch()
+
+    def close(self) -> None:
+        if self._inner is None:
+            return
+        inner, self._inner, self._closed = self._inner, None, True
+        _OPEN_ITERATORS.discard(self)
+        inner.close()
+        del inner
+        _release_shared_memory()
+
+
 @dataclasses.dataclass
 class Loader:
-    """An iterable of batches; `iter(loader)` gives a grain iterator (checkpointable, closeable).
+    """An iterable of batches of one split; `iter(loader)` gives a `LoaderIterator`.
 
     Train loaders are infinite and `steps_per_epoch` batches make one epoch; eval loaders stop
-    after `steps_per_epoch` batches. `bad_images` counts samples masked as bad images in batches
-    delivered so far by this loader's iterators (main-process count).
+    after `steps_per_epoch` batches. `bad_images` counts the samples masked as bad images in the
+    batches this loader's iterators delivered so far (for an eval loader after one pass: the
+    split's unreadable images). Close each iterator when done (`it.close()`), or all of them
+    with `loader.close()`.
     """
 
     dataset: grain.IterDataset
     steps_per_epoch: int
     batch_size: int
+    split: str
     counter: _BadImageCounter
+    iterators: weakref.WeakSet = dataclasses.field(default_factory=weakref.WeakSet)
 
-    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
-        return iter(self.dataset)
+    def __iter__(self) -> LoaderIterator:
+        it = LoaderIterator(iter(self.dataset))
+        self.iterators.add(it)
+        return it
 
     @property
     def bad_images(self) -> int:
         return self.counter.count
+
+    def close(self) -> None:
+        """Closes every iterator of this loader; safe to call again."""
+        for it in list(self.iterators):
+            it.close()
+
+    def __enter__(self) -> Loader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def close_iterator(iterator: Iterator | None) -> None:
+    """`iterator.close()` for a loader's iterator (see `LoaderIterator`); None is ignored."""
+    if iterator is not None:
+        iterator.close()
+
+
+def _release_shared_memory() -> None:
+    """Waits until grain has unlinked the shared memory of the batches it dropped.
+
+    grain frees a batch's shared memory in a one-thread pool when the batch is garbage
+    collected; a task queued after them finishes last, so waiting for it waits for them all.
+    """
+    pool = getattr(grain.multiprocessing.SharedMemoryArray, "_del_thread_pool", None)
+    if pool is not None:
+        with contextlib.suppress(ValueError):  # the pool was already shut down
+            pool.apply_async(int).wait(timeout=10)
+
+
+@atexit.register
+def _close_open_iterators() -> None:
+    """Closes the iterators still open at exit, before multiprocessing's own exit handlers."""
+    for it in list(_OPEN_ITERATORS):
+        it.close()
+    gc.collect()  # pipelines kept alive only by reference cycles close while modules still exist
+    _release_shared_memory()
 
 
 class _BadImageCounter:
@@ -83,28 +193,31 @@ class _BadImageCounter:
 
 
 class _BadImageLog:
-    """Warns once per bad file and appends it to a local log file (one line per file)."""
+    """Warns once per bad file and appends `split<TAB>path<TAB>reason` lines to a local file."""
 
-    def __init__(self, path: str | None):
-        self.path = path
+    def __init__(self, path: str | None, split: str):
+        self.path, self.split = path, split
         self.seen: set[str] = set()
 
     def __getstate__(self) -> dict:
-        return {"path": self.path, "seen": set()}
+        return {"path": self.path, "split": self.split, "seen": set()}
 
     def report(self, err: images.BadImageError) -> None:
         if err.path in self.seen:
             return
         if self.path and os.path.exists(self.path):  # other workers may have logged it already
             with open(self.path) as f:
-                self.seen.update(line.split("\t", 1)[0] for line in f.read().splitlines())
+                for line in f.read().splitlines():
+                    split, path = [*line.split("\t"), "", ""][:2]
+                    if split == self.split:
+                        self.seen.add(path)
             if err.path in self.seen:
                 return
         self.seen.add(err.path)
-        logging.warning("skipping %s", err)
+        logging.warning("skipping %s (%s split)", err, self.split)
         if self.path:
             with open(self.path, "a") as f:
-                f.write(f"{err.path}\t{err.reason}\n")
+                f.write(f"{self.split}\t{err.path}\t{err.reason}\n")
 
 
 class _BatchMaker:
@@ -113,8 +226,10 @@ class _BatchMaker:
     def __init__(
         self, records: Records, img_size, rule, crop, seed, on_bad_image, log, cache, draft
     ):
-        if on_bad_image not in ("skip", "error"):
-            raise ValueError(f"on_bad_image must be 'skip' or 'error', got {on_bad_image!r}")
+        if on_bad_image not in images.BAD_IMAGE_POLICIES:
+            raise ValueError(
+                f"on_bad_image must be one of {images.BAD_IMAGE_POLICIES}, got {on_bad_image!r}"
+            )
         self.paths, self.labels = records.paths, records.labels
         self.img_size = (int(img_size[0]), int(img_size[1]))
         self.rule, self.crop, self.seed = rule, crop, seed
@@ -213,12 +328,17 @@ class _EvalBatch:
 
 
 class _AddText:
-    """Main process: gather text by index (zeros for padding) and count bad images."""
+    """Main process: gather text by index (zeros for padding) and count bad images.
+
+    Fields that arrive in grain's shared memory are copied into ordinary arrays, so that a batch
+    kept by the caller never holds shared memory (which only grain's own cleanup can free).
+    """
 
     def __init__(self, records: Records, counter: _BadImageCounter):
         self.text, self.has_text, self.counter = records.text, records.has_text, counter
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        batch = {k: np.array(v) if type(v) is not np.ndarray else v for k, v in batch.items()}
         index = batch["index"]
         real = index >= 0
         rows = np.maximum(index, 0)
@@ -227,11 +347,40 @@ class _AddText:
         return {**batch, "text": text, "has_text": self.has_text[rows] & real}
 
 
-def _worker_init(worker_index: int, worker_count: int) -> None:
-    """Keep accidental jax use in workers off the accelerator (grain#820)."""
+def _worker_init(worker_index: int, worker_count: int, *, parent_pid: int) -> None:
+    """Runs first in each grain worker: no accelerator for it, and death with its parent.
+
+    JAX imported by accident in a worker must not take the accelerator. A worker whose parent
+    died without closing it (SIGKILL, OOM kill) would otherwise live on holding its memory, and
+    keep multiprocessing's resource tracker alive with it.
+    """
     del worker_index, worker_count
     os.environ["JAX_PLATFORMS"] = "cpu"
     os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    _die_with(parent_pid)
+
+
+def _die_with(parent_pid: int) -> None:
+    """Kills this process as soon as process `parent_pid` ends (a daemon thread waits for it).
+
+    `prctl(PR_SET_PDEATHSIG)` would fire when the *thread* that started the worker ends, and
+    grain starts workers from prefetch threads that it replaces on `set_state` (every resume).
+    A pidfd (Linux 5.3+) wakes the thread when the parent exits; elsewhere it polls getppid.
+    """
+    if os.getppid() != parent_pid:  # the parent is already gone
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    def wait_for_parent() -> None:
+        try:
+            fd = os.pidfd_open(parent_pid)
+        except (AttributeError, OSError):
+            while os.getppid() == parent_pid:
+                time.sleep(0.5)
+        else:
+            select.select([fd], [], [])
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    threading.Thread(target=wait_for_parent, name="dermjax-parent-watch", daemon=True).start()
 
 
 def _local_batch(batch_size: int, shard_index: int, shard_count: int) -> int:
@@ -244,7 +393,7 @@ def _local_batch(batch_size: int, shard_index: int, shard_count: int) -> int:
     return batch_size // shard_count
 
 
-def _finish(ds, records, steps, local, num_workers, prefetch_factor, read_threads) -> Loader:
+def _finish(ds, records, split, steps, local, num_workers, prefetch_factor, read_threads) -> Loader:
     counter = _BadImageCounter()
     buffer = max(1, prefetch_factor)
     it_ds = ds.to_iter_dataset(
@@ -254,8 +403,9 @@ def _finish(ds, records, steps, local, num_workers, prefetch_factor, read_thread
         options = grain.MultiprocessingOptions(
             num_workers=num_workers, per_worker_buffer_size=buffer
         )
-        it_ds = it_ds.mp_prefetch(options, worker_init_fn=_worker_init)
-    return Loader(it_ds.map(_AddText(records, counter)), steps, local, counter)
+        init = functools.partial(_worker_init, parent_pid=os.getpid())
+        it_ds = it_ds.mp_prefetch(options, worker_init_fn=init)
+    return Loader(it_ds.map(_AddText(records, counter)), steps, local, split, counter)
 
 
 def train_loader(
@@ -266,6 +416,7 @@ def train_loader(
     geometric: bool,
     seed: int,
     weighted_sampling: bool = False,
+    split: str = "train",
     num_workers: int = 0,
     prefetch_factor: int = 2,
     on_bad_image: str = "skip",
@@ -282,22 +433,24 @@ def train_loader(
     `weighted_sampling`, `len(records)` draws with replacement with probability proportional to
     1 / count(label). The last partial batch of every epoch is dropped. `geometric` selects the
     shorter-side resize + random crop (see images.py). `read_threads` batches are loaded
-    concurrently per process; `draft=False` decodes JPEGs at full size.
+    concurrently per process; `draft=False` decodes JPEGs at full size. `split` names the
+    records in warnings and in the `bad_image_log` lines (`split<TAB>path<TAB>reason`).
     """
     local = _local_batch(batch_size, shard_index, shard_count)
     steps = len(records) // batch_size
     if steps == 0:
-        raise ValueError(
-            f"the train split has {len(records)} samples, fewer than batch_size={batch_size}"
+        raise DataError(
+            f"the {split} split has {len(records)} samples, fewer than one batch "
+            f"(training.batch_size={batch_size}); lower training.batch_size or use more data"
         )
     rule = images.train_rule(geometric)
-    log = _BadImageLog(bad_image_log)
+    log = _BadImageLog(bad_image_log, split)
     maker = _BatchMaker(records, img_size, rule, geometric, seed, on_bad_image, log, cache, draft)
     fn = _TrainBatch(
         maker, records.labels, steps, batch_size, local, shard_index, weighted_sampling
     )
     ds = grain.MapDataset.range(steps).repeat(None).map_with_index(fn)
-    return _finish(ds, records, steps, local, num_workers, prefetch_factor, read_threads)
+    return _finish(ds, records, split, steps, local, num_workers, prefetch_factor, read_threads)
 
 
 def eval_loader(
@@ -305,6 +458,7 @@ def eval_loader(
     *,
     batch_size: int,
     img_size: tuple[int, int],
+    split: str,
     num_workers: int = 0,
     prefetch_factor: int = 2,
     on_bad_image: str = "skip",
@@ -318,11 +472,12 @@ def eval_loader(
     """One pass over `records` in order, exact H x W resize; each `iter()` starts a new pass.
 
     The last batch is padded to full size with zero images, `valid=False` and `index=-1`.
+    `split` ("val", "test", ...) names the records in warnings and `bad_image_log` lines.
     """
     local = _local_batch(batch_size, shard_index, shard_count)
     steps = -(-len(records) // batch_size)
-    log = _BadImageLog(bad_image_log)
+    log = _BadImageLog(bad_image_log, split)
     maker = _BatchMaker(records, img_size, images.EXACT, False, 0, on_bad_image, log, cache, draft)
     fn = _EvalBatch(maker, len(records), batch_size, local, shard_index)
     ds = grain.MapDataset.range(steps).map_with_index(fn)
-    return _finish(ds, records, steps, local, num_workers, prefetch_factor, read_threads)
+    return _finish(ds, records, split, steps, local, num_workers, prefetch_factor, read_threads)

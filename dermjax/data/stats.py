@@ -15,7 +15,8 @@ import numpy as np
 
 from dermjax.data import fs
 from dermjax.data.cache import paths_digest
-from dermjax.data.pipeline import Records, eval_loader
+from dermjax.data.pipeline import Records, close_iterator, eval_loader
+from dermjax.errors import DataError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -23,7 +24,8 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 def image_stats(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per-image channel means and unbiased stds of uint8[B, H, W, 3] in [0, 1]: two [B, 3]."""
-    x = images.reshape(len(images), -1, 3).astype(np.float64) / 255.0
+    b, h, w, c = images.shape  # B may be 0: a batch of unreadable images only
+    x = images.reshape(b, h * w, c).astype(np.float64) / 255.0
     return x.mean(axis=1), x.std(axis=1, ddof=1)
 
 
@@ -52,7 +54,9 @@ def compute_stats(
             logging.warning("cannot read stats from %s (%s); recomputing", cache_file, e)
     n = len(paths)
     records = Records(list(paths), np.zeros(n), np.zeros((n, 0)), np.zeros(n, bool))
-    loader = eval_loader(records, batch_size=batch_size, img_size=img_size, num_workers=num_workers)
+    loader = eval_loader(
+        records, batch_size=batch_size, img_size=img_size, split="train", num_workers=num_workers
+    )
     means, stds = [], []
     it = iter(loader)
     try:
@@ -61,9 +65,12 @@ def compute_stats(
             means.append(m)
             stds.append(s)
     finally:
-        it.close()
+        close_iterator(it)
     if not any(len(m) for m in means):
-        raise ValueError(f"no readable image among {n} paths; cannot compute stats")
+        raise DataError(
+            f"none of the {n} training images could be read to compute normalisation stats; "
+            "check data.img_prefix and the image files or set training.compute_stats=False"
+        )
     mean, std = np.concatenate(means).mean(axis=0), np.concatenate(stds).mean(axis=0)
     if cache_file:
         with fs.open_file(cache_file, "w") as f:

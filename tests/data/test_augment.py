@@ -8,6 +8,7 @@ Images are 32x40 (H != W) so a swapped axis shows. Bounds:
   one pixel per axis (the original rounds twice, we round once).
 """
 
+import inspect
 import itertools
 
 import jax
@@ -319,9 +320,8 @@ def test_unset_spec_draws_neutral_parameters():
 # --- spec -----------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("as_config_dict", [False, True])
-def test_spec_from_config_reads_the_original_field_names(as_config_dict):
-    cfg = dict(
+def test_spec_create_takes_the_augmentation_config_fields_by_name():
+    fields = dict(
         brightness_jitter=0.1,
         contrast_jitter=0.2,
         saturation_jitter=0.3,
@@ -333,13 +333,18 @@ def test_spec_from_config_reads_the_original_field_names(as_config_dict):
         vertical_flip_prob=None,
         grayscale_prob=None,
     )
-    if as_config_dict:
-        from ml_collections import config_dict
-
-        cfg = config_dict.ConfigDict(cfg)
-    spec = AugmentSpec.from_config(cfg)
+    spec = AugmentSpec.create(**fields)
     assert spec == AugmentSpec(0.5, None, 25.0, None, (0.9, 1.1), 0.1, 0.2, 0.3, 0.01, None)
-    assert hash(spec) == hash(AugmentSpec.from_config(cfg))
+    assert hash(spec) == hash(AugmentSpec.create(**fields))
+    assert AugmentSpec.create() == AugmentSpec()
+
+
+def test_spec_create_accepts_exactly_the_default_configs_augmentation_section():
+    from dermjax.configs.default import get_config
+
+    section = get_config().augmentation.to_dict()
+    assert set(inspect.signature(AugmentSpec.create).parameters) == set(section)
+    assert AugmentSpec.create(**section).geometric  # the defaults rotate and scale
 
 
 @pytest.mark.parametrize(

@@ -107,8 +107,9 @@ def test_loaders_give_the_same_batches_from_cache_and_from_files(paths, tmp_path
         for key in raw:
             np.testing.assert_array_equal(raw[key], cached[key])
     if not geometric:  # the exact-rule cache also serves evaluation
-        raw = list(pipeline.eval_loader(records, batch_size=4, img_size=SIZE))
-        cached = list(pipeline.eval_loader(records, batch_size=4, img_size=SIZE, cache=train_cache))
+        eval_kwargs = {"batch_size": 4, "img_size": SIZE, "split": "test"}
+        raw = list(pipeline.eval_loader(records, **eval_kwargs))
+        cached = list(pipeline.eval_loader(records, cache=train_cache, **eval_kwargs))
         for a, b in zip(raw, cached, strict=True):
             np.testing.assert_array_equal(a["image"], b["image"])
             np.testing.assert_array_equal(a["valid"], b["valid"])

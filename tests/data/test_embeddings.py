@@ -17,6 +17,7 @@ from dermjax.data.embeddings import (
     read_embeddings,
     write_embeddings,
 )
+from dermjax.errors import DataError
 
 
 def _meta(texts: list) -> pd.DataFrame:
@@ -109,17 +110,51 @@ def test_join_missing_text_as_nan_empty_or_absent_row_gives_zeros():
     np.testing.assert_array_equal(text[:, 0], [1.0, 0.0, 0.0, 0.0, 4.0])
 
 
-def test_join_rejects_nan_embeddings():
-    meta = _meta(["rash", "scaly"])
-    emb = pd.DataFrame(
+def _written(tmp_path, vectors: list, ids=None) -> pd.DataFrame:
+    """Embeddings with these vectors written to and read back from emb.parquet."""
+    ids = ids or [f"id{i}" for i in range(len(vectors))]
+    frame = pd.DataFrame({"image_id": ids, "text_desc": ["t"] * len(ids), "embedding": vectors})
+    path = str(tmp_path / "emb.parquet")
+    table = pa.table(
         {
-            "image_id": ["id0", "id1"],
-            "text_desc": ["rash", "scaly"],
-            "embedding": [np.zeros(2), np.array([0.0, np.nan])],
+            "image_id": frame["image_id"],
+            "text_desc": frame["text_desc"],
+            "embedding": pa.array([np.asarray(v, np.float32).tolist() for v in vectors]),
         }
     )
-    with pytest.raises(ValueError, match=r"NaN text embeddings.*id1"):
-        join_text(meta, emb)
+    pq.write_table(table, path)
+    return read_embeddings(path)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_join_rejects_nan_and_inf_embeddings_naming_file_and_ids(tmp_path, bad):
+    emb = _written(tmp_path, [np.zeros(2), np.array([0.0, bad]), np.ones(2)])
+    with pytest.raises(DataError, match=r"emb\.parquet: NaN or inf text embeddings.*\['id1'\]"):
+        join_text(_meta(["rash", "scaly", "itch"]), emb)
+
+
+def test_join_rejects_mixed_dimensions_naming_file_and_ids(tmp_path):
+    emb = _written(tmp_path, [np.zeros(3), np.zeros(2), np.zeros(3), np.zeros(4)])
+    with pytest.raises(
+        DataError, match=r"emb\.parquet: embeddings of mixed dimensions.*\['id1', 'id3'\]"
+    ):
+        join_text(_meta(["a", "b", "c", "d"]), emb)
+
+
+def test_an_unreadable_parquet_file_is_a_data_error_naming_it(tmp_path):
+    path = tmp_path / "emb.parquet"
+    path.write_bytes(b"this is not parquet")
+    with pytest.raises(DataError, match=r"emb\.parquet cannot be read as parquet"):
+        read_embeddings(str(path))
+
+
+def test_a_parquet_file_without_the_embedding_column_is_a_data_error(tmp_path):
+    path = str(tmp_path / "emb.parquet")
+    pq.write_table(pa.table({"image_id": ["id0"], "vector": [[1.0]]}), path)
+    with pytest.raises(
+        DataError, match=r"emb\.parquet lacks column\(s\) \['embedding'\].*'vector'"
+    ):
+        read_embeddings(path)
 
 
 def test_join_rejects_duplicate_image_ids():
@@ -127,7 +162,7 @@ def test_join_rejects_duplicate_image_ids():
     emb = pd.DataFrame(
         {"image_id": ["id0", "id0"], "text_desc": ["rash"] * 2, "embedding": [np.zeros(2)] * 2}
     )
-    with pytest.raises(ValueError, match="unique"):
+    with pytest.raises(DataError, match="unique"):
         join_text(meta, emb)
 
 

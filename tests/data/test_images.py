@@ -110,11 +110,108 @@ def test_palette_with_transparency_keeps_its_colours_when_alpha_is_dropped():
     assert tuple(out[0, 0]) == (0, 255, 0)
 
 
-@pytest.mark.parametrize("mode", ["L", "LA", "RGBA", "CMYK"])
-def test_every_mode_becomes_rgb(mode):
-    img = Image.new(mode, (12, 10))
-    fmt = "JPEG" if mode in ("L", "CMYK") else "PNG"
-    assert images.load_eval(encode(img, fmt), "p", (6, 6)).shape == (6, 6, 3)
+def from_values(mode: str, values, bands: int = 1) -> Image.Image:
+    """A 2 x 3 image of `mode` whose raw pixel values are `values` (row-major, per band)."""
+    dtype = {"I;16": "<u2", "I;16L": "<u2", "I;16B": ">u2", "I": "<i4", "F": "<f4"}.get(mode, "u1")
+    raw = np.asarray(values, dtype=dtype).reshape(2, 3, bands).tobytes()
+    return Image.frombytes(mode, (3, 2), raw)
+
+
+def grey(values) -> np.ndarray:
+    return np.repeat(np.asarray(values, np.uint8).reshape(2, 3, 1), 3, axis=-1)
+
+
+def rgb(values) -> np.ndarray:
+    return np.asarray(values, np.uint8).reshape(2, 3, 3)
+
+
+SIXTEEN_BIT = [0, 128, 129, 257, 1000, 65535]
+SIXTEEN_BIT_AS_8 = grey([0, 0, 1, 1, 4, 255])  # round(v / 257)
+PALETTE = [200, 10, 10, 0, 255, 0, 7, 8, 9] + [0] * 759
+PALETTE_COLOURS = rgb([PALETTE[3 * (i % 3) : 3 * (i % 3) + 3] for i in range(6)])
+COLOURS = [(0, 0, 0), (255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 255), (12, 34, 56)]
+ALPHAS = [0, 255, 1, 128, 0, 7]
+CMYK = [(0, 0, 0, 0), (255, 0, 0, 0), (0, 255, 0, 0), (0, 0, 255, 0), (0, 0, 0, 255), (0, 0, 0, 0)]
+CMYK_AS_RGB = [(255, 255, 255), (0, 255, 255), (255, 0, 255), (255, 255, 0), (0, 0, 0)]
+
+
+def palette_image(mode: str) -> Image.Image:
+    if mode == "PA":
+        img = from_values("PA", [[i % 3, ALPHAS[i]] for i in range(6)], bands=2)
+    else:
+        img = from_values("P", [i % 3 for i in range(6)])
+    img.putpalette(PALETTE)
+    return img
+
+
+# name: (image, file format to save it in, or None: no format stores the mode, expected pixels)
+MODE_CASES = {
+    "I;16 (16-bit PNG)": (from_values("I;16", SIXTEEN_BIT), "PNG", SIXTEEN_BIT_AS_8),
+    "I;16B": (from_values("I;16B", SIXTEEN_BIT), "TIFF", SIXTEEN_BIT_AS_8),
+    "I;16L": (from_values("I;16L", SIXTEEN_BIT), None, SIXTEEN_BIT_AS_8),
+    "I": (from_values("I", [-5, 0, 257, 1000, 65535, 70000]), "TIFF", grey([0, 0, 1, 4, 255, 255])),
+    "F in [0, 1]": (
+        from_values("F", [0, 0.25, 0.5, 1, 0.1, 0.75]),
+        "TIFF",
+        grey([0, 64, 128, 255, 26, 191]),
+    ),
+    "F in [0, 255]": (
+        from_values("F", [0, 12.4, 200, 300, -3, 1.5]),
+        "TIFF",
+        grey([0, 12, 200, 255, 0, 2]),
+    ),
+    "1": (
+        from_values("L", [0, 255, 0, 255, 255, 0]).convert("1"),
+        "PNG",
+        grey([0, 255, 0, 255, 255, 0]),
+    ),
+    "L": (from_values("L", [0, 1, 100, 128, 254, 255]), "PNG", grey([0, 1, 100, 128, 254, 255])),
+    "LA": (
+        from_values("LA", [[10 * (i + 1), ALPHAS[i]] for i in range(6)], bands=2),
+        "PNG",
+        grey([10, 20, 30, 40, 50, 60]),
+    ),
+    "La (premultiplied)": (from_values("La", [[100, 128]] * 6, bands=2), None, grey([199] * 6)),
+    "P": (palette_image("P"), "PNG", PALETTE_COLOURS),
+    "PA": (palette_image("PA"), "TIFF", PALETTE_COLOURS),
+    "RGB": (from_values("RGB", COLOURS, bands=3), "PNG", rgb(COLOURS)),
+    "RGBA": (
+        from_values("RGBA", [(*c, a) for c, a in zip(COLOURS, ALPHAS, strict=True)], bands=4),
+        "PNG",
+        rgb(COLOURS),
+    ),
+    "RGBa (premultiplied)": (
+        from_values("RGBa", [(100, 50, 20, 128)] * 6, bands=4),
+        None,
+        rgb([(199, 99, 39)] * 6),
+    ),
+    "CMYK": (from_values("CMYK", CMYK, bands=4), "TIFF", rgb([*CMYK_AS_RGB, (255, 255, 255)])),
+    "YCbCr": (
+        from_values("YCbCr", [(0, 128, 128), (128, 128, 128), (255, 128, 128)] * 2, bands=3),
+        "TIFF",
+        grey([0, 128, 255] * 2),
+    ),
+}
+
+
+@pytest.mark.parametrize("case", MODE_CASES)
+def test_every_pil_mode_decodes_to_the_expected_8_bit_rgb_values(case):
+    img, fmt, expected = MODE_CASES[case]
+    if fmt is None:  # no file format stores this mode: check the conversion itself
+        out = np.asarray(images.to_rgb(img))
+    else:
+        data = encode(img, fmt)
+        assert Image.open(io.BytesIO(data)).mode == img.mode  # the file really holds that mode
+        out = images.load_eval(data, "p", (2, 3))
+    assert out.dtype == np.uint8 and out.shape == (2, 3, 3)
+    np.testing.assert_array_equal(out, expected)
+
+
+def test_sixteen_bit_png_is_scaled_not_clipped_to_white():
+    ramp = np.linspace(0, 65535, 64 * 64).astype(np.uint16).reshape(64, 64)
+    out = images.load_eval(encode(Image.fromarray(ramp), "PNG"), "p", (64, 64))
+    np.testing.assert_array_equal(out[..., 0], (ramp.astype(np.int64) * 2 + 257) // 514)
+    assert 120 < out.mean() < 135  # a ramp is mid-grey on average, not white
 
 
 def test_reduced_size_decode_gives_same_shape_and_close_pixels():

@@ -5,12 +5,14 @@ import pandas as pd
 import pytest
 from sklearn.model_selection import train_test_split
 
-from dermjax.data.metadata import (
-    class_list,
-    class_weights,
-    load_metadata,
-    stratified_split,
-)
+from dermjax.data import metadata
+from dermjax.data.metadata import class_list, class_weights, stratified_split
+from dermjax.errors import DataError
+
+
+def load_metadata(data, **kwargs) -> pd.DataFrame:
+    """The filters alone: one class left is fine here (its own test covers the 2-class rule)."""
+    return metadata.load_metadata(data, **{"min_classes": 1, **kwargs})
 
 
 def _frame(rows: list[tuple]) -> pd.DataFrame:
@@ -132,14 +134,52 @@ def test_filters_run_in_original_order_end_to_end():
     assert out["image_id"].tolist() == expected["image_id"].tolist()
 
 
-def test_missing_required_column_raises_clear_error():
+def test_missing_required_column_is_a_data_error_naming_file_columns_and_columns_found(
+    tmp_path,
+):
     df = _frame([("a", "isic", "x.jpg", "t")])
-    with pytest.raises(ValueError, match=r"\['label'\]"):
-        load_metadata(df.drop(columns=["label"]))
-    with pytest.raises(ValueError, match=r"\['dataset'\].*datasets filter"):
+    path = tmp_path / "meta.csv"
+    df.drop(columns=["label"]).to_csv(path, index=False)
+    with pytest.raises(
+        DataError, match=r"meta\.csv lacks column\(s\) \['label'\].*found: \['image_id'"
+    ):
+        load_metadata(str(path))
+    with pytest.raises(DataError, match=r"\['dataset'\].*data\.datasets filter"):
         load_metadata(df.drop(columns=["dataset"]), datasets=["isic"])
-    with pytest.raises(ValueError, match=r"\['text_desc'\].*has_text"):
-        load_metadata(df.drop(columns=["text_desc"]), has_text=True)
+    with pytest.raises(DataError, match=r"my\.csv lacks .*\['text_desc'\].*data\.has_text"):
+        load_metadata(df.drop(columns=["text_desc"]), has_text=True, source="my.csv")
+
+
+def test_a_missing_metadata_csv_is_a_data_error_naming_it(tmp_path):
+    with pytest.raises(DataError, match=r"nowhere\.csv does not exist; set data\.metadata_path"):
+        metadata.load_metadata(str(tmp_path / "nowhere.csv"))
+
+
+@pytest.mark.parametrize(
+    ("filters", "named"),
+    [
+        ({"datasets": ["ddi"]}, r"0 row\(s\) and 0 class\(es\).*data\.datasets=\['ddi'\]"),
+        (
+            {"min_samples_per_label": 3},
+            r"4 row\(s\) and 1 class\(es\).*data\.min_samples_per_label=3",
+        ),
+        ({"has_text": False}, r"0 row\(s\).*data\.has_text=False"),
+        (
+            {"datasets": ["derm1m"], "derm1m_sources": ["reddit"]},
+            r"1 row\(s\) and 1 class.*data\.datasets=\['derm1m'\], data\.derm1m_sources=\['reddit'\]",
+        ),
+        (
+            {"datasets": ["isic"], "data_fraction": 0.5},
+            r"4 row\(s\) and 1 class.*data\.datasets=\['isic'\], data\.data_fraction=0\.5",
+        ),
+    ],
+)
+def test_filters_leaving_fewer_than_two_classes_are_a_data_error_naming_them(filters, named):
+    rows = [("a", "isic", "x.jpg", "t")] * 4 + [("b", "derm1m", "youtube/x.jpg", "t")] * 2
+    rows += [("c", "derm1m", "reddit/x.jpg", "t")]
+    df = _frame(rows)
+    with pytest.raises(DataError, match=named):
+        metadata.load_metadata(df, **filters)
 
 
 def test_split_returns_the_rows_sklearn_returns():
@@ -170,6 +210,44 @@ def test_split_is_deterministic_for_a_seed_and_varies_with_it():
     other = stratified_split(df, test_size=0.2, val_size=0.2, seed=4)
     assert all(a.equals(b) for a, b in zip(first, again, strict=True))
     assert first[2]["image_id"].tolist() != other[2]["image_id"].tolist()
+
+
+@pytest.mark.parametrize(
+    ("sizes", "message"),
+    [
+        (
+            {"test_size": 0.1, "val_size": None},
+            r"data\.test_size=0\.1 takes 3 of 30 rows for the test split, leaving the test split "
+            r"with fewer rows than the 5 classes; use data\.test_size between 0\.167 and 0\.833",
+        ),
+        (
+            {"test_size": 0.5, "val_size": 0.05},
+            r"data\.val_size=0\.05 takes 2 of 15 rows for the validation split, leaving the "
+            r"validation split with fewer rows than the 5 classes; use data\.val_size between "
+            r"0\.167 and 0\.333",
+        ),
+        (
+            {"test_size": 0.9, "val_size": None},
+            r"data\.test_size=0\.9 takes 27 of 30 rows .* leaving the rest with fewer rows",
+        ),
+    ],
+)
+def test_a_split_too_small_for_the_classes_is_a_data_error_saying_what_works(sizes, message):
+    df = _balanced({c: 6 for c in "abcde"})
+    with pytest.raises(DataError, match=message):
+        stratified_split(df, seed=0, **sizes)
+
+
+def test_a_suggested_split_size_works():
+    df = _balanced({c: 6 for c in "abcde"})
+    train, val, test = stratified_split(df, test_size=0.167, val_size=0.167, seed=0)
+    assert min(len(part) for part in (train, val, test)) >= 5
+
+
+def test_no_class_left_for_the_val_split_is_a_data_error_offering_no_val_split():
+    df = _balanced({c: 2 for c in "abcde"})  # the test split takes one row of every class
+    with pytest.raises(DataError, match=r"no class has the 2 rows.*data\.val_size=None"):
+        stratified_split(df, test_size=0.5, val_size=0.1, seed=0)
 
 
 def test_split_without_val_size_returns_no_val():

@@ -1,12 +1,21 @@
 """grain loaders: batch contract, epochs, weighted sampling, padding, workers, checkpoints, bad images."""
 
+import json
 import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from dermjax.data import images, pipeline
+from dermjax.errors import DataError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 SIZE = (8, 8)
 
@@ -113,7 +122,7 @@ def test_random_crop_depends_on_seed_and_sample_not_on_batch_composition(records
 
 
 def test_eval_sees_every_sample_once_and_masks_the_padding(records):
-    loader = pipeline.eval_loader(records, batch_size=4, img_size=SIZE)
+    loader = pipeline.eval_loader(records, batch_size=4, img_size=SIZE, split="val")
     assert loader.steps_per_epoch == 3
     batches = list(loader)
     index = np.concatenate([b["index"] for b in batches])
@@ -135,7 +144,9 @@ def test_processes_split_each_global_batch_into_contiguous_slices(records):
         joined = np.concatenate([parts[0][k]["index"], parts[1][k]["index"]])
         np.testing.assert_array_equal(joined, batch["index"])
     evals = [
-        pipeline.eval_loader(records, batch_size=4, img_size=SIZE, shard_index=p, shard_count=2)
+        pipeline.eval_loader(
+            records, batch_size=4, img_size=SIZE, split="val", shard_index=p, shard_count=2
+        )
         for p in (0, 1)
     ]
     seen = np.concatenate([b["index"] for loader in evals for b in loader])
@@ -193,11 +204,108 @@ def test_skipped_bad_images_are_masked_keep_their_own_label_and_are_logged_once(
         np.testing.assert_array_equal(batch["label"], batch["index"])  # no neighbour's label
         assert not batch["image"][bad].any()
     assert loader.bad_images == 6
-    logged = [line.split("\t")[0] for line in log.read_text().splitlines()]
-    assert sorted(logged) == sorted([with_bad_files.paths[1], with_bad_files.paths[4]])
+    logged = [line.split("\t")[:2] for line in log.read_text().splitlines()]
+    assert sorted(logged) == [["train", with_bad_files.paths[i]] for i in (1, 4)]
+
+
+def test_eval_loaders_count_their_own_bad_images_and_log_their_split(with_bad_files, tmp_path):
+    log = tmp_path / "bad_images.txt"
+    kwargs = {"batch_size": 4, "img_size": SIZE, "bad_image_log": str(log)}
+    val = pipeline.eval_loader(with_bad_files, split="val", **kwargs)
+    test = pipeline.eval_loader(with_bad_files, split="test", **kwargs)
+    train_loader = train(with_bad_files, batch_size=3, bad_image_log=str(log))
+    valid = np.concatenate([b["valid"] for b in test])
+    assert (val.bad_images, test.bad_images, train_loader.bad_images) == (0, 2, 0)
+    np.testing.assert_array_equal(valid, [True, False, True, True, False, True, False, False])
+    list(val)
+    assert val.bad_images == 2 and test.bad_images == 2
+    lines = sorted(line.split("\t")[:2] for line in log.read_text().splitlines())
+    paths = with_bad_files.paths
+    assert lines == sorted([[s, paths[i]] for s in ("test", "val") for i in (1, 4)])
+
+
+def test_a_train_split_smaller_than_one_batch_is_a_data_error_naming_the_field(records):
+    with pytest.raises(DataError, match=r"train split has 10 samples.*training\.batch_size=16"):
+        train(records, batch_size=16)
+
+
+def test_closing_an_iterator_twice_is_safe_and_stops_it(records):
+    loader = train(records)
+    first, second = iter(loader), iter(loader)
+    next(first)
+    pipeline.close_iterator(first)
+    first.close()
+    pipeline.close_iterator(None)
+    with pytest.raises(ValueError, match="closed"):
+        next(first)
+    next(second)
+    loader.close()
+    loader.close()
+    with pytest.raises(ValueError, match="closed"):
+        next(second)
+
+
+def test_an_exhausted_eval_iterator_closes_itself(records):
+    it = iter(pipeline.eval_loader(records, batch_size=4, img_size=SIZE, split="val"))
+    assert len(list(it)) == 3
+    with pytest.raises(ValueError, match="closed"):
+        next(it)
+
+
+def run_child(tmp_path, mode: str) -> tuple[subprocess.Popen, str]:
+    """Starts tests/data/loader_child.py; its stderr goes to the returned file, not a pipe."""
+    err = str(tmp_path / f"{mode}.stderr")
+    with open(err, "w") as f:
+        child = subprocess.Popen(
+            [sys.executable, "-m", "tests.data.loader_child", mode, str(tmp_path)],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=f,
+            text=True,
+        )
+    return child, err
+
+
+def alive(pid: int) -> bool:
+    """Whether `pid` still runs (a zombie, already dead but not yet reaped, does not count)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_grain_workers_and_resource_tracker_die_with_a_killed_main_process(tmp_path):
+    child, err = run_child(tmp_path, "kill")
+    with child.stdout:  # orphaned workers would hold the pipe open: read one line, not to EOF
+        line = child.stdout.readline()
+    assert child.wait(timeout=60) == -signal.SIGKILL, Path(err).read_text()
+    pids = json.loads(line)
+    assert len(pids["workers"]) == 2 and pids["tracker"]
+    everyone = [*pids["workers"], pids["tracker"]]
+    deadline = time.monotonic() + 15
+    while any(map(alive, everyone)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    left = [pid for pid in everyone if alive(pid)]
+    for pid in left:  # do not leave them running when the test fails
+        os.kill(pid, signal.SIGKILL)
+    assert not left, f"still running 15 s after the main process was killed: {left}"
+
+
+@pytest.mark.parametrize("mode", ["close", "resume"])
+def test_a_run_with_workers_exits_without_leaks_or_tracebacks(tmp_path, mode):
+    """close: closed twice, a batch still referenced; resume: restored and never closed."""
+    child, err_file = run_child(tmp_path, mode)
+    child.communicate(timeout=120)
+    err = Path(err_file).read_text()
+    assert child.returncode == 0, err
+    assert "leaked shared_memory" not in err and "Traceback" not in err, err
 
 
 def test_error_policy_raises_naming_the_bad_file(with_bad_files):
-    loader = pipeline.eval_loader(with_bad_files, batch_size=3, img_size=SIZE, on_bad_image="error")
+    loader = pipeline.eval_loader(
+        with_bad_files, batch_size=3, img_size=SIZE, split="test", on_bad_image="error"
+    )
     with pytest.raises(images.BadImageError, match="img001"):
         list(loader)

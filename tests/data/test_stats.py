@@ -8,6 +8,7 @@ from PIL import Image
 
 from dermjax.data import stats
 from dermjax.data.cache import paths_digest
+from dermjax.errors import DataError
 
 
 @pytest.fixture
@@ -64,3 +65,9 @@ def test_stats_file_is_reused_for_the_same_key_and_recomputed_for_another(paths,
     assert not np.allclose(recomputed[0], 9.0)
     assert not np.allclose(recomputed[0], first[0])
     assert json.loads(stats_json.read_text())["key"]["paths_sha256"] == paths_digest(paths[:3])
+
+
+def test_no_readable_training_image_is_a_data_error(tmp_path):
+    missing = [str(tmp_path / f"gone{i}.png") for i in range(3)]
+    with pytest.raises(DataError, match=r"none of the 3 training images could be read"):
+        stats.compute_stats(missing, (8, 8))
