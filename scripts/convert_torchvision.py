@@ -33,6 +33,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
+from dermjax.errors import UserError  # noqa: E402
 from dermjax.models.registry import BACKBONES, default_image_size, is_vit  # noqa: E402
 from dermjax.weights.torchvision import (  # noqa: E402
     backbone_from_state_dict,
@@ -174,4 +175,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except UserError as error:  # e.g. a --state-dict file of another architecture
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(error.exit_code)

@@ -8,6 +8,7 @@ from dermjax.models.registry import (
     is_vit,
     param_labels,
     unit_count,
+    vit_patch_size,
 )
 
 __all__ = [
@@ -18,4 +19,5 @@ __all__ = [
     "is_vit",
     "param_labels",
     "unit_count",
+    "vit_patch_size",
 ]

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from ml_collections import config_dict
 
-from dermjax.models import create_backbone, registry
+from dermjax.models import registry
 from dermjax.models.fusion import MultimodalClassifier
 
 
@@ -24,29 +26,32 @@ class DermClassifier(nnx.Module):
 
 
 def build_model(
-    cfg: config_dict.ConfigDict, *, num_classes: int, text_dim: int, rngs: nnx.Rngs
+    *,
+    backbone: str,
+    pretrained: bool,
+    weights_path: str | None,
+    pooling_type: str,
+    img_size: tuple[int, int],
+    dtype: Any,
+    head: Mapping[str, Any],
+    num_classes: int,
+    text_dim: int,
+    rngs: nnx.Rngs,
 ) -> DermClassifier:
-    """Builds backbone and head from config; `vision_model.pretrained` loads converted
-    torchvision weights (classifier head dropped), else the backbone is randomly initialised."""
-    v = cfg.vision_model
-    dtype = jnp.bfloat16 if cfg.training.dtype == "bfloat16" else jnp.float32
-    height, width = cfg.data.img_size
-    kwargs = dict(
-        pooling_type=v.pooling_type,
-        dtype=dtype,
-        image_size=height if height == width else (height, width),
-    )
-    if v.pretrained:  # built straight from the converted weights: no random init to discard
+    """Backbone `backbone` (compute `dtype`) + a float32 `MultimodalClassifier(**head)`.
+
+    `pretrained` builds the backbone straight from converted torchvision weights (`weights_path`,
+    else the weights folder; classifier head dropped, no random init to discard); otherwise it is
+    randomly initialised from `rngs`. `img_size` is (height, width) of the input images.
+    """
+    kwargs = {"pooling_type": pooling_type, "dtype": dtype, "image_size": tuple(img_size)}
+    if pretrained:
         from dermjax.weights.torchvision import pretrained_backbone
 
-        backbone = pretrained_backbone(v.name, v.weights_path, **kwargs)
+        features = pretrained_backbone(backbone, weights_path, **kwargs)
     else:
-        backbone = create_backbone(v.name, rngs=rngs, **kwargs)
-    head = MultimodalClassifier.from_config(
-        cfg.multimodal_classifier.to_dict(),
-        registry.feature_dim(v.name, v.pooling_type),
-        text_dim,
-        num_classes,
-        rngs=rngs,
+        features = registry.create_backbone(backbone, rngs=rngs, **kwargs)
+    fusion = MultimodalClassifier(
+        registry.feature_dim(backbone, pooling_type), text_dim, num_classes, rngs=rngs, **head
     )
-    return DermClassifier(backbone, head)
+    return DermClassifier(features, fusion)

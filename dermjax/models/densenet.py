@@ -153,29 +153,6 @@ class DenseNet(nnx.Module):
         return logits.astype(layers.stat_dtype(self.dtype))
 
 
-def build(
-    name: str,
-    *,
-    rngs: nnx.Rngs,
-    include_top: bool,
-    num_classes: int,
-    pooling_type: str,
-    dtype: Dtype,
-    image_size: int,
-) -> DenseNet:
-    """DenseNet-121 (the only DenseNet in the registry); `image_size` is not needed."""
-    if name != "densenet121":
-        raise ValueError(f"unknown DenseNet {name!r}; only 'densenet121' is supported")
-    del image_size
-    return DenseNet(
-        rngs=rngs,
-        include_top=include_top,
-        num_classes=num_classes,
-        pooling_type=pooling_type,
-        dtype=dtype,
-    )
-
-
 def unfreeze_units(model: DenseNet) -> list[tuple]:
     """The 12 children of `densenet.features` (conv0 ... norm5), as path prefixes."""
     del model

@@ -28,12 +28,7 @@ STAGES = (
     (6, 5, 2, 112, 192, 4),
     (6, 3, 1, 192, 320, 1),
 )
-# name -> (width_mult, depth_mult, classifier dropout). B0-B4 keep BatchNorm2d's eps 1e-5.
-VARIANTS = {
-    "efficientnet_b0": (1.0, 1.0, 0.2),
-    "efficientnet_b1": (1.0, 1.1, 0.2),
-    "efficientnet_b4": (1.4, 1.8, 0.4),
-}
+# B0-B4 keep BatchNorm2d's eps 1e-5.
 STOCHASTIC_DEPTH_PROB = 0.2
 _ZEROS = nnx.initializers.zeros_init()
 
@@ -44,18 +39,19 @@ def make_divisible(value: float, divisor: int = 8) -> int:
     return rounded + divisor if rounded < 0.9 * value else rounded
 
 
-def stage_settings(name: str) -> list[tuple[int, int, int, int, int, int]]:
-    """The scaled (expand, kernel, stride, in, out, layers) rows of `STAGES` for variant `name`."""
-    width, depth, _ = VARIANTS[name]
+def stage_settings(width_mult: float, depth_mult: float) -> list[tuple[int, ...]]:
+    """The (expand, kernel, stride, in, out, layers) rows of `STAGES` scaled to a variant."""
     return [
-        (e, k, s, make_divisible(i * width), make_divisible(o * width), math.ceil(n * depth))
+        (
+            e,
+            k,
+            s,
+            make_divisible(i * width_mult),
+            make_divisible(o * width_mult),
+            math.ceil(n * depth_mult),
+        )
         for e, k, s, i, o, n in STAGES
     ]
-
-
-def feature_dim(name: str) -> int:
-    """Channels of `.features`' output: 4x the last stage's width (1280 for B0/B1, 1792 for B4)."""
-    return 4 * stage_settings(name)[-1][4]
 
 
 class SiLU(nnx.Module):
@@ -148,12 +144,18 @@ class MBConv(nnx.Module):
 
 
 class EfficientNet(nnx.Module):
-    """`features` (stem, 7 MBConv stages, 1x1 head conv) -> pooling -> optional classifier."""
+    """`features` (stem, 7 MBConv stages, 1x1 head conv) -> pooling -> optional classifier.
+
+    The variant is set by `width_mult` and `depth_mult` (channel and layer scaling of `STAGES`)
+    and `dropout` (before the classifier).
+    """
 
     def __init__(
         self,
-        name: str,
         *,
+        width_mult: float,
+        depth_mult: float,
+        dropout: float,
         rngs: nnx.Rngs,
         include_top: bool = False,
         num_classes: int = 1000,
@@ -163,7 +165,7 @@ class EfficientNet(nnx.Module):
         layers.check_pooling_type(pooling_type)
         self.dtype = dtype
         self.pooling_type = pooling_type
-        settings = stage_settings(name)
+        settings = stage_settings(width_mult, depth_mult)
         kw = {"rngs": rngs, "dtype": dtype}
         features = [conv_norm_act(3, settings[0][3], 3, stride=2, **kw)]
         total_blocks = sum(row[5] for row in settings)
@@ -178,7 +180,8 @@ class EfficientNet(nnx.Module):
                 )
                 block_index += 1
             features.append(layers.Sequential(stage))
-        self.num_features = feature_dim(name)
+        # torchvision's 1x1 head conv widens the last stage's output 4x.
+        self.num_features = 4 * settings[-1][4]
         features.append(conv_norm_act(settings[-1][4], self.num_features, 1, **kw))
         self.features = layers.Sequential(features)
         classifier = None
@@ -192,7 +195,7 @@ class EfficientNet(nnx.Module):
                 rngs=rngs,
                 dtype=dtype,
             )
-            classifier = layers.Sequential([nnx.Dropout(VARIANTS[name][2], rngs=rngs), head])
+            classifier = layers.Sequential([nnx.Dropout(dropout, rngs=rngs), head])
         self.classifier = classifier
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -201,28 +204,6 @@ class EfficientNet(nnx.Module):
             return layers.global_pool(x, self.pooling_type)
         logits = self.classifier(layers.global_pool(x, "avg"))
         return logits.astype(layers.stat_dtype(self.dtype))
-
-
-def build(
-    name: str,
-    *,
-    rngs: nnx.Rngs,
-    include_top: bool,
-    num_classes: int,
-    pooling_type: str,
-    dtype: Dtype,
-    image_size: int,
-) -> EfficientNet:
-    """EfficientNet for registry name `name` (`image_size` does not change the architecture)."""
-    del image_size
-    return EfficientNet(
-        name,
-        rngs=rngs,
-        include_top=include_top,
-        num_classes=num_classes,
-        pooling_type=pooling_type,
-        dtype=dtype,
-    )
 
 
 def unfreeze_units(model: EfficientNet) -> list[tuple]:

@@ -10,38 +10,22 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+_ACTIVATION_FNS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "relu": jax.nn.relu,
     "gelu": lambda x: jax.nn.gelu(x, approximate=False),
     "silu": jax.nn.silu,
     "swish": jax.nn.silu,
     "leaky_relu": lambda x: jax.nn.leaky_relu(x, negative_slope=0.01),
 }
+ACTIVATIONS = tuple(_ACTIVATION_FNS)
 FUSION_STRATEGIES = ("concat_mlp", "weighted_sum")
-
-# multimodal_classifier config keys that shape the head (the loss keys are read by LossSpec).
-_HEAD_KEYS = (
-    "projection_dim",
-    "image_projection_hidden",
-    "text_projection_hidden",
-    "projection_activation",
-    "projection_dropout",
-    "text_projection_dropout",
-    "use_l2_normalization",
-    "final_hidden_sizes",
-    "final_activation",
-    "final_dropout",
-    "fusion_strategy",
-    "use_auxiliary_loss",
-)
-_SEQUENCE_KEYS = ("image_projection_hidden", "text_projection_hidden", "final_hidden_sizes")
 
 
 def torch_linear(
@@ -58,7 +42,7 @@ def torch_linear(
 
 def _check_activation(name: str) -> None:
     if name not in ACTIVATIONS:
-        raise ValueError(f"Unknown activation {name!r}; use one of {sorted(ACTIVATIONS)}.")
+        raise ValueError(f"unknown activation {name!r}; use one of {ACTIVATIONS}")
 
 
 class _HiddenBlock(nnx.Module):
@@ -83,7 +67,7 @@ class _HiddenBlock(nnx.Module):
         self.dropout = nnx.Dropout(dropout, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return self.dropout(ACTIVATIONS[self.activation](self.norm(self.linear(x))))
+        return self.dropout(_ACTIVATION_FNS[self.activation](self.norm(self.linear(x))))
 
 
 class MLP(nnx.Module):
@@ -149,10 +133,7 @@ class MultimodalClassifier(nnx.Module):
         dtype: Any = jnp.float32,
     ):
         if fusion_strategy not in FUSION_STRATEGIES:
-            raise ValueError(
-                f"multimodal_classifier.fusion_strategy={fusion_strategy!r}; "
-                f"use one of {FUSION_STRATEGIES}."
-            )
+            raise ValueError(f"fusion_strategy={fusion_strategy!r}; use one of {FUSION_STRATEGIES}")
         if text_projection_dropout is None:
             text_projection_dropout = projection_dropout
         self.fusion_strategy = fusion_strategy
@@ -198,26 +179,6 @@ class MultimodalClassifier(nnx.Module):
             self.aux_text_classifier = torch_linear(
                 projection_dim, num_classes, rngs=rngs, dtype=dtype
             )
-
-    @classmethod
-    def from_config(
-        cls,
-        mc_cfg: Mapping[str, Any],
-        vision_dim: int,
-        text_dim: int,
-        num_classes: int,
-        *,
-        rngs: nnx.Rngs,
-        dtype: Any = jnp.float32,
-    ) -> MultimodalClassifier:
-        """Build from `config.multimodal_classifier`; loss keys are ignored, None means default."""
-        if mc_cfg.get("projection_dim") is None:
-            raise ValueError("multimodal_classifier.projection_dim is required (e.g. 256).")
-        kwargs = {k: mc_cfg[k] for k in _HEAD_KEYS if k in mc_cfg and mc_cfg[k] is not None}
-        for k in _SEQUENCE_KEYS:
-            if k in kwargs:
-                kwargs[k] = tuple(int(h) for h in kwargs[k])
-        return cls(vision_dim, text_dim, num_classes, rngs=rngs, dtype=dtype, **kwargs)
 
     def __call__(self, vision_emb: jax.Array, text_emb: jax.Array) -> dict[str, jax.Array]:
         pv = self.vision_projection(vision_emb)

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 LOSS_FNS = ("cross_entropy", "focal")
+REDUCTIONS = ("mean",)
 
 
 def _prepare(
@@ -86,8 +87,13 @@ def focal_loss(
     else:
         a = jnp.asarray(alpha, jnp.float32)
         alpha_t = a[labels] if a.ndim else a
-    # gamma == 0 is plain (alpha-weighted) CE; skipping the power keeps its gradient finite at p_t=1.
-    modulator = one_minus_pt**gamma if gamma else 1.0
+    # (1 - p_t)**gamma has an infinite slope at p_t = 1 for 0 < gamma < 1, and inf * log(1) = NaN
+    # in the gradient. Where 1 - p_t == 0 the power is replaced by its value there (0, or 1 for
+    # gamma == 0) through a branch with zero gradient, which is the exact limit of the loss's
+    # gradient. In float32, 1 - p_t is either 0 or >= ~6e-8, so the power's slope stays finite.
+    positive = one_minus_pt > 0
+    safe_base = jnp.where(positive, one_minus_pt, 1.0)
+    modulator = jnp.where(positive, safe_base**gamma, 0.0**gamma)
     per_sample = -alpha_t * modulator * logp_t
     return _safe_ratio(jnp.sum(m * per_sample), jnp.sum(m))
 
@@ -115,49 +121,67 @@ class LossSpec:
                 f"multimodal_classifier.loss_fn={self.loss_fn!r} is not supported; "
                 f"use one of {LOSS_FNS}."
             )
+        if self.gamma < 0:
+            raise ValueError(f"multimodal_classifier.gamma={self.gamma} must be >= 0.")
 
     @classmethod
-    def from_config(
-        cls, mc_cfg: Mapping[str, Any], data_class_weights: Sequence[float] | None = None
+    def create(
+        cls,
+        *,
+        loss_fn: str,
+        label_smoothing: float | None,
+        class_weights: Sequence[float] | None,
+        use_class_weights_from_data: bool,
+        alpha: Sequence[float] | float | None,
+        gamma: float | None,
+        reduction: str | None,
+        use_auxiliary_loss: bool,
+        auxiliary_loss_weight: float | None,
+        auxiliary_vision_loss_weight: float | None,
+        auxiliary_text_loss_weight: float | None,
+        data_class_weights: Sequence[float] | None = None,
     ) -> LossSpec:
-        """Resolve the original's rules from `config.multimodal_classifier`.
+        """Resolves the original's loss rules; keyword names are the config field names.
 
         Manual `class_weights` win; otherwise `use_class_weights_from_data` injects the data's raw
-        1/count weights. Focal alpha is `alpha`, else those class weights, else 1.0. Each
-        auxiliary weight defaults to `auxiliary_loss_weight`.
+        1/count weights (`data_class_weights`). Focal alpha is `alpha`, else those class weights,
+        else 1.0. Each auxiliary weight defaults to `auxiliary_loss_weight` (0.3 when None); a
+        None `gamma` is 2.0 and a None `label_smoothing` is 0.
         """
-        reduction = mc_cfg.get("reduction")
-        if reduction not in (None, "mean"):
+        if reduction is not None and reduction not in REDUCTIONS:
             raise ValueError(
-                f"multimodal_classifier.reduction={reduction!r}: only 'mean' is supported."
+                f"multimodal_classifier.reduction={reduction!r} is not supported; "
+                f"use one of {REDUCTIONS}."
             )
-        class_weights = _tuple_or_none(mc_cfg.get("class_weights"))
-        if class_weights is None and mc_cfg.get("use_class_weights_from_data", False):
-            class_weights = _tuple_or_none(data_class_weights)
-        loss_fn = mc_cfg.get("loss_fn", "cross_entropy")
-        alpha = None
+        weights = _tuple_or_none(class_weights)
+        if weights is None and use_class_weights_from_data:
+            weights = _tuple_or_none(data_class_weights)
+        focal_alpha = None
         if loss_fn == "focal":
-            alpha = mc_cfg.get("alpha")
             if alpha is None:
-                alpha = class_weights if class_weights is not None else 1.0
+                focal_alpha = weights if weights is not None else 1.0
             elif isinstance(alpha, (int, float)):
-                alpha = float(alpha)
+                focal_alpha = float(alpha)
             else:
-                alpha = _tuple_or_none(alpha)
-        aux_weight = mc_cfg.get("auxiliary_loss_weight")
-        aux_weight = 0.3 if aux_weight is None else float(aux_weight)
-        aux_v = mc_cfg.get("auxiliary_vision_loss_weight")
-        aux_t = mc_cfg.get("auxiliary_text_loss_weight")
-        gamma = mc_cfg.get("gamma")
+                focal_alpha = _tuple_or_none(alpha)
+        aux_weight = 0.3 if auxiliary_loss_weight is None else float(auxiliary_loss_weight)
         return cls(
             loss_fn=loss_fn,
-            label_smoothing=float(mc_cfg.get("label_smoothing") or 0.0),
-            class_weights=class_weights,
-            alpha=alpha,
+            label_smoothing=float(label_smoothing or 0.0),
+            class_weights=weights,
+            alpha=focal_alpha,
             gamma=2.0 if gamma is None else float(gamma),
-            aux_vision_weight=aux_weight if aux_v is None else float(aux_v),
-            aux_text_weight=aux_weight if aux_t is None else float(aux_t),
-            use_auxiliary_loss=bool(mc_cfg.get("use_auxiliary_loss", False)),
+            aux_vision_weight=(
+                aux_weight
+                if auxiliary_vision_loss_weight is None
+                else float(auxiliary_vision_loss_weight)
+            ),
+            aux_text_weight=(
+                aux_weight
+                if auxiliary_text_loss_weight is None
+                else float(auxiliary_text_loss_weight)
+            ),
+            use_auxiliary_loss=bool(use_auxiliary_loss),
         )
 
     def criterion(self, logits: jax.Array, labels: jax.Array, mask: jax.Array) -> jax.Array:

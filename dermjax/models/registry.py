@@ -1,17 +1,18 @@
-"""Backbone names, feature sizes, and the original's `unfreeze_layers` rule as optax labels.
+"""The one table of backbones: model class, variant, feature size, units, image and patch size.
 
-Each family module (`resnet`, `densenet`, `efficientnet`, `vgg`, `vit`) exposes
-`build(name, *, rngs, include_top, num_classes, pooling_type, dtype, image_size)` and
-`unfreeze_units(model)` (the original's top-level units, in order, as NNX path prefixes;
-parameter-less units count). A family may instead expose `trainable_prefixes(model, n)` (ViT:
-the last n encoder blocks plus the embeddings and final LayerNorm). Families are imported
-lazily, so one missing family never breaks the others.
+Each family module (`resnet`, `densenet`, `efficientnet`, `vgg`, `vit`) holds one model class
+whose keyword arguments pick the variant, and `unfreeze_units(model)` (the original's top-level
+units, in order, as NNX path prefixes; parameter-less units count). A family may also expose
+`trainable_prefixes(model, n)` (ViT: the last n encoder blocks plus the embeddings and final
+LayerNorm). Family modules are imported on first use.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import logging
+from collections.abc import Mapping
 from types import ModuleType
 from typing import Any
 
@@ -19,106 +20,102 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from dermjax.models.layers import POOLING_TYPES
-
-BACKBONES = (
-    "resnet50",
-    "resnet101",
-    "densenet121",
-    "efficientnet_b0",
-    "efficientnet_b1",
-    "efficientnet_b4",
-    "vgg16",
-    "vit_b_16",
-    "vit_b_32",
-    "vit_l_16",
-    "vit_l_32",
-)
+from dermjax.models.layers import check_pooling_type
 
 # Top-level attributes holding torchvision's classification head (absent when include_top=False).
 HEAD_NAMES = ("fc", "classifier", "heads")
 
-_FAMILY = {
-    "resnet50": "resnet",
-    "resnet101": "resnet",
-    "densenet121": "densenet",
-    "efficientnet_b0": "efficientnet",
-    "efficientnet_b1": "efficientnet",
-    "efficientnet_b4": "efficientnet",
-    "vgg16": "vgg",
-    "vit_b_16": "vit",
-    "vit_b_32": "vit",
-    "vit_l_16": "vit",
-    "vit_l_32": "vit",
+
+@dataclasses.dataclass(frozen=True)
+class BackboneSpec:
+    """Everything dermjax knows about one backbone name.
+
+    `units` is what the original's `unfreeze_layers` counts: ResNet the 8 top-level children of
+    `Sequential(children[:-2])` (conv1, bn1, relu, maxpool, layer1-4); EfficientNet the 9
+    children of `.features` (stem, 7 stages, head conv); DenseNet the 12 children of `.features`
+    (conv0, norm0, relu0, pool0, 4 dense blocks, 3 transitions, norm5); VGG16 the 31 children of
+    `.features` (13 convs, 13 ReLUs, 5 max-pools); ViT the encoder blocks.
+    """
+
+    model: str  # "<family module>.<class>" under dermjax.models
+    feature_dim: int  # pooled features with avg/max pooling (ViT: class-token width)
+    units: int
+    variant: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # class kwargs
+    image_size: int = 224  # crop size of the default torchvision weights
+    patch_size: int | None = None  # ViT only
+
+
+def _vit(patch: int, layers: int, heads: int, dim: int, mlp: int) -> BackboneSpec:
+    """A ViT entry: patch size, block count and width are also what the table reports."""
+    variant = {
+        "patch_size": patch,
+        "num_layers": layers,
+        "num_heads": heads,
+        "hidden_dim": dim,
+        "mlp_dim": mlp,
+    }
+    return BackboneSpec("vit.VisionTransformer", dim, layers, variant, patch_size=patch)
+
+
+def _efficientnet(width: float, depth: float, dropout: float, dim: int, size: int) -> BackboneSpec:
+    """An EfficientNet entry (width/depth multipliers, classifier dropout)."""
+    variant = {"width_mult": width, "depth_mult": depth, "dropout": dropout}
+    return BackboneSpec("efficientnet.EfficientNet", dim, 9, variant, image_size=size)
+
+
+_SPECS = {
+    "resnet50": BackboneSpec("resnet.ResNet", 2048, 8, {"depths": (3, 4, 6, 3)}),
+    "resnet101": BackboneSpec("resnet.ResNet", 2048, 8, {"depths": (3, 4, 23, 3)}),
+    "densenet121": BackboneSpec("densenet.DenseNet", 1024, 12),
+    "efficientnet_b0": _efficientnet(1.0, 1.0, 0.2, 1280, 224),
+    "efficientnet_b1": _efficientnet(1.0, 1.1, 0.2, 1280, 240),
+    "efficientnet_b4": _efficientnet(1.4, 1.8, 0.4, 1792, 380),
+    "vgg16": BackboneSpec("vgg.VGG", 512, 31),
+    "vit_b_16": _vit(16, 12, 12, 768, 3072),
+    "vit_b_32": _vit(32, 12, 12, 768, 3072),
+    "vit_l_16": _vit(16, 24, 16, 1024, 4096),
+    "vit_l_32": _vit(32, 24, 16, 1024, 4096),
 }
-_FEATURE_DIM = {
-    "resnet50": 2048,
-    "resnet101": 2048,
-    "densenet121": 1024,
-    "efficientnet_b0": 1280,
-    "efficientnet_b1": 1280,
-    "efficientnet_b4": 1792,
-    "vgg16": 512,
-    "vit_b_16": 768,
-    "vit_b_32": 768,
-    "vit_l_16": 1024,
-    "vit_l_32": 1024,
-}
-# Units counted by the original's `unfreeze_layers` (ORIGINAL_WORKFLOW.md §7); ViT: blocks.
-_UNIT_COUNT = {
-    "resnet50": 8,
-    "resnet101": 8,
-    "densenet121": 12,
-    "efficientnet_b0": 9,
-    "efficientnet_b1": 9,
-    "efficientnet_b4": 9,
-    "vgg16": 31,
-    "vit_b_16": 12,
-    "vit_b_32": 12,
-    "vit_l_16": 24,
-    "vit_l_32": 24,
-}
-# Crop size of each backbone's default torchvision weights (EfficientNet B1 240, B4 380).
-_DEFAULT_IMAGE_SIZE = {"efficientnet_b1": 240, "efficientnet_b4": 380}
+BACKBONES = tuple(_SPECS)
 
 _log = logging.getLogger(__name__)
 
 
-def _check_name(name: str) -> None:
-    if name not in _FAMILY:
+def backbone_spec(name: str) -> BackboneSpec:
+    """The table entry for `name`; ValueError listing the choices for an unknown name."""
+    if name not in _SPECS:
         raise ValueError(f"unknown backbone {name!r}; expected one of {BACKBONES}")
+    return _SPECS[name]
 
 
-def family(name: str) -> ModuleType:
-    """The family module implementing `name` (imported on first use)."""
-    _check_name(name)
-    return importlib.import_module(f"dermjax.models.{_FAMILY[name]}")
+def _family_module(name: str) -> ModuleType:
+    return importlib.import_module(f"dermjax.models.{backbone_spec(name).model.split('.')[0]}")
 
 
 def is_vit(name: str) -> bool:
-    _check_name(name)
-    return _FAMILY[name] == "vit"
+    return backbone_spec(name).patch_size is not None
+
+
+def vit_patch_size(name: str) -> int | None:
+    """The patch size of ViT `name` (images must be square multiples of it); None for CNNs."""
+    return backbone_spec(name).patch_size
 
 
 def default_image_size(name: str) -> int:
     """Crop size of the default torchvision weights for `name`."""
-    _check_name(name)
-    return _DEFAULT_IMAGE_SIZE.get(name, 224)
+    return backbone_spec(name).image_size
 
 
 def feature_dim(name: str, pooling_type: str = "avg") -> int:
     """Size of the backbone embedding: doubled by `concat` pooling (ignored for ViTs)."""
-    _check_name(name)
-    if pooling_type not in POOLING_TYPES:
-        raise ValueError(f"pooling_type={pooling_type!r}; expected one of {POOLING_TYPES}")
-    dim = _FEATURE_DIM[name]
+    dim = backbone_spec(name).feature_dim
+    check_pooling_type(pooling_type)
     return dim * 2 if pooling_type == "concat" and not is_vit(name) else dim
 
 
 def unit_count(name: str) -> int:
-    """How many units `unfreeze_layers` counts for `name` (ViT: encoder blocks)."""
-    _check_name(name)
-    return _UNIT_COUNT[name]
+    """How many units `unfreeze_layers` counts for `name` (see `BackboneSpec`)."""
+    return backbone_spec(name).units
 
 
 def create_backbone(
@@ -129,27 +126,36 @@ def create_backbone(
     num_classes: int = 1000,
     pooling_type: str = "avg",
     dtype: Any = jnp.float32,
-    image_size: int = 224,
+    image_size: int | tuple[int, int] = 224,
 ) -> nnx.Module:
     """A torchvision-exact backbone taking NHWC float images.
 
     include_top=True returns torchvision's full classifier (logits of `num_classes`); otherwise
     pooled features of size `feature_dim(name, pooling_type)` (ViT: class token after the final
     LayerNorm). `dtype` is the compute dtype; parameters stay float32 (float64 for float64).
+    `image_size` (side, or (height, width)) fixes a ViT's position embedding, so a ViT needs a
+    square size; CNNs accept any input size and ignore it.
     """
-    return family(name).build(
-        name,
-        rngs=rngs,
-        include_top=include_top,
-        num_classes=num_classes,
-        pooling_type=pooling_type,
-        dtype=dtype,
-        image_size=image_size,
-    )
+    spec = backbone_spec(name)
+    kwargs: dict[str, Any] = {
+        "rngs": rngs,
+        "include_top": include_top,
+        "num_classes": num_classes,
+        "dtype": dtype,
+    }
+    if spec.patch_size is None:
+        kwargs["pooling_type"] = pooling_type
+    else:
+        height, width = (image_size, image_size) if isinstance(image_size, int) else image_size
+        if height != width:
+            raise ValueError(f"{name} needs a square image size, got {height}x{width}")
+        kwargs["image_size"] = height
+    model_class = getattr(_family_module(name), spec.model.split(".")[1])
+    return model_class(**spec.variant, **kwargs)
 
 
 def _trainable_prefixes(model: nnx.Module, name: str, n: int) -> list[tuple]:
-    module = family(name)
+    module = _family_module(name)
     if hasattr(module, "trainable_prefixes"):
         return list(module.trainable_prefixes(model, n))
     return list(module.unfreeze_units(model))[-n:]

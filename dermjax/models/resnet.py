@@ -14,7 +14,6 @@ from flax import nnx
 from dermjax.models import layers
 from dermjax.models.layers import Dtype
 
-DEPTHS = {"resnet50": (3, 4, 6, 3), "resnet101": (3, 4, 23, 3)}
 WIDTHS = (64, 128, 256, 512)
 EXPANSION = 4
 
@@ -53,12 +52,15 @@ class Bottleneck(nnx.Module):
 
 
 class ResNet(nnx.Module):
-    """Stem (7x7/2 conv, BN, ReLU, 3x3/2 max-pool), four bottleneck stages, pool, optional fc."""
+    """Stem (7x7/2 conv, BN, ReLU, 3x3/2 max-pool), four bottleneck stages, pool, optional fc.
+
+    `depths`: bottleneck blocks in each of the four stages (the variant).
+    """
 
     def __init__(
         self,
-        depths: tuple[int, int, int, int],
         *,
+        depths: tuple[int, int, int, int],
         rngs: nnx.Rngs,
         include_top: bool = False,
         num_classes: int = 1000,
@@ -100,28 +102,6 @@ class ResNet(nnx.Module):
             return layers.global_pool(x, self.pooling_type)
         logits = self.fc(jnp.mean(x, axis=(1, 2)))
         return logits.astype(layers.stat_dtype(self.dtype))
-
-
-def build(
-    name: str,
-    *,
-    rngs: nnx.Rngs,
-    include_top: bool,
-    num_classes: int,
-    pooling_type: str,
-    dtype: Dtype,
-    image_size: int,
-) -> ResNet:
-    """ResNet for registry name `name` (`image_size` does not change the architecture)."""
-    del image_size
-    return ResNet(
-        DEPTHS[name],
-        rngs=rngs,
-        include_top=include_top,
-        num_classes=num_classes,
-        pooling_type=pooling_type,
-        dtype=dtype,
-    )
 
 
 def unfreeze_units(model: ResNet) -> list[tuple]:

@@ -99,29 +99,6 @@ class VGG(nnx.Module):
         return x.astype(layers.stat_dtype(self.dtype))
 
 
-def build(
-    name: str,
-    *,
-    rngs: nnx.Rngs,
-    include_top: bool,
-    num_classes: int,
-    pooling_type: str,
-    dtype: Dtype,
-    image_size: int,
-) -> VGG:
-    """VGG-16 (the only VGG in the registry); any image size >= 32 works."""
-    if name != "vgg16":
-        raise ValueError(f"unknown VGG {name!r}; only 'vgg16' is supported")
-    del image_size
-    return VGG(
-        rngs=rngs,
-        include_top=include_top,
-        num_classes=num_classes,
-        pooling_type=pooling_type,
-        dtype=dtype,
-    )
-
-
 def unfreeze_units(model: VGG) -> list[tuple]:
     """The 31 children of `vgg16.features` (convs, ReLUs and pools), as path prefixes."""
     return [("features", i) for i in range(len(model.features))]

@@ -23,21 +23,9 @@ from flax import nnx
 from dermjax.models import layers
 from dermjax.models.layers import Dtype
 
-# name -> (patch_size, num_layers, num_heads, hidden_dim, mlp_dim)
-VARIANTS = {
-    "vit_b_16": (16, 12, 12, 768, 3072),
-    "vit_b_32": (32, 12, 12, 768, 3072),
-    "vit_l_16": (16, 24, 16, 1024, 4096),
-    "vit_l_32": (32, 24, 16, 1024, 4096),
-}
 LAYER_NORM_EPS = 1e-6
 _ZEROS = nnx.initializers.zeros_init()
 _XAVIER = nnx.initializers.xavier_uniform()
-
-
-def feature_dim(name: str) -> int:
-    """Width of the class-token embedding: 768 (B) or 1024 (L)."""
-    return VARIANTS[name][3]
 
 
 def _layer_norm(dim: int, *, rngs: nnx.Rngs, dtype: Dtype) -> nnx.LayerNorm:
@@ -185,12 +173,20 @@ class Heads(nnx.Module):
 
 
 class VisionTransformer(nnx.Module):
-    """Patchify (p x p conv) -> prepend class token -> encoder -> class token [-> heads]."""
+    """Patchify (p x p conv) -> prepend class token -> encoder -> class token [-> heads].
+
+    The variant is set by `patch_size`, `num_layers` (encoder blocks), `num_heads`, `hidden_dim`
+    (token width) and `mlp_dim`.
+    """
 
     def __init__(
         self,
-        name: str,
         *,
+        patch_size: int,
+        num_layers: int,
+        num_heads: int,
+        hidden_dim: int,
+        mlp_dim: int,
         rngs: nnx.Rngs,
         include_top: bool = False,
         num_classes: int = 1000,
@@ -198,30 +194,32 @@ class VisionTransformer(nnx.Module):
         dropout: float = 0.0,
         dtype: Dtype = jnp.float32,
     ):
-        patch, num_layers, num_heads, dim, mlp_dim = VARIANTS[name]
-        if image_size % patch:
+        if image_size % patch_size:
+            nearest = max(patch_size, image_size // patch_size * patch_size)
             raise ValueError(
-                f"{name}: image_size={image_size} is not divisible by the patch size {patch}; "
-                f"use a multiple of {patch} (e.g. {max(patch, image_size // patch * patch)})."
+                f"image_size={image_size} is not divisible by the patch size {patch_size}; "
+                f"use a multiple of {patch_size} (e.g. {nearest})."
             )
         self.dtype = dtype
         self.image_size = image_size
-        self.num_features = dim
+        self.num_features = hidden_dim
         kw = {"rngs": rngs, "dtype": dtype}
         self.conv_proj = layers.conv(
             3,
-            dim,
-            patch,
-            stride=patch,
+            hidden_dim,
+            patch_size,
+            stride=patch_size,
             bias=True,
-            kernel_init=nnx.initializers.normal(math.sqrt(1 / (3 * patch * patch))),
+            kernel_init=nnx.initializers.normal(math.sqrt(1 / (3 * patch_size * patch_size))),
             bias_init=_ZEROS,
             **kw,
         )
-        self.class_token = nnx.Param(jnp.zeros((1, 1, dim), layers.param_dtype(dtype)))
-        seq_length = (image_size // patch) ** 2 + 1
-        self.encoder = Encoder(seq_length, num_layers, num_heads, dim, mlp_dim, dropout, **kw)
-        self.heads = Heads(dim, num_classes, **kw) if include_top else None
+        self.class_token = nnx.Param(jnp.zeros((1, 1, hidden_dim), layers.param_dtype(dtype)))
+        seq_length = (image_size // patch_size) ** 2 + 1
+        self.encoder = Encoder(
+            seq_length, num_layers, num_heads, hidden_dim, mlp_dim, dropout, **kw
+        )
+        self.heads = Heads(hidden_dim, num_classes, **kw) if include_top else None
 
     def __call__(self, x: jax.Array) -> jax.Array:
         if x.shape[1:3] != (self.image_size, self.image_size):
@@ -282,28 +280,6 @@ def resize_pos_embedding(pos_embedding: np.ndarray, num_tokens_new: int) -> np.n
     resized = np.einsum("ih,jw,hwd->ijd", matrix, matrix, image).reshape(1, -1, dim)
     resized = np.concatenate([np.asarray(pos_embedding[:, :1], np.float64), resized], axis=1)
     return resized.astype(pos_embedding.dtype)
-
-
-def build(
-    name: str,
-    *,
-    rngs: nnx.Rngs,
-    include_top: bool,
-    num_classes: int,
-    pooling_type: str,
-    dtype: Dtype,
-    image_size: int,
-) -> VisionTransformer:
-    """ViT for registry name `name` at `image_size`; `pooling_type` is ignored (class token)."""
-    del pooling_type
-    return VisionTransformer(
-        name,
-        rngs=rngs,
-        include_top=include_top,
-        num_classes=num_classes,
-        image_size=image_size,
-        dtype=dtype,
-    )
 
 
 def unfreeze_units(model: VisionTransformer) -> list[tuple]:

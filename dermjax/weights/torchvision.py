@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from dermjax.errors import UserError
 from dermjax.models.registry import HEAD_NAMES
 
 _DENSENET_LEGACY = re.compile(
@@ -39,6 +40,14 @@ _TORCH_LEAF = {"kernel": "weight", "scale": "weight", "mean": "running_mean", "v
 
 DEFAULT_WEIGHTS_DIR = "~/.cache/dermjax/weights"
 _TV_LIBRARY = None  # keeps the torchvision op-schema shim alive (see import_torchvision)
+
+
+class WeightsNotFoundError(UserError, FileNotFoundError):
+    """No converted weights file where the config (or the weights folder) points."""
+
+
+class WeightsMismatchError(UserError, ValueError):
+    """A converted weights file that does not fit the configured backbone."""
 
 
 def import_torchvision() -> Any:
@@ -168,10 +177,11 @@ def load_state_dict(
     """Copies a torchvision state_dict (torch tensors or numpy arrays) into `module` in place.
 
     Strict: every Param/BatchStat must be filled and every key used with a matching shape, else
-    one ValueError names all missing, unexpected and mis-shaped keys (nothing is modified).
-    `drop_head` ignores the classification head (`fc.*`, `classifier.*`, `heads.*`) on both sides,
-    for include_top=False backbones or new heads. `encoder.pos_embedding` with another token
-    count is resized (bicubic, torchvision-exact). Values are cast to the module's dtypes.
+    one `WeightsMismatchError` names all missing, unexpected and mis-shaped keys (nothing is
+    modified). `drop_head` ignores the classification head (`fc.*`, `classifier.*`, `heads.*`)
+    on both sides, for include_top=False backbones or new heads. `encoder.pos_embedding` with
+    another token count is resized (bicubic, torchvision-exact). Values are cast to the module's
+    dtypes.
     """
     expected = {
         tuple(path): var.get_value()
@@ -210,7 +220,7 @@ def load_state_dict(
             )
             if keys
         ]
-        raise ValueError(
+        raise WeightsMismatchError(
             f"state_dict does not match {type(module).__name__}: " + "; ".join(problems)
         )
     for path, array in updates.items():
@@ -257,11 +267,21 @@ def backbone_from_state_dict(
 def pretrained_backbone(
     name: str, weights_path: str | os.PathLike | None = None, **backbone_kwargs: Any
 ) -> nnx.Module:
-    """Backbone `name` with converted torchvision weights (see `resolve_weights_path`)."""
+    """Backbone `name` with converted torchvision weights (see `resolve_weights_path`).
+
+    A file that does not fit `name` raises `WeightsMismatchError` naming the file and the keys.
+    """
     from safetensors.numpy import load_file
 
-    state_dict = load_file(str(resolve_weights_path(name, weights_path)))
-    return backbone_from_state_dict(name, state_dict, **backbone_kwargs)
+    path = resolve_weights_path(name, weights_path)
+    state_dict = load_file(str(path))
+    try:
+        return backbone_from_state_dict(name, state_dict, **backbone_kwargs)
+    except WeightsMismatchError as error:
+        raise WeightsMismatchError(
+            f"{path} does not hold {name} weights ({error}); point vision_model.weights_path at "
+            f"a file converted for {name}: {conversion_command(name, path)}"
+        ) from error
 
 
 def save_converted(
@@ -303,15 +323,14 @@ def conversion_command(name: str, out: str | os.PathLike) -> str:
 def resolve_weights_path(name: str, weights_path: str | os.PathLike | None = None) -> Path:
     """Converted weights for backbone `name`: `weights_path`, else `weights_dir()/<name>.safetensors`.
 
-    Raises FileNotFoundError with the exact conversion command when the file does not exist.
+    Raises `WeightsNotFoundError` with the exact conversion command when the file does not exist.
     """
     path = (
         Path(weights_path).expanduser() if weights_path else weights_dir() / f"{name}.safetensors"
     )
     if not path.is_file():
-        raise FileNotFoundError(
-            f"No converted torchvision weights for {name!r} at {path}. Convert them once on a "
-            f"machine with internet and torch + torchvision installed:\n"
-            f"  {conversion_command(name, path)}"
+        raise WeightsNotFoundError(
+            f"no converted torchvision weights for {name!r} at {path}; convert them once on a "
+            f"machine with internet and torch + torchvision: {conversion_command(name, path)}"
         )
     return path

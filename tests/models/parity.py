@@ -1,8 +1,10 @@
 """Shared helpers for parity tests of dermjax backbones against torchvision (CPU only).
 
-Recipe from docs TORCHVISION_PORTING.md §6.2: every 1-D tensor, token, position embedding and
-classification head is randomised and BatchNorm running statistics are calibrated, so that a
-wrong mapping (dropped/swapped statistics, zero head, ...) changes the logits visibly.
+Recipe: torchvision initialises biases, BatchNorm scales and statistics, tokens and some heads
+to constants (0 or 1), which would hide a wrong mapping. So every 1-D tensor, token, position
+embedding and classification head is randomised and BatchNorm running statistics are calibrated
+on random images, so that a wrong mapping (dropped/swapped statistics, zero head, ...) changes
+the logits visibly.
 
 Typical use::
 

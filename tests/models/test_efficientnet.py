@@ -15,8 +15,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from dermjax.models import create_backbone
-from dermjax.models.efficientnet import MBConv, feature_dim, stage_settings, unfreeze_units
+from dermjax.models import create_backbone, feature_dim
+from dermjax.models.efficientnet import MBConv, stage_settings, unfreeze_units
+from dermjax.models.registry import backbone_spec
 from tests.models import parity
 
 NAMES = ("efficientnet_b0", "efficientnet_b1", "efficientnet_b4")
@@ -71,8 +72,13 @@ def assert_float64_parity(name: str, model: Any, image_size: int) -> None:
     assert parity.max_abs_diff(out, ref) <= parity.F64_TOL * max(1, np.abs(ref).max())
 
 
+def settings(name: str) -> list[tuple[int, ...]]:
+    variant = backbone_spec(name).variant
+    return stage_settings(variant["width_mult"], variant["depth_mult"])
+
+
 def test_width_and_depth_rounding_match_torchvision() -> None:
-    assert stage_settings("efficientnet_b4") == [
+    assert settings("efficientnet_b4") == [
         (1, 3, 1, 48, 24, 2),
         (6, 3, 2, 24, 32, 4),
         (6, 5, 2, 32, 56, 4),
@@ -81,8 +87,7 @@ def test_width_and_depth_rounding_match_torchvision() -> None:
         (6, 5, 2, 160, 272, 8),
         (6, 3, 1, 272, 448, 2),
     ]
-    assert [row[5] for row in stage_settings("efficientnet_b1")] == [2, 3, 3, 4, 4, 5, 2]
-    assert [feature_dim(n) for n in NAMES] == [1280, 1280, 1792]
+    assert [row[5] for row in settings("efficientnet_b1")] == [2, 3, 3, 4, 4, 5, 2]
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -105,6 +110,7 @@ def test_headless_output_is_pooled_features(name: str, pooling_type: str, dim: i
 
     out = nnx.eval_shape(forward)
     assert out.shape == (2, dim) and out.dtype == jnp.float32
+    assert feature_dim(name, pooling_type) == dim  # the registry's table agrees with the model
 
 
 def test_se_squeeze_width_is_a_quarter_of_block_input(abstract_b0: nnx.Module) -> None:

@@ -8,7 +8,13 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from dermjax.models.fusion import ACTIVATIONS, MLP, MultimodalClassifier, l2_normalize
+from dermjax.models.fusion import (
+    ACTIVATIONS,
+    FUSION_STRATEGIES,
+    MLP,
+    MultimodalClassifier,
+    l2_normalize,
+)
 from dermjax.models.losses import LossSpec, cross_entropy, total_loss
 
 V, T, C, P, B, H = 12, 10, 4, 6, 8, 5  # H: hidden width
@@ -29,9 +35,7 @@ def _embeddings(batch=B, seed=0):
 
 @pytest.mark.parametrize(
     "fusion, hidden, l2, aux",
-    list(
-        itertools.product(["concat_mlp", "weighted_sum"], [(), (H,)], [False, True], [False, True])
-    ),
+    list(itertools.product(FUSION_STRATEGIES, [(), (H,)], [False, True], [False, True])),
 )
 def test_output_shapes_for_every_head_configuration(fusion, hidden, l2, aux):
     model = _model(
@@ -116,7 +120,7 @@ def test_each_activation_name_computes_its_function(name, act):
 
 
 def test_activation_table_and_unknown_activation_error():
-    assert set(ACTIVATIONS) == {"relu", "gelu", "silu", "swish", "leaky_relu"}
+    assert ACTIVATIONS == ("relu", "gelu", "silu", "swish", "leaky_relu")
     with pytest.raises(ValueError, match="leaky_relu"):
         MLP(V, (H,), C, activation="tanh", rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="fusion_strategy"):
@@ -212,26 +216,7 @@ def test_aux_losses_are_computed_on_the_valid_subset_only():
     np.testing.assert_allclose(float(total), main + 0.5 * aux_v + 0.3 * aux_t, rtol=1e-5)
 
 
-def test_from_config_picks_head_keys_and_ignores_loss_keys():
-    cfg = {
-        "projection_dim": P,
-        "image_projection_hidden": [H],
-        "text_projection_hidden": None,
-        "projection_dropout": 0.25,
-        "text_projection_dropout": None,
-        "fusion_strategy": "weighted_sum",
-        "use_auxiliary_loss": True,
-        "loss_fn": "focal",
-        "label_smoothing": 0.1,
-        "auxiliary_loss_weight": 0.3,
-        "use_class_weights_from_data": True,
-    }
-    model = MultimodalClassifier.from_config(cfg, V, T, C, rngs=nnx.Rngs(0))
-    assert model.fusion_strategy == "weighted_sum" and model.use_auxiliary_loss
-    assert model.vision_projection.hidden[0].linear.out_features == H
-    assert len(model.text_projection.hidden) == 0
-    assert model.vision_projection.hidden[0].dropout.rate == 0.25
-    with pytest.raises(ValueError, match="projection_dim"):
-        MultimodalClassifier.from_config(
-            {"fusion_strategy": "concat_mlp"}, V, T, C, rngs=nnx.Rngs(0)
-        )
+def test_hidden_sizes_accept_lists_as_a_config_holds_them():
+    model = _model(image_projection_hidden=[H, 3], final_hidden_sizes=[H])
+    assert [b.linear.out_features for b in model.vision_projection.hidden] == [H, 3]
+    assert [b.linear.out_features for b in model.final_classifier.hidden] == [H]

@@ -5,7 +5,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dermjax.models.losses import LossSpec, cross_entropy, focal_loss, total_loss
+from dermjax.models.losses import (
+    LOSS_FNS,
+    REDUCTIONS,
+    LossSpec,
+    cross_entropy,
+    focal_loss,
+    total_loss,
+)
 
 B, C = 24, 5
 
@@ -110,58 +117,127 @@ def test_gradients_are_finite_for_confident_logits():
         assert np.all(np.isfinite(jax.grad(fn)(logits)))
 
 
-def test_loss_spec_manual_class_weights_win_over_data_weights():
-    spec = LossSpec.from_config(
-        {"class_weights": [1.0, 2.0], "use_class_weights_from_data": True}, [0.1, 0.2]
+def _focal_inputs():
+    """Ordinary samples plus one with p_t == 1 exactly in float32 and one confidently wrong."""
+    rng = np.random.default_rng(11)
+    logits = (rng.normal(size=(6, 3)) * 2).astype(np.float32)
+    labels = rng.integers(0, 3, size=6).astype(np.int32)
+    logits = np.concatenate([logits, [[100.0, -100.0, -100.0], [100.0, -100.0, -100.0]]])
+    labels = np.concatenate([labels, [0, 1]]).astype(np.int32)
+    return logits.astype(np.float32), labels
+
+
+def _central_differences(f, x, h=1e-5):
+    grad = np.zeros_like(x)
+    for i in np.ndindex(x.shape):
+        step = np.zeros_like(x)
+        step[i] = h
+        grad[i] = (f(x + step) - f(x - step)) / (2 * h)
+    return grad
+
+
+@pytest.mark.parametrize("gamma", [0.0, 0.5, 1.0, 2.0])
+def test_focal_loss_value_and_gradient_match_float64_reference_including_p_t_one(gamma):
+    logits, labels = _focal_inputs()
+    alpha = np.array([0.5, 1.0, 2.0], np.float32)
+    # the confident row really hits p_t == 1 in float32, where (1 - p_t)**0.5 has infinite slope
+    assert float(jax.nn.log_softmax(jnp.asarray(logits[-2]))[0]) == 0.0
+    value, grad = jax.value_and_grad(lambda z: focal_loss(z, labels, alpha=alpha, gamma=gamma))(
+        jnp.asarray(logits)
     )
+    ref = _focal_reference(logits, labels, alpha, gamma)
+    np.testing.assert_allclose(float(value), ref, rtol=1e-5)
+    expected = _central_differences(
+        lambda z: _focal_reference(z, labels, alpha, gamma), logits.astype(np.float64)
+    )
+    assert np.all(np.isfinite(np.asarray(grad)))
+    np.testing.assert_allclose(np.asarray(grad), expected, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("gamma", [0.01, 0.5, 0.99])
+def test_focal_loss_gradient_is_finite_as_p_t_approaches_one(gamma):
+    margins = np.concatenate([np.linspace(0.0, 120.0, 4001), np.logspace(-8, 2, 2000)])
+    logits = np.stack([margins, np.zeros_like(margins), -margins], 1).astype(np.float32)
+    labels = np.zeros(len(margins), np.int32)
+    grad = jax.grad(lambda z: focal_loss(z, labels, gamma=gamma))(jnp.asarray(logits))
+    assert np.all(np.isfinite(np.asarray(grad)))
+
+
+# The config defaults of the multimodal_classifier loss fields.
+LOSS_FIELDS = dict(
+    loss_fn="cross_entropy",
+    label_smoothing=0.1,
+    class_weights=None,
+    use_class_weights_from_data=False,
+    alpha=None,
+    gamma=2.0,
+    reduction="mean",
+    use_auxiliary_loss=False,
+    auxiliary_loss_weight=0.3,
+    auxiliary_vision_loss_weight=None,
+    auxiliary_text_loss_weight=None,
+)
+
+
+def _create(data_class_weights=None, **fields):
+    return LossSpec.create(**{**LOSS_FIELDS, **fields}, data_class_weights=data_class_weights)
+
+
+def test_loss_spec_manual_class_weights_win_over_data_weights():
+    spec = _create([0.1, 0.2], class_weights=[1.0, 2.0], use_class_weights_from_data=True)
     assert spec.class_weights == (1.0, 2.0)
 
 
 def test_loss_spec_injects_raw_data_weights_only_when_asked():
-    assert LossSpec.from_config(
-        {"use_class_weights_from_data": True}, [0.1, 0.2]
-    ).class_weights == (
-        0.1,
-        0.2,
-    )
-    assert (
-        LossSpec.from_config({"use_class_weights_from_data": False}, [0.1, 0.2]).class_weights
-        is None
-    )
+    assert _create([0.1, 0.2], use_class_weights_from_data=True).class_weights == (0.1, 0.2)
+    assert _create([0.1, 0.2], use_class_weights_from_data=False).class_weights is None
 
 
 def test_loss_spec_focal_alpha_falls_back_from_alpha_to_class_weights_to_one():
     data_w = [0.01, 0.02]
-    base = {"loss_fn": "focal"}
-    assert LossSpec.from_config({**base, "alpha": [3.0, 4.0], "class_weights": [1, 2]}).alpha == (
-        3.0,
-        4.0,
-    )
-    assert LossSpec.from_config({**base, "alpha": 0.25}).alpha == 0.25
-    with_data = {**base, "use_class_weights_from_data": True}
-    assert LossSpec.from_config(with_data, data_w).alpha == (0.01, 0.02)
-    assert LossSpec.from_config(base, data_w).alpha == 1.0
-    assert LossSpec.from_config(base, data_w).gamma == 2.0
+    focal = dict(loss_fn="focal")
+    assert _create(**focal, alpha=[3.0, 4.0], class_weights=[1, 2]).alpha == (3.0, 4.0)
+    assert _create(**focal, alpha=0.25).alpha == 0.25
+    assert _create(**focal, class_weights=[1, 2]).alpha == (1.0, 2.0)
+    assert _create(data_w, **focal, use_class_weights_from_data=True).alpha == (0.01, 0.02)
+    assert _create(data_w, **focal).alpha == 1.0
+    assert _create(**focal, gamma=None).gamma == 2.0
+    assert _create(alpha=0.25).alpha is None  # alpha only matters to focal loss
 
 
 def test_loss_spec_aux_weights_default_to_auxiliary_loss_weight():
-    spec = LossSpec.from_config(
-        {
-            "use_auxiliary_loss": True,
-            "auxiliary_loss_weight": 0.2,
-            "auxiliary_text_loss_weight": 0.7,
-            "auxiliary_vision_loss_weight": None,
-        }
+    spec = _create(
+        use_auxiliary_loss=True,
+        auxiliary_loss_weight=0.2,
+        auxiliary_text_loss_weight=0.7,
+        auxiliary_vision_loss_weight=None,
     )
     assert (spec.aux_vision_weight, spec.aux_text_weight) == (0.2, 0.7)
     assert spec.use_auxiliary_loss
+    spec = _create(auxiliary_loss_weight=None)
+    assert (spec.aux_vision_weight, spec.aux_text_weight) == (0.3, 0.3)
 
 
-def test_loss_spec_rejects_unknown_loss_and_reduction():
+def test_loss_spec_create_takes_exactly_the_config_field_names():
+    spec = _create(label_smoothing=None)
+    assert spec.label_smoothing == 0.0
+    with pytest.raises(TypeError):
+        LossSpec.create(**{**LOSS_FIELDS, "smoothing": 0.1})
+    with pytest.raises(TypeError):
+        LossSpec.create(**{k: v for k, v in LOSS_FIELDS.items() if k != "gamma"})
+
+
+def test_loss_spec_accepts_the_listed_options_and_rejects_others():
+    for loss_fn in LOSS_FNS:
+        assert _create(loss_fn=loss_fn).loss_fn == loss_fn
+    for reduction in (*REDUCTIONS, None):
+        _create(reduction=reduction)
     with pytest.raises(ValueError, match="loss_fn"):
-        LossSpec.from_config({"loss_fn": "hinge"})
+        _create(loss_fn="hinge")
     with pytest.raises(ValueError, match="reduction"):
-        LossSpec.from_config({"reduction": "sum"})
+        _create(reduction="sum")
+    with pytest.raises(ValueError, match="gamma"):
+        _create(loss_fn="focal", gamma=-1.0)
 
 
 def _outputs(seed=6):

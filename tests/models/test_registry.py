@@ -15,7 +15,9 @@ from dermjax.models import (
     is_vit,
     param_labels,
     unit_count,
+    vit_patch_size,
 )
+from dermjax.models.vgg import unfreeze_units as vgg_units
 
 
 def _abstract(name, **kwargs):
@@ -62,6 +64,23 @@ def test_unit_counts_follow_the_originals_top_level_children():
     counts = {n: unit_count(n) for n in ("resnet50", "densenet121", "efficientnet_b0", "vgg16")}
     assert counts == {"resnet50": 8, "densenet121": 12, "efficientnet_b0": 9, "vgg16": 31}
     assert unit_count("vit_l_16") == 24
+    assert len(vgg_units(_abstract("vgg16"))) == unit_count("vgg16")
+
+
+def test_vit_patch_size_is_none_for_cnns():
+    patches = {name: vit_patch_size(name) for name in BACKBONES if is_vit(name)}
+    assert patches == {"vit_b_16": 16, "vit_b_32": 32, "vit_l_16": 16, "vit_l_32": 32}
+    assert {vit_patch_size(name) for name in BACKBONES if not is_vit(name)} == {None}
+    with pytest.raises(ValueError, match="unknown backbone"):
+        vit_patch_size("vit_h_14")
+
+
+def test_a_vit_is_built_for_a_square_image_size_a_cnn_for_any():
+    vit = _abstract("vit_b_32", image_size=(64, 64))
+    assert vit.image_size == 64 and vit.encoder.pos_embedding.shape == (1, 1 + 2 * 2, 768)
+    with pytest.raises(ValueError, match="vit_b_32 needs a square image size, got 64x96"):
+        _abstract("vit_b_32", image_size=(64, 96))
+    assert _abstract("vgg16", image_size=(64, 96)).num_features == 512
 
 
 def test_unknown_backbone_name_lists_the_choices():

@@ -15,8 +15,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from dermjax.models import create_backbone
-from dermjax.models.vit import VARIANTS, resize_pos_embedding, trainable_prefixes, unfreeze_units
+from dermjax.models import BACKBONES, create_backbone, is_vit, unit_count
+from dermjax.models.registry import backbone_spec
+from dermjax.models.vit import resize_pos_embedding, trainable_prefixes, unfreeze_units
 from tests.models import parity
 
 # torchvision Weights.meta["num_params"] (224 px).
@@ -34,15 +35,9 @@ def torch_vit(name: str, image_size: int) -> Any:
     import torch
 
     tv = parity.import_torchvision()
-    patch, num_layers, num_heads, dim, mlp_dim = VARIANTS[name]
     torch.manual_seed(0)
     return tv.models.vision_transformer.VisionTransformer(
-        image_size=image_size,
-        patch_size=patch,
-        num_layers=num_layers,
-        num_heads=num_heads,
-        hidden_dim=dim,
-        mlp_dim=mlp_dim,
+        image_size=image_size, **backbone_spec(name).variant
     )
 
 
@@ -57,7 +52,7 @@ def abstract_vit(name: str, **kwargs: Any) -> nnx.Module:
     return nnx.eval_shape(lambda: create_backbone(name, rngs=nnx.Rngs(0), **kwargs))
 
 
-@pytest.mark.parametrize("name", sorted(VARIANTS))
+@pytest.mark.parametrize("name", [n for n in BACKBONES if is_vit(n)])
 def test_parameter_count_matches_torchvision(name: str) -> None:
     assert parity.abstract_param_count(name, include_top=True) == TORCHVISION_PARAMS[name]
 
@@ -171,6 +166,7 @@ def test_input_size_must_equal_the_built_image_size() -> None:
 def test_unfreeze_units_are_the_encoder_blocks(name: str, blocks: int) -> None:
     units = unfreeze_units(abstract_vit(name))
     assert units == [("encoder", "layers", f"encoder_layer_{i}") for i in range(blocks)]
+    assert unit_count(name) == blocks
 
 
 def test_trainable_prefixes_are_last_blocks_plus_embeddings_and_final_norm() -> None:

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from dermjax.errors import UserError
 from dermjax.models import create_backbone
 from dermjax.weights import torchvision as tvw
 
@@ -72,7 +73,7 @@ def test_strict_loading_names_all_missing_unexpected_and_misshaped_keys(densenet
     broken["features.norm6.weight"] = np.ones(3)
     broken["classifier.bias"] = np.ones(999)
     broken["features.conv0.weight"] = densenet_state["features.conv0.weight"] + 1
-    with pytest.raises(ValueError) as error:
+    with pytest.raises(tvw.WeightsMismatchError) as error:
         tvw.load_state_dict(model, broken)
     message = str(error.value)
     assert re.search(r"missing keys \(2\):.*features\.norm5\.running_var", message)
@@ -178,10 +179,19 @@ def test_weights_resolve_from_explicit_path_then_weights_dir(tmp_path, monkeypat
 
 def test_missing_weights_error_prints_the_conversion_command(tmp_path, monkeypatch):
     monkeypatch.setenv("DERMJAX_WEIGHTS_DIR", str(tmp_path / "w"))
-    with pytest.raises(FileNotFoundError) as error:
+    with pytest.raises(UserError) as error:
         tvw.resolve_weights_path("resnet101")
     expected = (
         "python scripts/convert_torchvision.py --arch resnet101 --weights DEFAULT "
         f"--out {tmp_path / 'w' / 'resnet101.safetensors'}"
     )
     assert expected in str(error.value)
+    assert "\n" not in str(error.value)
+    assert isinstance(error.value, FileNotFoundError)
+
+
+def test_weights_of_another_backbone_name_the_file_as_a_user_error(densenet_state, tmp_path):
+    path = tmp_path / "densenet.safetensors"
+    tvw.save_converted(densenet_state, path)
+    with pytest.raises(UserError, match=r"densenet\.safetensors does not hold vgg16 weights"):
+        tvw.pretrained_backbone("vgg16", path)
