@@ -11,6 +11,8 @@ import math
 from typing import Any
 
 MODES = ("max", "min")
+# Validation metrics the loop can monitor; val/loss is minimised, the others maximised.
+MONITORS = ("val/accuracy", "val/loss", "val/macro_f1", "val/balanced_accuracy")
 
 
 class EarlyStopping:
@@ -20,6 +22,8 @@ class EarlyStopping:
     """
 
     def __init__(self, monitor: str = "val/accuracy", mode: str = "max", patience: int | None = 5):
+        if monitor not in MONITORS:
+            raise ValueError(f"early stopping monitor {monitor!r} is not one of {MONITORS}")
         if mode not in MODES:
             raise ValueError(f"early stopping mode {mode!r} is not one of {MODES}")
         if patience is not None and patience < 1:

@@ -9,13 +9,12 @@ both modalities of a sample.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 
-MASK_COMPLETE = (None, "image", "text")
+# Modalities `mask_complete` can mask everywhere (None masks nothing).
+MASK_MODES = ("image", "text")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,27 +27,14 @@ class MaskSpec:
     text_prob: float = 0.0
 
     def __post_init__(self) -> None:
-        if self.mask_complete not in MASK_COMPLETE:
+        if self.mask_complete is not None and self.mask_complete not in MASK_MODES:
             raise ValueError(
-                f"masking.mask_complete={self.mask_complete!r} must be one of {MASK_COMPLETE}."
+                f"masking.mask_complete={self.mask_complete!r} must be None or one of {MASK_MODES}."
             )
         for name in ("image_prob", "text_prob"):
             p = getattr(self, name)
             if not 0.0 <= p <= 1.0:
                 raise ValueError(f"masking.random_mask.{name}={p} must lie in [0, 1].")
-
-    @classmethod
-    def from_config(cls, masking_cfg: Mapping[str, Any] | None) -> MaskSpec:
-        """Read `{mask_complete, random_mask: {enabled, image_prob, text_prob}}`."""
-        if masking_cfg is None:
-            return cls()
-        random_cfg = masking_cfg.get("random_mask") or {}
-        return cls(
-            mask_complete=masking_cfg.get("mask_complete"),
-            random_enabled=bool(random_cfg.get("enabled", False)),
-            image_prob=float(random_cfg.get("image_prob") or 0.0),
-            text_prob=float(random_cfg.get("text_prob") or 0.0),
-        )
 
     @property
     def random_active(self) -> bool:

@@ -7,7 +7,12 @@ group, and the step counter. A batch sharded over the mesh's `data` axis runs un
 Inside a train step: device augmentation (uint8 -> [0, 1]), normalisation, modality masking,
 forward, loss, gradients, the optimizer updates. During warm-up only the head is differentiated,
 so no backward pass runs through the backbone and its optimizer state is not touched.
-A non-finite loss leaves the state exactly as it was (the loop then stops or skips).
+A step whose loss or any gradient is non-finite reports `finite=False` and leaves params, batch
+statistics and both optimizer states exactly as they were (the loop then stops or skips); the
+step counter still advances, so it counts attempted steps.
+
+With compute dtype bfloat16 the images and the backbone's activations are bfloat16, while
+parameters, optimizer states, the head, the logits and the loss stay float32.
 """
 
 from __future__ import annotations
@@ -26,6 +31,10 @@ from dermjax.models.losses import LossSpec, total_loss
 from dermjax.train.masking import MaskSpec, apply_masking
 
 TrainState = dict[str, Any]
+# Names of the supported compute dtypes (parameters are float32 in both).
+COMPUTE_DTYPES = ("float32", "bfloat16")
+# What the loop does after a non-finite step: stop with an error, or skip the batch.
+NONFINITE_POLICIES = ("error", "skip")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,7 +46,13 @@ class StepSpec:
     loss: LossSpec
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
-    compute_dtype: Any = jnp.float32
+    compute_dtype: str = "float32"  # a name in COMPUTE_DTYPES, or its jnp dtype
+
+    def __post_init__(self) -> None:
+        name = jnp.dtype(self.compute_dtype).name
+        if name not in COMPUTE_DTYPES:
+            raise ValueError(f"compute dtype {name!r} is not one of {COMPUTE_DTYPES}")
+        object.__setattr__(self, "compute_dtype", name)
 
 
 @dataclasses.dataclass
@@ -96,6 +111,11 @@ def _select(pred: jax.Array, new: Any, old: Any) -> Any:
     return jax.tree.map(lambda a, b: jnp.where(pred, a, b), new, old)
 
 
+def _all_finite(tree: Any) -> jax.Array:
+    """True when every element of every leaf is finite: one fused reduction per leaf."""
+    return jnp.all(jnp.stack([jnp.isfinite(leaf).all() for leaf in jax.tree.leaves(tree)]))
+
+
 def make_train_step(
     parts: ModelParts,
     spec: StepSpec,
@@ -150,7 +170,8 @@ def make_train_step(
             "opt_backbone": opt_backbone,
             "opt_head": opt_head,
         }
-        finite = jnp.isfinite(loss)
+        # A finite loss can still have NaN/inf gradients (e.g. a bfloat16 overflow in backward).
+        finite = jnp.isfinite(loss) & _all_finite(grads)
         old = {k: state[k] for k in candidate}
         new_state = {**_select(finite, candidate, old), "step": state["step"] + 1}
         out = {"loss": loss, "finite": finite, "preds": jnp.argmax(logits, -1), **terms}

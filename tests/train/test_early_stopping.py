@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from dermjax.train.early_stopping import EarlyStopping
+from dermjax.train.early_stopping import MONITORS, EarlyStopping
 
 
 def _run(stopper, values):
@@ -68,8 +68,12 @@ def test_loading_state_of_another_monitored_metric_fails():
         EarlyStopping("val/accuracy", "max").load_state_dict(state)
 
 
-def test_invalid_mode_and_patience_are_rejected():
+def test_invalid_monitor_mode_and_patience_are_rejected():
+    with pytest.raises(ValueError, match="monitor"):
+        EarlyStopping("val/auc")
     with pytest.raises(ValueError, match="mode"):
         EarlyStopping(mode="maximum")
     with pytest.raises(ValueError, match="patience"):
         EarlyStopping(patience=0)
+    for monitor in MONITORS:
+        assert EarlyStopping(monitor).monitor == monitor

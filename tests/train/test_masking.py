@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dermjax.train.masking import MaskSpec, apply_masking
+from dermjax.train.masking import MASK_MODES, MaskSpec, apply_masking
 
 B, D = 6, 4
 
@@ -124,14 +124,12 @@ def test_samples_without_text_are_text_invalid():
     assert not np.any(np.asarray(vv))
 
 
-def test_mask_spec_from_config_and_validation():
-    cfg = {
-        "mask_complete": None,
-        "random_mask": {"enabled": True, "image_prob": 0.1, "text_prob": 0.4},
-    }
-    assert MaskSpec.from_config(cfg) == MaskSpec(None, True, 0.1, 0.4)
-    assert MaskSpec.from_config({"mask_complete": "image"}) == MaskSpec("image")
+def test_mask_spec_rejects_unknown_modes_and_probabilities_outside_unit_interval():
+    for mode in (None, *MASK_MODES):
+        assert MaskSpec(mask_complete=mode).mask_complete == mode
     with pytest.raises(ValueError, match="mask_complete"):
         MaskSpec(mask_complete="audio")
     with pytest.raises(ValueError, match="image_prob"):
         MaskSpec(image_prob=1.5)
+    with pytest.raises(ValueError, match="text_prob"):
+        MaskSpec(text_prob=-0.1)

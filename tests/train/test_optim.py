@@ -10,6 +10,7 @@ import pytest
 from flax import nnx
 
 from dermjax.train.optim import (
+    OPTIMIZERS,
     epoch_lr,
     get_learning_rate,
     make_group_tx,
@@ -66,6 +67,10 @@ def test_group_tx_matches_torch_optimizer_including_a_learning_rate_change(name)
             np.testing.assert_allclose(
                 params[k], t_params[k].detach().numpy(), rtol=1e-6, atol=1e-6
             )
+
+
+def test_every_listed_optimizer_has_a_torch_parity_case():
+    assert sorted(CASES) == sorted(OPTIMIZERS)
 
 
 def test_unknown_optimizer_name_lists_the_allowed_ones():
