@@ -1,6 +1,7 @@
-"""Checkpointer: bitwise round trip, retention, damaged-checkpoint fallback, gs://, async."""
+"""Checkpoints: bitwise round trip, retention, damage fallback, read-only reading, model checks."""
 
 import logging
+import os
 import pathlib
 
 import grain
@@ -11,9 +12,11 @@ import optax
 import pytest
 from flax import nnx
 
+from dermjax.errors import UserError
 from dermjax.train.checkpoint import (
     Checkpointer,
     CheckpointError,
+    CheckpointReader,
     resolve_load_from,
     restore_weights_only,
 )
@@ -21,24 +24,30 @@ from dermjax.train.checkpoint import (
 
 class TinyNet(nnx.Module):
     def __init__(self, rngs: nnx.Rngs, classes: int = 3) -> None:
-        self.lin = nnx.Linear(4, classes, rngs=rngs)
-        self.bn = nnx.BatchNorm(classes, rngs=rngs)
-        self.drop = nnx.Dropout(0.5, rngs=rngs)
+        self.backbone = nnx.Sequential(nnx.Linear(4, 6, rngs=rngs), nnx.BatchNorm(6, rngs=rngs))
+        self.head = nnx.Linear(6, classes, rngs=rngs)
 
     def __call__(self, x):
-        return self.drop(self.bn(self.lin(x)))
+        return self.head(self.backbone(x))
 
 
-def make_state(seed: int = 0) -> dict:
-    """A trained-looking state: moved batch stats, advanced rng, non-zero Adam moments."""
-    model = TinyNet(nnx.Rngs(seed, dropout=seed + 1))
-    model(jnp.linspace(-1.0, 1.0, 8 * 4).reshape(8, 4))
-    params = nnx.state(model, nnx.Param)
+def make_state(seed: int = 0, classes: int = 3) -> dict:
+    """The trainer's state layout, trained-looking: moved batch stats, non-zero Adam moments."""
+    model = TinyNet(nnx.Rngs(seed), classes=classes)
+    model(jnp.linspace(-1.0, 1.0 + seed, 8 * 4).reshape(8, 4))
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     tx = optax.adamw(1e-2)
-    opt = tx.init(params)
-    grads = jax.tree.map(jnp.ones_like, params)
-    _, opt = tx.update(grads, opt, params)
-    return {"model": nnx.state(model), "opt_head": opt, "step": jnp.int32(7 + seed)}
+    opts = {}
+    for part in ("backbone", "head"):
+        opt = tx.init(params[part])
+        _, opts[part] = tx.update(jax.tree.map(jnp.ones_like, params[part]), opt, params[part])
+    return {
+        "params": params,
+        "batch_stats": nnx.to_pure_dict(nnx.state(model, nnx.BatchStat)),
+        "opt_backbone": opts["backbone"],
+        "opt_head": opts["head"],
+        "step": jnp.int32(7 + seed),
+    }
 
 
 def abstract_of(state: dict):
@@ -47,16 +56,22 @@ def abstract_of(state: dict):
     )
 
 
-def leaves_equal(a, b) -> bool:
-    def raw(x):
-        x = jax.random.key_data(x) if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key) else x
-        return np.asarray(x)
+def weights_of(state: dict) -> dict:
+    return {k: state[k] for k in ("params", "batch_stats")}
 
+
+def leaves_equal(a, b) -> bool:
     la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
-    return len(la) == len(lb) and all(
-        raw(x).dtype == raw(y).dtype and np.array_equal(raw(x), raw(y))
+    return jax.tree.structure(a) == jax.tree.structure(b) and all(
+        np.asarray(x).dtype == np.asarray(y).dtype and np.array_equal(x, y)
         for x, y in zip(la, lb, strict=True)
     )
+
+
+def snapshot(root: pathlib.Path) -> list[tuple[str, int, int]]:
+    """Every path under `root` with its size and modification time."""
+    found = [root, *root.rglob("*")]
+    return sorted((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in found)
 
 
 def data_iter():
@@ -191,20 +206,111 @@ def test_resolve_load_from_accepts_workdir_checkpoint_dirs_and_step_dirs(tmp_pat
         resolve_load_from(str(tmp_path))
 
 
-def test_restore_weights_only_reads_params_and_batch_stats_and_rejects_other_shapes(tmp_path):
+def test_restore_weights_only_returns_saved_arrays_placed_like_the_abstract(tmp_path):
     state = make_state()
     with Checkpointer(str(tmp_path / "checkpoints"), save_frequency=1, keep_last=1) as ckpt:
         ckpt.save(7, state=state, data_iter=None, meta={"classes": ["a", "b", "c"]}, kind="final")
-    wanted = (nnx.Param, nnx.BatchStat)  # one filter: params or batch stats
-    abstract = nnx.state(nnx.eval_shape(lambda: TinyNet(nnx.Rngs(9))), wanted)
-    model_state, meta = restore_weights_only(str(tmp_path), abstract)
+    abstract = weights_of(abstract_of(make_state(seed=5)))
+    abstract["params"]["head"]["bias"] = jax.ShapeDtypeStruct(
+        (3,), jnp.bfloat16, sharding=abstract["params"]["head"]["bias"].sharding
+    )
+    weights, meta = restore_weights_only(str(tmp_path), abstract)
     assert meta["classes"] == ["a", "b", "c"]
-    assert leaves_equal(model_state, nnx.filter_state(state["model"], wanted))
-    other = nnx.state(nnx.eval_shape(lambda: TinyNet(nnx.Rngs(9), classes=5)), wanted)
-    with pytest.raises(
-        CheckpointError, match=r"(?s)do not fit.*checkpoint \(4, 3\), model \(4, 5\)"
-    ):
+    assert jax.tree.structure(weights) == jax.tree.structure(abstract)
+    for got, want in zip(jax.tree.leaves(weights), jax.tree.leaves(abstract), strict=True):
+        assert isinstance(got, jax.Array)
+        assert (got.dtype, got.sharding) == (want.dtype, want.sharding)
+    expected = weights_of(state)
+    expected["params"]["head"]["bias"] = expected["params"]["head"]["bias"].astype(jnp.bfloat16)
+    assert leaves_equal(weights, expected)
+    total = jax.jit(lambda t: sum(jnp.sum(x.astype(jnp.float32)) for x in jax.tree.leaves(t)))
+    assert np.isclose(total(weights), total(expected))
+
+
+def test_restore_weights_only_into_other_class_count_raises_one_clear_line(tmp_path):
+    with Checkpointer(str(tmp_path / "checkpoints"), save_frequency=1, keep_last=1) as ckpt:
+        ckpt.save(7, state=make_state(), data_iter=None, meta={}, kind="final")
+    other = weights_of(abstract_of(make_state(classes=5)))
+    other["params"]["backbone"]["extra"] = jax.ShapeDtypeStruct((2,), jnp.float32)
+    with pytest.raises(CheckpointError) as raised:
         restore_weights_only(str(tmp_path), other)
+    message = str(raised.value)
+    assert isinstance(raised.value, UserError) and "\n" not in message
+    assert "was saved by a different model" in message
+    assert "params.head.kernel: checkpoint (6, 3), model (6, 5)" in message
+    assert "params.backbone.extra: not in checkpoint" in message
+    assert "opt_head" not in message  # optimizer state is not part of a weights-only restore
+
+
+def test_restore_into_another_model_raises_at_once_without_falling_back(tmp_path, caplog):
+    ckdir = tmp_path / "checkpoints"
+    with Checkpointer(str(ckdir), save_frequency=1, keep_last=3) as ckpt:
+        for step in (10, 20):
+            ckpt.save(step, state=make_state(), data_iter=None, meta={}, kind="periodic")
+    other = abstract_of(make_state(classes=5))  # 6 differing arrays: head and its Adam moments
+    with (
+        caplog.at_level(logging.WARNING),
+        CheckpointReader(str(ckdir)) as reader,
+        pytest.raises(CheckpointError) as raised,
+    ):
+        reader.restore(None, abstract_state=other, data_iter=None)
+    message = str(raised.value)
+    assert message.startswith(f"checkpoint under {ckdir} (periodic/20) was saved by a different")
+    assert "params.head.bias: checkpoint (3,), model (5,)" in message
+    assert "... and 1 more" in message and "\n" not in message
+    assert "cannot be read" not in caplog.text and "Restored step" not in caplog.text
+
+
+def test_reading_another_run_leaves_its_folder_untouched(tmp_path):
+    run = tmp_path / "run"
+    state = make_state()
+    with Checkpointer(str(run / "checkpoints"), save_frequency=1, keep_last=2) as ckpt:
+        ckpt.save(10, state=state, data_iter=None, meta={"epoch": 0}, kind="best")
+        ckpt.save(10, state=state, data_iter=None, meta={"epoch": 0}, kind="periodic")
+        ckpt.save(12, state=state, data_iter=None, meta={"epoch": 1}, kind="final")
+    before = snapshot(run)
+    directory, step = resolve_load_from(str(run))
+    with CheckpointReader(directory, monitor_mode="min") as reader:
+        assert (reader.latest(), reader.best()) == (12, 10)
+        assert reader.latest_meta()[0] == 12 and reader.read_meta(10)["epoch"] == 0
+        restored, meta = reader.restore(step, abstract_state=abstract_of(state), data_iter=None)
+    weights, _ = restore_weights_only(str(run), weights_of(abstract_of(state)))
+    assert meta["epoch"] == 1 and leaves_equal(restored, state)
+    assert leaves_equal(weights, weights_of(state))
+    assert snapshot(run) == before
+
+
+def test_folder_with_only_periodic_restores_without_creating_other_kinds(tmp_path):
+    ckdir = tmp_path / "checkpoints"
+    state = make_state()
+    with Checkpointer(str(ckdir), save_frequency=1, keep_last=1) as ckpt:
+        ckpt.save(10, state=state, data_iter=None, meta={}, kind="periodic")
+    (ckdir / "best").rmdir()
+    (ckdir / "last").rmdir()
+    assert resolve_load_from(str(ckdir)) == (str(ckdir), None)
+    with CheckpointReader(str(ckdir)) as reader:
+        restored, _ = reader.restore(None, abstract_state=abstract_of(state), data_iter=None)
+    assert leaves_equal(restored, state)
+    assert sorted(os.listdir(ckdir)) == ["periodic"]
+
+
+def test_latest_meta_skips_unreadable_meta_and_read_meta_reads_one_step(tmp_path, caplog):
+    state = make_state()
+    with Checkpointer(str(tmp_path), save_frequency=1, keep_last=3) as ckpt:
+        assert ckpt.latest_meta() is None
+        ckpt.save(10, state=state, data_iter=None, meta={"epoch": 0}, kind="periodic")
+        ckpt.save(20, state=state, data_iter=None, meta={"epoch": 1}, kind="periodic")
+        assert ckpt.latest_meta()[0] == 20
+    (tmp_path / "periodic" / "20" / "meta" / "metadata").write_text("{not json")
+    with caplog.at_level(logging.WARNING), CheckpointReader(str(tmp_path)) as reader:
+        step, meta = reader.latest_meta()
+        assert (step, meta["epoch"], meta["kind"]) == (10, 0, "periodic")
+        assert "periodic/20" in caplog.text
+        assert reader.read_meta(10)["epoch"] == 0
+        with pytest.raises(CheckpointError, match="metadata of step 20"):
+            reader.read_meta(20)
+        with pytest.raises(CheckpointError, match=r"step 30 .*saved: \[10, 20\]"):
+            reader.read_meta(30)
 
 
 def test_gcs_save_prune_and_restore_against_emulator(gcs_root):
@@ -223,8 +329,8 @@ def test_gcs_save_prune_and_restore_against_emulator(gcs_root):
         assert (ckpt.latest(), ckpt.best()) == (20, 10)
     directory, step = resolve_load_from(workdir)
     fresh_it = data_iter()
-    with Checkpointer(directory, save_frequency=1, keep_last=1) as ckpt:
-        restored, meta = ckpt.restore(step, abstract_state=abstract_of(state), data_iter=fresh_it)
+    with CheckpointReader(directory) as reader:
+        restored, meta = reader.restore(step, abstract_state=abstract_of(state), data_iter=fresh_it)
     assert meta["epoch"] == 1 and leaves_equal(restored, state)
     np.testing.assert_array_equal(next(fresh_it), expected_next)
     fs = gcsfs.GCSFileSystem()
