@@ -11,29 +11,37 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
 
-from absl import app, flags
+import jax
+from absl import flags
 from ml_collections import config_flags
 
-from dermjax.config import validate_or_exit
+from dermjax import parallel, runner
+from dermjax.cli import run_main
+from dermjax.config import packaged_config_path, validate_for_run
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/default.py", "Config file.")
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", str(packaged_config_path("default")), "Config file (default: configs/default.py)."
+)
 _WORKDIR = flags.DEFINE_string(
-    "workdir", None, "Run folder (metrics, checkpoints); default workdirs/<experiment_name>."
+    "workdir",
+    None,
+    "Folder holding everything of this run (logs, metrics, summary, checkpoints); default: "
+    "<output.log_dir or workdirs>/<experiment_name>, checkpoints under output.save_dir/<name>.",
 )
 
 
-def _setup_logging(workdir: str) -> None:
+def _setup_logging() -> None:
+    """Console logging; `runner.run` adds the run folder's train.log once it holds the lock."""
     fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S")
     root = logging.getLogger()
     root.setLevel(logging.INFO)
     for handler in list(root.handlers):  # absl's own handler would print every line twice
         root.removeHandler(handler)
-    for handler in (logging.StreamHandler(sys.stderr), logging.FileHandler(f"{workdir}/train.log")):
-        handler.setFormatter(fmt)
-        root.addHandler(handler)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(fmt)
+    root.addHandler(handler)
     for noisy in ("absl", "jax._src", "orbax", "grain"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
@@ -41,16 +49,20 @@ def _setup_logging(workdir: str) -> None:
 def main(argv: list[str]) -> None:
     del argv
     cfg = _CONFIG.value
-    validate_or_exit(cfg)
-    workdir = _WORKDIR.value or os.path.join("workdirs", cfg.output.experiment_name)
-    os.makedirs(workdir, exist_ok=True)
-    _setup_logging(workdir)
-
-    from dermjax import parallel
-    from dermjax.train.loop import train_and_evaluate
-
     parallel.maybe_initialize_distributed()
-    summary = train_and_evaluate(cfg, workdir)
+    validate_for_run(cfg, device_count=jax.device_count(), process_count=jax.process_count())
+    _setup_logging()
+    summary = runner.run(cfg, _WORKDIR.value)
+    if summary.get("preempted"):
+        folders = runner.run_folders(cfg, _WORKDIR.value)
+        print(
+            f"Preempted: saved step {summary['step']} to {folders.checkpoint_dir}. Resume by "
+            f"re-running the same command (same --workdir={folders.run_dir}).",
+            flush=True,
+        )
+        return
+    if summary.get("already_finished"):
+        print("This run had already finished; its summary:", flush=True)
     if "test" in summary:
         brief = {k: summary[k] for k in ("val", "test", "baseline") if k in summary}
         print(json.dumps(brief, indent=1, default=str))
@@ -58,7 +70,7 @@ def main(argv: list[str]) -> None:
 
 def run() -> None:
     """Console-script entry point (`dermjax --config=...`)."""
-    app.run(main)
+    run_main(main)
 
 
 if __name__ == "__main__":

@@ -15,12 +15,15 @@ import logging
 import os
 import tempfile
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
-from dermjax.config import validate_or_exit
+from dermjax.cli import run_main
+from dermjax.config import packaged_config_path, validate
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/default.py", "Config file.")
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", str(packaged_config_path("default")), "Config file (default: configs/default.py)."
+)
 _WORKERS = flags.DEFINE_integer(
     "workers", None, "Decode processes (default: training.num_workers)."
 )
@@ -29,14 +32,14 @@ _WORKERS = flags.DEFINE_integer(
 def main(argv: list[str]) -> None:
     del argv
     cfg = _CONFIG.value
-    validate_or_exit(cfg)
+    validate(cfg)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     from dermjax.data.cache import build_cache
-    from dermjax.data.setup import cache_plan, prepare_data
+    from dermjax.experiment import cache_plan, load_data
 
     cfg.training.compute_stats = False  # statistics belong to the training run, not the cache
     with tempfile.TemporaryDirectory() as scratch:
-        data = prepare_data(cfg, scratch)
+        data = load_data(cfg, scratch)
     workers = _WORKERS.value if _WORKERS.value is not None else cfg.training.num_workers
     for rule, (directory, paths) in cache_plan(cfg, data).items():
         logging.info("building the %s cache of %d images at %s", rule, len(paths), directory)
@@ -50,5 +53,10 @@ def main(argv: list[str]) -> None:
         )
 
 
+def run() -> None:
+    """Command-line entry point (`python -m dermjax.prepare --config=...`)."""
+    run_main(main)
+
+
 if __name__ == "__main__":
-    app.run(main)
+    run()

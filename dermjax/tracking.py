@@ -60,6 +60,7 @@ class Tracker:
         wandb_project: str | None = None,
         wandb_dir: str | None = None,
         enabled: bool = True,
+        resume_step: int | None = None,
     ):
         self.workdir = str(workdir).rstrip("/")
         self.experiment_name = experiment_name
@@ -74,15 +75,42 @@ class Tracker:
             return
         fs, root = fsspec.core.url_to_fs(self.workdir)
         fs.makedirs(root, exist_ok=True)
+        lines = self._start_lines(fs, f"{root}/metrics.jsonl", resume_step)
         if _is_remote(self.workdir):
-            self._remote_lines = []
-            if fs.exists(f"{root}/metrics.jsonl"):  # resumed run: keep earlier lines
-                with fsspec.open(self.metrics_path, "r") as f:
-                    self._remote_lines = f.read().splitlines()
+            self._remote_lines = lines
+        elif lines is not None:
+            with fsspec.open(self.metrics_path, "w", encoding="utf-8") as f:
+                f.writelines(line + "\n" for line in lines)
         if wandb_project:
             if wandb_dir is None and "WANDB_DIR" not in os.environ and not _is_remote(self.workdir):
                 wandb_dir = self.workdir
             self._start_wandb(wandb_project, wandb_dir, to_jsonable(config_dict))
+
+    def _start_lines(self, fs: Any, path: str, resume_step: int | None) -> list[str] | None:
+        """The lines a (resumed) run continues from; a fresh run moves an old file aside.
+
+        Resuming at global step S keeps the epoch records up to S and drops later ones (written
+        after the checkpoint the run resumes from) and any final evaluation, so no record is
+        repeated. A new run never appends to another run's records.
+        """
+        if not fs.exists(path):
+            return [] if _is_remote(self.workdir) else None
+        if resume_step is None:
+            stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
+            fs.mv(path, f"{path}.{stamp}")
+            warnings.warn(
+                f"{self.metrics_path} of an earlier, unfinished run moved to metrics.jsonl.{stamp}",
+                stacklevel=3,
+            )
+            return []
+        with fs.open(path, "r") as f:
+            records = [json.loads(line) for line in f.read().splitlines() if line.strip()]
+        return [
+            json.dumps(r)
+            for r in records
+            if r.get("step", 0) <= resume_step
+            and r.get("event") in ("epoch", "val/confusion_matrix")
+        ]
 
     def _start_wandb(self, project: str, wandb_dir: str | None, config: Any) -> None:
         try:
@@ -123,8 +151,8 @@ class Tracker:
     def log(self, event: str, step: int, metrics: Mapping[str, Any]) -> None:
         """Appends `{"event", "step", "time", "elapsed_s", **metrics}` as one JSONL line.
 
-        wandb receives the scalar metrics at `step` (steps must not decrease across calls; the
-        loop uses the epoch); lists and nested values stay in the JSONL only.
+        `step` is always the global optimisation step (records of an epoch also carry `epoch`).
+        wandb receives the scalar metrics at `step`; lists and nested values stay in the JSONL.
         """
         if not self.enabled:
             return
@@ -222,6 +250,9 @@ def _format_duration(seconds: float) -> str:
 class Progress:
     """Progress of one pass over a split, in images: a tqdm bar on a TTY, else periodic lines.
 
+    Lines are printed every `every_updates` updates (steps) when given, else every `every_s`
+    seconds.
+
     The line format reports throughput measured after the first update, so the compilation of the
     first step does not pollute img/s or the ETA.
     """
@@ -232,10 +263,13 @@ class Progress:
         *,
         desc: str,
         every_s: float = 30.0,
+        every_updates: int | None = None,
         stream: TextIO | None = None,
         enabled: bool = True,
     ):
         self.total, self.desc, self.every_s = total, desc, every_s
+        self.every_updates = every_updates
+        self.updates = 0
         self.stream = sys.stderr if stream is None else stream
         self.enabled = enabled
         self.count = 0
@@ -260,6 +294,7 @@ class Progress:
     def update(self, n: int, **postfix: float) -> None:
         """Adds `n` processed images; `postfix` values (e.g. loss) are shown next to the rate."""
         self.count += n
+        self.updates += 1
         now = time.perf_counter()
         if self._first is None:
             self._first = (now, self.count)
@@ -267,9 +302,14 @@ class Progress:
             self._bar.update(n)
             if postfix:
                 self._bar.set_postfix({k: f"{float(v):.4g}" for k, v in postfix.items()})
-        elif self.enabled and now - self._last_print >= self.every_s:
+        elif self.enabled and self._due(now):
             self._last_print = now
             self._print_line(postfix)
+
+    def _due(self, now: float) -> bool:
+        if self.every_updates is not None:
+            return self.updates % self.every_updates == 0
+        return now - self._last_print >= self.every_s
 
     def _print_line(self, postfix: Mapping[str, float]) -> None:
         rate = self.rate()

@@ -6,7 +6,7 @@ import sys
 
 from dermjax.config import load_config
 from dermjax.data import cache, images
-from dermjax.data.setup import cache_plan, prepare_data
+from dermjax.experiment import cache_plan, load_data
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -28,7 +28,7 @@ def test_prepare_builds_the_caches_training_will_use(tmp_path):
     cfg.data.demo_size = 60
     cfg.data.min_samples_per_label = 2
     cfg.data.img_size = (32, 32)
-    plan = cache_plan(cfg, prepare_data(cfg, str(tmp_path)))
+    plan = cache_plan(cfg, load_data(cfg, str(tmp_path)))
     assert set(plan) == {images.SHORTER, images.EXACT}  # demo augmentation is geometric
     for rule, (directory, paths) in plan.items():
         found = cache.open_cache(directory, paths, (32, 32), rule)

@@ -50,13 +50,33 @@ def test_summary_and_confusion_matrix_are_written(tmp_path):
     assert summary == {"best/val_accuracy": 0.8, "best_epoch": 4}
 
 
-def test_remote_workdir_accumulates_lines_across_trackers():
-    workdir = f"memory://tracking-{uuid.uuid4().hex}/run"
+@pytest.mark.parametrize("remote", [False, True])
+def test_a_resumed_tracker_keeps_records_up_to_its_checkpoint_and_drops_later_ones(
+    tmp_path, remote
+):
+    workdir = f"memory://tracking-{uuid.uuid4().hex}/run" if remote else str(tmp_path / "run")
     first = Tracker(workdir, experiment_name="exp", config_dict=CONFIG)
-    first.log("train", 0, {"loss": 1.0})
-    first.log("train", 1, {"loss": 0.5})
-    Tracker(workdir, experiment_name="exp", config_dict=CONFIG).log("train", 2, {"loss": 0.25})
-    assert [r["loss"] for r in _read_jsonl(f"{workdir}/metrics.jsonl")] == [1.0, 0.5, 0.25]
+    for step, loss in ((10, 1.0), (20, 0.5), (30, 0.4)):  # epoch 3 logged, its save was lost
+        first.log("epoch", step, {"loss": loss})
+    first.log("final", 30, {"test/accuracy": 0.5})
+    resumed = Tracker(workdir, experiment_name="exp", config_dict=CONFIG, resume_step=20)
+    resumed.log("epoch", 30, {"loss": 0.25})
+    records = _read_jsonl(f"{workdir}/metrics.jsonl")
+    assert [(r["event"], r["step"], r["loss"]) for r in records] == [
+        ("epoch", 10, 1.0),
+        ("epoch", 20, 0.5),
+        ("epoch", 30, 0.25),
+    ]
+
+
+def test_a_fresh_tracker_moves_an_earlier_runs_records_aside(tmp_path):
+    Tracker(str(tmp_path), experiment_name="exp", config_dict=CONFIG).log("epoch", 5, {"a": 1})
+    with pytest.warns(UserWarning, match="moved to metrics.jsonl"):
+        fresh = Tracker(str(tmp_path), experiment_name="exp", config_dict=CONFIG)
+    fresh.log("epoch", 1, {"a": 2})
+    assert [r["a"] for r in _read_jsonl(tmp_path / "metrics.jsonl")] == [2]
+    (aside,) = tmp_path.glob("metrics.jsonl.*")
+    assert [r["a"] for r in _read_jsonl(aside)] == [1]
 
 
 def test_disabled_tracker_writes_nothing(tmp_path):

@@ -19,8 +19,7 @@ from flax import nnx
 from dermjax import parallel
 from dermjax.config import load_config
 from dermjax.data import pipeline
-from dermjax.models.classifier import build_model
-from dermjax.train.loop import init_training, step_spec
+from dermjax.experiment import init_training, make_model, step_spec
 from dermjax.train.step import make_train_step
 
 NUM_CLASSES, TEXT_DIM = 100, 768
@@ -36,7 +35,7 @@ def _config(name: str, size: int, batch: int, dtype: str):
 def build_steps(name: str, size: int, batch: int, dtype: str) -> tuple[Any, Any, Any, Any]:
     """(state, warmup_step, main_step, mesh) for `name` with random weights."""
     cfg = _config(name, size, batch, dtype)
-    model = build_model(cfg, num_classes=NUM_CLASSES, text_dim=TEXT_DIM, rngs=nnx.Rngs(0))
+    model = make_model(cfg, num_classes=NUM_CLASSES, text_dim=TEXT_DIM, rngs=nnx.Rngs(0))
     cfg.vision_model.unfreeze_layers = -1
     parts, state, tx_b, tx_h = init_training(cfg, model)
     mesh = parallel.make_mesh()

@@ -5,7 +5,8 @@ import json
 import pytest
 
 from dermjax.config import load_config, validate
-from dermjax.train.loop import epoch_learning_rates, train_and_evaluate
+from dermjax.experiment import epoch_learning_rates
+from dermjax.runner import run
 
 
 def tiny_demo_config(root, **overrides):
@@ -35,7 +36,7 @@ def demo_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("demo")
     cfg = tiny_demo_config(root / "data")
     workdir = root / "run"
-    summary = train_and_evaluate(cfg, str(workdir))
+    summary = run(cfg, str(workdir))
     return cfg, workdir, summary
 
 
@@ -51,11 +52,23 @@ def test_summary_has_val_test_and_baseline(demo_run):
     assert on_disk["test"] == summary["test"]
 
 
+def test_the_run_learns_more_than_the_majority_baseline(demo_run):
+    _, _, summary = demo_run
+    assert summary["test"]["accuracy"] > summary["baseline"]["majority_accuracy"]
+
+
+def test_bad_images_are_counted_per_split(demo_run):
+    _, _, summary = demo_run
+    assert summary["bad_images"] == {"train": 0, "val": 0, "test": 0}
+
+
 def test_metrics_jsonl_has_every_epoch_with_the_original_learning_rates(demo_run):
     cfg, workdir, _ = demo_run
     lines = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     epochs = [r for r in lines if r["event"] == "epoch"]
     assert [r["epoch"] for r in epochs] == [0, 1, 2]
+    steps = [r["step"] for r in epochs]  # `step` is always the global step
+    assert steps[0] > 0 and steps == [steps[0] * (i + 1) for i in range(3)]
     for r in epochs:
         backbone, head = epoch_learning_rates(cfg, r["epoch"])
         assert r["lr/backbone"] == pytest.approx(backbone, rel=1e-12)

@@ -1,0 +1,394 @@
+"""From a validated config to the parts of a run: data, model, train state, steps and loaders.
+
+This is the only module (with `dermjax.runner`, which drives a run) that reads the config:
+models, weights, data and the train steps take explicit arguments. `compose(cfg, run_dir)`
+reads the data and builds everything the epoch loop works with (`Components`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import logging
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pandas as pd
+from flax import nnx
+from ml_collections import config_dict
+
+from dermjax import parallel
+from dermjax.config import DataPaths, data_paths
+from dermjax.data import cache as prepared
+from dermjax.data import demo, embeddings, images, metadata, pipeline, stats
+from dermjax.data.augment import AugmentSpec
+from dermjax.errors import DataError
+from dermjax.models import registry
+from dermjax.models.classifier import DermClassifier, build_model
+from dermjax.models.fusion import MultimodalClassifier
+from dermjax.models.losses import LossSpec
+from dermjax.train import optim
+from dermjax.train.masking import MaskSpec
+from dermjax.train.step import ModelParts, StepSpec, split_model
+
+log = logging.getLogger(__name__)
+
+HASH_ENCODER_DIM = 256
+
+
+# ---- Random streams ---------------------------------------------------------------------------
+def rng_streams(seed: int) -> dict[str, jax.Array]:
+    """Independent keys from one seed: model `params` and `dropout` init, and train `steps`.
+
+    Each train step folds its global step into `steps`, so no step key equals an init key.
+    """
+    root = jax.random.key(seed)
+    return {
+        name: jax.random.fold_in(root, i) for i, name in enumerate(("params", "dropout", "steps"))
+    }
+
+
+# ---- Data -------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class PreparedData:
+    """Everything a run needs from the data side, before any loader is built."""
+
+    paths: DataPaths
+    classes: list[str]
+    class_weights: np.ndarray
+    train: pipeline.Records
+    val: pipeline.Records | None
+    test: pipeline.Records
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    text_dim: int
+    majority_class: int
+    encoder_spec: dict
+
+    @property
+    def class_to_idx(self) -> dict[str, int]:
+        return {c: i for i, c in enumerate(self.classes)}
+
+
+def _storage_options(path: str) -> dict | None:
+    return {"token": os.environ.get("FSSPEC_GCS_TOKEN")} if path.startswith("gs://") else None
+
+
+def _text_embeddings(cfg: config_dict.ConfigDict, meta: pd.DataFrame, path: str | None):
+    """Reads the embeddings parquet; the built-in hash encoder computes it when absent."""
+    if path is None:
+        raise DataError(
+            "no text embeddings file: set encoder.embedding_filename or data.embeddings_path"
+        )
+    if cfg.encoder.model_name == "hash":
+        encoder = embeddings.HashingTextEncoder(dim=HASH_ENCODER_DIM)
+        return embeddings.ensure_embeddings(meta, path, encoder)
+    try:
+        return embeddings.read_embeddings(path, storage_options=_storage_options(path))
+    except FileNotFoundError as e:
+        raise DataError(
+            f"text embeddings not found at {path}: dermjax reads precomputed embeddings in the "
+            "original's parquet layout (image_id, text_desc, embedding); set "
+            "data.embeddings_path, or use encoder.model_name=hash for the built-in encoder"
+        ) from e
+
+
+def load_data(cfg: config_dict.ConfigDict, run_dir: str) -> PreparedData:
+    """Metadata filtered and split as the original, text joined, normalisation statistics."""
+    d = cfg.data
+    if d.demo:
+        demo.ensure_demo_data(os.path.join(d.local_root, d.dataset), seed=d.seed, n=d.demo_size)
+    paths = data_paths(cfg)
+    meta = metadata.load_metadata(
+        metadata.read_metadata_csv(paths.metadata, _storage_options(paths.metadata)),
+        min_samples_per_label=d.min_samples_per_label,
+        datasets=d.datasets,
+        derm1m_sources=d.derm1m_sources,
+        has_text=d.has_text,
+        data_fraction=d.data_fraction,
+        source=paths.metadata,
+    )
+    classes = metadata.class_list(meta)
+    train_df, val_df, test_df = metadata.stratified_split(
+        meta, test_size=d.test_size, val_size=d.val_size, seed=d.seed
+    )
+    weights = np.asarray(metadata.class_weights(train_df, classes), np.float32)
+    emb = _text_embeddings(cfg, meta, paths.embeddings)
+    class_to_idx = {c: i for i, c in enumerate(classes)}
+
+    def records(df: pd.DataFrame | None) -> pipeline.Records | None:
+        if df is None:
+            return None
+        return embeddings.build_records(
+            df, img_prefix=paths.img_prefix, class_to_idx=class_to_idx, emb_df=emb
+        )
+
+    train, val, test = records(train_df), records(val_df), records(test_df)
+    if cfg.training.compute_stats:
+        mean, std = stats.compute_stats(
+            train.paths,
+            tuple(d.img_size),
+            num_workers=cfg.training.num_workers,
+            cache_file=os.path.join(run_dir, "normalization_stats.json"),
+        )
+    else:
+        mean, std = stats.IMAGENET_MEAN, stats.IMAGENET_STD
+    log.info(
+        "data: %d classes; train %d, val %d, test %d rows; text dim %d",
+        len(classes),
+        len(train.labels),
+        0 if val is None else len(val.labels),
+        len(test.labels),
+        train.text.shape[1],
+    )
+    return PreparedData(
+        paths=paths,
+        classes=classes,
+        class_weights=weights,
+        train=train,
+        val=val,
+        test=test,
+        mean=tuple(float(x) for x in mean),
+        std=tuple(float(x) for x in std),
+        text_dim=int(train.text.shape[1]),
+        majority_class=int(np.bincount(train.labels, minlength=len(classes)).argmax()),
+        encoder_spec={
+            k: cfg.encoder[k] for k in ("model_name", "max_length", "pooling_type", "qwen_instr")
+        },
+    )
+
+
+def augment_spec(cfg: config_dict.ConfigDict) -> AugmentSpec:
+    return AugmentSpec.create(**cfg.augmentation.to_dict())
+
+
+def cache_plan(cfg: config_dict.ConfigDict, data: PreparedData) -> dict[str, tuple[str, list[str]]]:
+    """{rule: (cache folder, paths)} of the prepared caches this config's loaders read.
+
+    Training reads the train split at its resize rule (shorter side + crop when geometric
+    augmentation is on, else exact); evaluation reads val and test resized exactly.
+    """
+    h, w = cfg.data.img_size
+    train_rule = images.train_rule(augment_spec(cfg).geometric)
+    plan: dict[str, list[str]] = {train_rule: list(data.train.paths)}
+    for records in (data.val, data.test):
+        if records is not None:
+            plan.setdefault(images.EXACT, []).extend(records.paths)
+    return {
+        rule: (os.path.join(data.paths.cache_dir, f"{rule}_{h}x{w}"), paths)
+        for rule, paths in plan.items()
+    }
+
+
+def open_caches(cfg: config_dict.ConfigDict, data: PreparedData) -> dict[str, prepared.Cache]:
+    """The prepared caches that match this run's data, by resize rule."""
+    if not cfg.data.use_cache:
+        return {}
+    caches = {}
+    for rule, (directory, paths) in cache_plan(cfg, data).items():
+        found = prepared.open_cache(directory, paths, cfg.data.img_size, rule)
+        if found is not None:
+            log.info("using prepared cache at %s", directory)
+            caches[rule] = found
+    return caches
+
+
+# ---- Model, optimizers, steps -----------------------------------------------------------------
+def compute_dtype(cfg: config_dict.ConfigDict) -> Any:
+    return jnp.bfloat16 if cfg.training.dtype == "bfloat16" else jnp.float32
+
+
+def _arguments_of(fn: Any, section: config_dict.ConfigDict) -> dict[str, Any]:
+    """The fields of a config section that `fn` takes as keyword arguments (None: its default)."""
+    names = inspect.signature(fn).parameters
+    return {k: v for k, v in section.items() if k in names and v is not None}
+
+
+def make_model(
+    cfg: config_dict.ConfigDict, *, num_classes: int, text_dim: int, rngs: nnx.Rngs
+) -> DermClassifier:
+    """Backbone (converted torchvision weights when `pretrained`) + the fusion head."""
+    v, m = cfg.vision_model, cfg.multimodal_classifier
+    head = _arguments_of(MultimodalClassifier.__init__, m)
+    return build_model(
+        backbone=v.name,
+        pretrained=v.pretrained,
+        weights_path=v.weights_path,
+        pooling_type=v.pooling_type,
+        img_size=tuple(cfg.data.img_size),
+        dtype=compute_dtype(cfg),
+        head=head,
+        num_classes=num_classes,
+        text_dim=text_dim,
+        rngs=rngs,
+    )
+
+
+def _frozen_prefixes(labels: Any) -> list[tuple]:
+    """Model paths of frozen parameters' modules, e.g. ('backbone', 'layer1', 0, 'bn1')."""
+    flat = jax.tree_util.tree_flatten_with_path(labels)[0]
+    return [
+        ("backbone", *(getattr(k, "key", getattr(k, "idx", None)) for k in path[:-1]))
+        for path, label in flat
+        if label == "frozen"
+    ]
+
+
+def _group_tx(opt_cfg: config_dict.ConfigDict):
+    return optim.make_group_tx(
+        opt_cfg.name,
+        learning_rate=opt_cfg.learning_rate,
+        weight_decay=opt_cfg.weight_decay,
+        betas=tuple(opt_cfg.betas),
+        eps=opt_cfg.eps,
+        momentum=opt_cfg.momentum,
+    )
+
+
+def init_training(cfg: config_dict.ConfigDict, model: DermClassifier):
+    """Splits `model` for the jitted steps and builds both optimizers and the train state.
+
+    Returns (parts, state, tx_backbone, tx_head); the backbone optimizer only touches the
+    parameters `vision_model.unfreeze_layers` leaves trainable.
+    """
+    v = cfg.vision_model
+    labels = registry.param_labels(model.backbone, v.name, v.unfreeze_layers)
+    labels = nnx.to_pure_dict(labels) if isinstance(labels, nnx.State) else labels
+    parts, params, batch_stats = split_model(
+        model, _frozen_prefixes(labels), update_frozen_bn_stats=cfg.training.update_frozen_bn_stats
+    )
+    tx_backbone = optim.masked_tx(_group_tx(cfg.optimizer.vision_model), labels)
+    tx_head = _group_tx(cfg.optimizer.multimodal_classifier)
+    state = {
+        "params": params,
+        "batch_stats": batch_stats,
+        "opt_backbone": tx_backbone.init(params["backbone"]),
+        "opt_head": tx_head.init(params["head"]),
+        "step": jnp.zeros((), jnp.int32),
+    }
+    return parts, state, tx_backbone, tx_head
+
+
+def step_spec(cfg: config_dict.ConfigDict, data_class_weights, mean, std) -> StepSpec:
+    """The static description of what the steps compute, from config."""
+    m, k = cfg.multimodal_classifier, cfg.masking
+    return StepSpec(
+        augment=augment_spec(cfg),
+        mask=MaskSpec(
+            mask_complete=k.mask_complete,
+            random_enabled=k.random_mask.enabled,
+            image_prob=float(k.random_mask.image_prob),
+            text_prob=float(k.random_mask.text_prob),
+        ),
+        loss=LossSpec.create(
+            **{k: m[k] for k in inspect.signature(LossSpec.create).parameters if k in m},
+            data_class_weights=data_class_weights,
+        ),
+        mean=tuple(mean),
+        std=tuple(std),
+        compute_dtype=compute_dtype(cfg),
+    )
+
+
+def epoch_learning_rates(cfg: config_dict.ConfigDict, epoch: int) -> tuple[float, float]:
+    """(backbone, head) learning rates used during 0-based `epoch`."""
+    t, s, o = cfg.training, cfg.training.scheduler, cfg.optimizer
+    kw = dict(n_warmup=t.n_warmup_epochs, num_epochs=t.num_epochs, cosine=s.use_cosine_annealing)
+    return (
+        optim.epoch_lr(o.vision_model.learning_rate, s.vision_eta_min, epoch, **kw),
+        optim.epoch_lr(
+            o.multimodal_classifier.learning_rate, s.multimodal_classifier_eta_min, epoch, **kw
+        ),
+    )
+
+
+# ---- The composed run -------------------------------------------------------------------------
+@dataclasses.dataclass
+class Components:
+    """Everything the epoch loop works with, built from one config."""
+
+    cfg: config_dict.ConfigDict
+    run_dir: str
+    data: PreparedData
+    mesh: jax.sharding.Mesh
+    parts: ModelParts
+    state: dict
+    spec: StepSpec
+    tx_backbone: Any
+    tx_head: Any
+    caches: dict[str, prepared.Cache]
+    step_key: jax.Array
+
+    def loader_kwargs(self, split: str) -> dict[str, Any]:
+        t = self.cfg.training
+        return dict(
+            img_size=tuple(self.cfg.data.img_size),
+            num_workers=t.num_workers,
+            prefetch_factor=t.prefetch_factor,
+            on_bad_image=self.cfg.data.on_bad_image,
+            bad_image_log=os.path.join(self.run_dir, "bad_images.txt"),
+            split=split,
+            shard_index=jax.process_index(),
+            shard_count=jax.process_count(),
+        )
+
+    def train_loader(self) -> pipeline.Loader:
+        aug = self.spec.augment
+        return pipeline.train_loader(
+            self.data.train,
+            batch_size=self.cfg.training.batch_size,
+            geometric=aug.geometric,
+            seed=self.cfg.data.seed,
+            weighted_sampling=self.cfg.training.weighted_sampling,
+            cache=self.caches.get(images.train_rule(aug.geometric)),
+            **self.loader_kwargs("train"),
+        )
+
+    def eval_loader(self, records: pipeline.Records, split: str) -> pipeline.Loader:
+        t = self.cfg.training
+        return pipeline.eval_loader(
+            records,
+            batch_size=t.eval_batch_size or t.batch_size,
+            cache=self.caches.get(images.EXACT),
+            **self.loader_kwargs(split),
+        )
+
+    def meta(self) -> dict[str, Any]:
+        """What every checkpoint records about the run besides the arrays."""
+        d = self.data
+        return {
+            "classes": d.classes,
+            "class_to_idx": d.class_to_idx,
+            "train_rows": len(d.train.labels),
+            "normalization_mean": list(d.mean),
+            "normalization_std": list(d.std),
+            "img_size": list(self.cfg.data.img_size),
+            "encoder": d.encoder_spec,
+            "config": self.cfg.to_dict(),
+        }
+
+
+def compose(cfg: config_dict.ConfigDict, run_dir: str) -> Components:
+    """Reads the data and builds mesh, model, train state and step spec for one run."""
+    data = load_data(cfg, run_dir)
+    mesh = parallel.make_mesh()
+    keys = rng_streams(cfg.data.seed)
+    rngs = nnx.Rngs(params=keys["params"], dropout=keys["dropout"])
+    model = make_model(cfg, num_classes=len(data.classes), text_dim=data.text_dim, rngs=rngs)
+    parts, state, tx_backbone, tx_head = init_training(cfg, model)
+    return Components(
+        cfg=cfg,
+        run_dir=run_dir,
+        data=data,
+        mesh=mesh,
+        parts=parts,
+        state=parallel.replicate(state, mesh),
+        spec=step_spec(cfg, data.class_weights, data.mean, data.std),
+        tx_backbone=tx_backbone,
+        tx_head=tx_head,
+        caches=open_caches(cfg, data),
+        step_key=keys["steps"],
+    )

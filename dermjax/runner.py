@@ -1,0 +1,259 @@
+"""Drives one run: its folders, its lock, the resume rules, training and the final evaluation.
+
+`run(cfg, workdir)` is what `python -m dermjax.main` does:
+
+1. Run folders (`run_folders`): with `--workdir=DIR`, everything of the run lives in DIR
+   (checkpoints in DIR/checkpoints). Without it, each experiment gets its own folders named after
+   `output.experiment_name`: logs under `<output.log_dir or workdirs>/<name>/`, checkpoints under
+   `<output.save_dir>/<name>/` (or the log folder's `checkpoints/`). Runs that share `save_dir`
+   or `log_dir` never share a folder unless they share a name.
+2. The run folder is locked (`RunLock`): a second process on the same run stops with a message
+   naming the first; the kernel drops the lock when its holder dies.
+3. Resume rules (`check_resumable`): a folder with checkpoints is continued only when the stored
+   config agrees on every field that changes what is trained; fields in `RESUMABLE_CHANGES`
+   (epoch budget, patience, workers, paths, logging, checkpoint cadence) may differ and are
+   logged. `checkpoint.load_from` (another run's folder, opened read-only) follows the same rule.
+   A finished run is not trained again: its summary is returned.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+from ml_collections import config_dict
+
+from dermjax.errors import RunFolderError
+from dermjax.experiment import compose
+from dermjax.tracking import Tracker
+from dermjax.train.checkpoint import Checkpointer, CheckpointReader, resolve_load_from
+from dermjax.train.loop import Trainer
+from dermjax.train.runlock import RunLock
+
+log = logging.getLogger(__name__)
+
+# Config fields (or whole sections) a resumed run may change: they do not change what is trained.
+RESUMABLE_CHANGES = (
+    "training.num_epochs",
+    "training.patience",
+    "training.validation_interval",
+    "training.num_workers",
+    "training.prefetch_factor",
+    "training.eval_batch_size",
+    "training.log_every_steps",
+    "training.on_nonfinite",
+    "data.use_local",
+    "data.local_root",
+    "data.gcs_root",
+    "data.metadata_path",
+    "data.img_prefix",
+    "data.embeddings_path",
+    "data.cache_dir",
+    "data.use_cache",
+    "data.on_bad_image",
+    "output",
+    "checkpoint",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class RunFolders:
+    """Where one run writes: `run_dir` (logs, metrics, summary, lock) and its checkpoints."""
+
+    run_dir: str
+    checkpoint_dir: str
+
+
+def _absolute(path: str) -> str:
+    return path if "://" in path else os.path.abspath(path)
+
+
+def run_folders(cfg: config_dict.ConfigDict, workdir: str | None) -> RunFolders:
+    """The run's folders: all in `workdir` when given, else per experiment name (module doc)."""
+    if workdir:
+        return RunFolders(_absolute(workdir), _absolute(os.path.join(workdir, "checkpoints")))
+    out = cfg.output
+    run_dir = os.path.join(out.log_dir or "workdirs", out.experiment_name)
+    checkpoints = (
+        f"{out.save_dir.rstrip('/')}/{out.experiment_name}"
+        if out.save_dir
+        else os.path.join(run_dir, "checkpoints")
+    )
+    return RunFolders(_absolute(run_dir), _absolute(checkpoints))
+
+
+def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, Mapping):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _canonical(value: Any) -> Any:
+    return json.loads(json.dumps(value, default=str))  # tuples == lists, as stored in JSON
+
+
+def config_changes(stored: Mapping[str, Any], current: Mapping[str, Any]) -> tuple[list, list]:
+    """(blocking, allowed) differences between a checkpoint's config and the current one.
+
+    Each is a list of "field: stored -> current" strings. A field only one side has (a config
+    schema of another dermjax version) is not compared.
+    """
+    old, new = _flatten(_canonical(stored)), _flatten(_canonical(current))
+    blocking, allowed = [], []
+    for key in sorted(old.keys() & new.keys()):
+        if old[key] == new[key]:
+            continue
+        change = f"{key}: {old[key]!r} -> {new[key]!r}"
+        resumable = any(key == f or key.startswith(f"{f}.") for f in RESUMABLE_CHANGES)
+        (allowed if resumable else blocking).append(change)
+    return blocking, allowed
+
+
+def check_resumable(cfg: config_dict.ConfigDict, stored_config: Mapping[str, Any], where: str):
+    """Raises RunFolderError when the checkpoint's config differs in a field that is trained."""
+    blocking, allowed = config_changes(stored_config, cfg.to_dict())
+    if blocking:
+        raise RunFolderError(
+            f"{where} holds a run made with a different config ({'; '.join(blocking)}). "
+            "Set those fields back to resume it, or start a fresh run in another folder "
+            "(--workdir=NEW_DIR or --config.output.experiment_name=NEW_NAME)."
+        )
+    for change in allowed:
+        log.info("resuming with a changed setting: %s", change)
+
+
+def open_checkpoints(cfg: config_dict.ConfigDict, folders: RunFolders) -> Checkpointer:
+    """The run's own checkpoint folder, for writing."""
+    return Checkpointer(
+        folders.checkpoint_dir,
+        save_frequency=cfg.checkpoint.save_frequency,
+        keep_last=cfg.checkpoint.keep_last,
+        monitor_mode="min" if cfg.training.monitor == "val/loss" else "max",
+    )
+
+
+def finished_summary(folders: RunFolders, meta: Mapping[str, Any], num_epochs: int) -> dict | None:
+    """The stored summary when the checkpoint's run is over (early-stopped, or all epochs done)."""
+    finished = meta.get("finished")
+    if finished is None or (finished == "completed" and meta["epoch"] < num_epochs):
+        return None
+    path = os.path.join(folders.run_dir, "summary.json")
+    if not os.path.exists(path):
+        return None  # the final evaluation did not complete: the run does it again
+    with open(path) as f:
+        return json.load(f)
+
+
+def run(cfg: config_dict.ConfigDict, workdir: str | None) -> dict[str, Any]:
+    """Trains (or resumes) the run `cfg` describes and evaluates it; returns the summary.
+
+    Only process 0 locks the run folder (all processes of a multi-host run share it).
+    """
+    start = time.time()
+    folders = run_folders(cfg, workdir)
+    os.makedirs(folders.run_dir, exist_ok=True)
+    lock = RunLock(folders.run_dir) if jax.process_index() == 0 else contextlib.nullcontext()
+    with lock, _log_file(os.path.join(folders.run_dir, "train.log")):
+        ckpt = open_checkpoints(cfg, folders)
+        try:
+            return _run_locked(cfg, folders, ckpt, start)
+        finally:
+            ckpt.close()
+
+
+@contextlib.contextmanager
+def _log_file(path: str):
+    """Copies this process's log lines to the run's train.log while the run holds its folder."""
+    handler = logging.FileHandler(path)
+    handler.setFormatter(
+        logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S")
+    )
+    root = logging.getLogger()
+    root.addHandler(handler)
+    try:
+        yield
+    finally:
+        root.removeHandler(handler)
+        handler.close()
+
+
+@dataclasses.dataclass(frozen=True)
+class ResumePoint:
+    """A checkpoint to continue from: its source, step (None: newest readable) and meta."""
+
+    source: Checkpointer | CheckpointReader
+    step: int | None
+    name: str
+    saved_step: int
+    meta: Mapping[str, Any]
+
+
+def _resume_point(cfg, folders: RunFolders, ckpt: Checkpointer) -> ResumePoint | None:
+    """Where to continue from (this run's newest checkpoint, else load_from); checks configs."""
+    c = cfg.checkpoint
+    found = ckpt.latest_meta()
+    if found is not None:
+        if not c.auto_resume:
+            raise RunFolderError(
+                f"{folders.checkpoint_dir} holds checkpoints of an earlier run and "
+                "checkpoint.auto_resume is false: a new run there would mix with it; use another "
+                "--workdir or output.experiment_name, or delete that folder"
+            )
+        check_resumable(cfg, found[1]["config"], folders.checkpoint_dir)
+        return ResumePoint(ckpt, None, folders.checkpoint_dir, *found)
+    if c.load_from:
+        directory, step = resolve_load_from(c.load_from)
+        reader = CheckpointReader(directory)
+        found = reader.latest_meta() if step is None else (step, reader.read_meta(step))
+        if found is None:
+            raise RunFolderError(f"checkpoint.load_from={c.load_from}: no checkpoint in it")
+        check_resumable(cfg, found[1]["config"], c.load_from)
+        return ResumePoint(reader, found[0], c.load_from, *found)
+    return None
+
+
+def _run_locked(cfg, folders: RunFolders, ckpt: Checkpointer, start: float) -> dict[str, Any]:
+    resume = _resume_point(cfg, folders, ckpt)
+    if resume is not None and resume.source is ckpt:
+        summary = finished_summary(folders, resume.meta, cfg.training.num_epochs)
+        if summary is not None:
+            how = resume.meta["finished"].replace("_", "-")
+            log.info(
+                "run %s already finished (%s after epoch %d): not training again; summary: %s",
+                folders.run_dir,
+                how,
+                resume.meta["epoch"],
+                os.path.join(folders.run_dir, "summary.json"),
+            )
+            return {**summary, "already_finished": True}
+    components = compose(cfg, folders.run_dir)
+    tracker = Tracker(
+        folders.run_dir,
+        experiment_name=cfg.output.experiment_name,
+        config_dict=cfg.to_dict(),
+        wandb_project=cfg.output.wandb_project,
+        enabled=jax.process_index() == 0,
+        resume_step=None if resume is None else resume.saved_step,
+    )
+    trainer = Trainer(components, ckpt, tracker)
+    try:
+        if resume is not None:
+            trainer.restore(resume.source, resume.step, resume.name, dict(resume.meta))
+        elif cfg.checkpoint.init_from:
+            trainer.init_weights(cfg.checkpoint.init_from)
+        if not trainer.train():
+            return {"preempted": True, "step": int(trainer.state["step"])}
+        return trainer.test(start)
+    finally:
+        trainer.close()

@@ -1,0 +1,162 @@
+"""Run integrity: own folders per run, resume rules, finished runs, read-only sources, the lock."""
+
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from dermjax.errors import RunFolderError
+from dermjax.experiment import load_data, rng_streams
+from dermjax.runner import config_changes, run, run_folders
+from dermjax.train.runlock import RunLock
+from tests.train.test_loop import tiny_demo_config
+
+
+def listing(folder) -> dict[str, tuple[int, int]]:
+    """Every file under `folder` with its size and mtime (to prove nothing was written)."""
+    out = {}
+    for root, _, files in os.walk(folder):
+        for name in files:
+            path = os.path.join(root, name)
+            st = os.stat(path)
+            out[os.path.relpath(path, folder)] = (st.st_size, st.st_mtime_ns)
+    return out
+
+
+def test_explicit_workdir_holds_everything_of_the_run(tmp_path):
+    cfg = tiny_demo_config(tmp_path / "data")
+    cfg.output.save_dir, cfg.output.log_dir = "/checkpoints", "./logs"
+    folders = run_folders(cfg, str(tmp_path / "run"))
+    assert folders.run_dir == str(tmp_path / "run")
+    assert folders.checkpoint_dir == str(tmp_path / "run" / "checkpoints")
+
+
+def test_runs_sharing_save_and_log_dirs_get_their_own_folders(tmp_path):
+    a = tiny_demo_config(tmp_path / "data")
+    a.output.save_dir, a.output.log_dir = str(tmp_path / "ckpt"), str(tmp_path / "logs")
+    b = a.copy_and_resolve_references()
+    b.output.experiment_name = "other"
+    fa, fb = run_folders(a, None), run_folders(b, None)
+    assert fa.run_dir == str(tmp_path / "logs" / "demo")
+    assert fa.checkpoint_dir == str(tmp_path / "ckpt" / "demo")
+    assert fb.run_dir == str(tmp_path / "logs" / "other")
+    assert fb.checkpoint_dir == str(tmp_path / "ckpt" / "other")
+    a.output.save_dir = None  # checkpoints then live in the run's log folder
+    assert run_folders(a, None).checkpoint_dir == str(tmp_path / "logs" / "demo" / "checkpoints")
+
+
+def test_config_changes_separate_trained_fields_from_resumable_ones():
+    old = {"training": {"batch_size": 16, "num_epochs": 3}, "data": {"img_size": (32, 32)}}
+    new = {"training": {"batch_size": 32, "num_epochs": 5}, "data": {"img_size": [32, 32]}}
+    blocking, allowed = config_changes(old, new)
+    assert blocking == ["training.batch_size: 16 -> 32"]
+    assert allowed == ["training.num_epochs: 3 -> 5"]
+
+
+def test_rng_streams_are_independent_of_each_other_and_of_step_keys():
+    keys = rng_streams(42)
+    step_keys = [jax.random.fold_in(keys["steps"], s) for s in range(100)]
+    data = [tuple(np.asarray(jax.random.key_data(k)).ravel()) for k in (*keys.values(), *step_keys)]
+    assert len(set(data)) == len(data)
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("runner")
+    cfg = tiny_demo_config(root / "data", **{"training.num_epochs": 2})
+    workdir = root / "run"
+    summary = run(cfg, str(workdir))
+    return root, cfg, workdir, summary
+
+
+def test_a_finished_run_is_not_trained_again(finished_run):
+    _, cfg, workdir, summary = finished_run
+    before = listing(workdir)
+    again = run(cfg, str(workdir))
+    assert again["already_finished"]
+    assert again["test"] == summary["test"]
+    touched = ("train.log", ".dermjax.lock")  # the re-run's log lines and its lock
+    after = listing(workdir)
+    assert {k: v for k, v in after.items() if k not in touched} == {
+        k: v for k, v in before.items() if k not in touched
+    }
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [("training.batch_size", 8), ("multimodal_classifier.final_dropout", 0.5)],
+)
+def test_resuming_with_a_trained_field_changed_is_refused(finished_run, field, value):
+    root, _, workdir, _ = finished_run
+    cfg = tiny_demo_config(root / "data", **{"training.num_epochs": 2, field: value})
+    with pytest.raises(RunFolderError, match=field.replace(".", r"\.")):
+        run(cfg, str(workdir))
+
+
+def test_a_second_process_on_the_run_folder_is_refused(finished_run):
+    _, cfg, workdir, _ = finished_run
+    with RunLock(str(workdir)), pytest.raises(RunFolderError, match=f"pid {os.getpid()}"):
+        run(cfg, str(workdir))
+
+
+def test_init_from_a_finished_run_trains_and_leaves_the_source_untouched(finished_run, tmp_path):
+    root, _, source, _ = finished_run
+    before = listing(source)
+    cfg = tiny_demo_config(
+        root / "data",
+        **{
+            "training.num_epochs": 1,
+            "training.n_warmup_epochs": 0,
+            "checkpoint.init_from": str(source),
+        },
+    )
+    summary = run(cfg, str(tmp_path / "finetune"))
+    assert summary["test"]["accuracy"] > 0
+    assert listing(source) == before
+
+
+def test_load_from_continues_another_run_read_only(finished_run, tmp_path):
+    root, _, source, _ = finished_run
+    before = listing(source)
+    cfg = tiny_demo_config(
+        root / "data", **{"training.num_epochs": 3, "checkpoint.load_from": str(source)}
+    )
+    run(cfg, str(tmp_path / "continued"))
+    epochs = [
+        json.loads(line)["epoch"]
+        for line in (tmp_path / "continued" / "metrics.jsonl").read_text().splitlines()
+        if json.loads(line)["event"] == "epoch"
+    ]
+    assert epochs == [2]  # epochs 0-1 came from the source run
+    assert listing(source) == before
+
+
+def test_unreadable_eval_images_are_counted_and_every_metric_uses_the_same_samples(tmp_path):
+    cfg = tiny_demo_config(tmp_path / "data", **{"training.num_epochs": 1})
+    data = load_data(cfg, str(tmp_path))  # generates the demo data
+    for path in data.test.paths[:2]:
+        with open(path, "wb") as f:
+            f.write(b"not an image")
+    summary = run(cfg, str(tmp_path / "run"))
+    assert summary["bad_images"] == {"train": 0, "val": 0, "test": 2}
+    readable = data.test.labels[2:]
+    assert summary["baseline"]["majority_accuracy"] == pytest.approx(
+        np.mean(readable == data.majority_class)
+    )
+    lines = (tmp_path / "run" / "bad_images.txt").read_text().splitlines()
+    assert len(lines) == 2 and all("test" in line for line in lines)
+
+
+def test_val_size_none_trains_without_validation_and_keeps_the_last_epoch(tmp_path):
+    cfg = tiny_demo_config(tmp_path / "data", **{"training.num_epochs": 2, "data.val_size": None})
+    summary = run(cfg, str(tmp_path / "run"))
+    assert "val" not in summary and summary["best_step"] is None
+    assert summary["test"]["accuracy"] > 0
+    records = [
+        json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().split("\n") if x
+    ]
+    epochs = [r for r in records if r["event"] == "epoch"]
+    assert [r["epoch"] for r in epochs] == [0, 1]
+    assert not any(key.startswith("val/") for r in epochs for key in r)
