@@ -7,7 +7,7 @@ group, and the step counter. A batch sharded over the mesh's `data` axis runs un
 Inside a train step: device augmentation (uint8 -> [0, 1]), normalisation, modality masking,
 forward, loss, gradients, the optimizer updates. During warm-up only the head is differentiated,
 so no backward pass runs through the backbone and its optimizer state is not touched.
-A step whose loss or any gradient is non-finite reports `finite=False` and leaves params, batch
+A step whose loss or any trainable gradient is non-finite reports `finite=False` and leaves params, batch
 statistics and both optimizer states exactly as they were (the loop then stops or skips); the
 step counter still advances, so it counts attempted steps.
 
@@ -156,14 +156,15 @@ def make_train_step(
             trainable
         )
         head_grads = grads if warmup else grads["head"]
-        updates, opt_head = tx_head.update(head_grads, state["opt_head"], params["head"])
-        new_params = {**params, "head": optax.apply_updates(params["head"], updates)}
+        updates = {}
+        updates["head"], opt_head = tx_head.update(head_grads, state["opt_head"], params["head"])
+        new_params = {**params, "head": optax.apply_updates(params["head"], updates["head"])}
         opt_backbone = state["opt_backbone"]
         if not warmup:
-            updates, opt_backbone = tx_backbone.update(
+            updates["backbone"], opt_backbone = tx_backbone.update(
                 grads["backbone"], opt_backbone, params["backbone"]
             )
-            new_params["backbone"] = optax.apply_updates(params["backbone"], updates)
+            new_params["backbone"] = optax.apply_updates(params["backbone"], updates["backbone"])
         candidate = {
             "params": new_params,
             "batch_stats": new_stats,
@@ -171,7 +172,10 @@ def make_train_step(
             "opt_head": opt_head,
         }
         # A finite loss can still have NaN/inf gradients (e.g. a bfloat16 overflow in backward).
-        finite = jnp.isfinite(loss) & _all_finite(grads)
+        # The updates carry every trainable leaf's gradient (Adam, AdamW and SGD turn a NaN/inf
+        # gradient into a NaN/inf update); checking them rather than all gradients keeps the
+        # gradients of frozen layers unused, so XLA never computes them.
+        finite = jnp.isfinite(loss) & _all_finite(updates)
         old = {k: state[k] for k in candidate}
         new_state = {**_select(finite, candidate, old), "step": state["step"] + 1}
         out = {"loss": loss, "finite": finite, "preds": jnp.argmax(logits, -1), **terms}
