@@ -22,7 +22,7 @@ from typing import Any
 
 from ml_collections import config_dict
 
-from dermjax.data.embeddings import TEXT_POOLING
+from dermjax.data.embeddings import TEXT_DTYPES, TEXT_POOLING, EncoderSettings
 from dermjax.data.images import BAD_IMAGE_POLICIES
 from dermjax.data.metadata import DATASETS, DERM1M_SOURCES
 from dermjax.errors import ConfigError
@@ -233,22 +233,32 @@ def _check_models(c: _Checker) -> None:
     c.choice(f"{m}.reduction", REDUCTIONS)
 
 
-def _check_rest(c: _Checker) -> None:
-    c.choice("masking.mask_complete", MASK_MODES, optional=True)
-    c.boolean("masking.random_mask.enabled")
-    c.prob("masking.random_mask.image_prob")
-    c.prob("masking.random_mask.text_prob")
+def _check_encoder(c: _Checker) -> None:
     e = c.cfg.encoder
     c.check("encoder.embedding_filename", lambda v: isinstance(v, str) and v, "a file name", True)
     c.check("encoder.model_name", lambda v: isinstance(v, str) and v, "a model name or path")
     c.number("encoder.max_length", 1, integer=True)
     c.number("encoder.batch_size", 1, integer=True)
+    c.choice("encoder.dtype", TEXT_DTYPES)
     pooling = c.choice("encoder.pooling_type", TEXT_POOLING)
+    output_dim = c.number("encoder.output_dim", 1, integer=True, optional=True)
     is_qwen = isinstance(e.model_name, str) and "qwen" in e.model_name.lower()
     if is_qwen and pooling != "last_token":
         c.problems.append(f"encoder.pooling_type={pooling!r}: Qwen models need 'last_token'")
     if not is_qwen and pooling == "last_token":
         c.problems.append("encoder.pooling_type='last_token': only for Qwen models")
+    if not is_qwen and output_dim is not None:
+        c.problems.append(
+            f"encoder.output_dim={output_dim!r}: only for Qwen3 embedding models; set it to None"
+        )
+
+
+def _check_rest(c: _Checker) -> None:
+    c.choice("masking.mask_complete", MASK_MODES, optional=True)
+    c.boolean("masking.random_mask.enabled")
+    c.prob("masking.random_mask.image_prob")
+    c.prob("masking.random_mask.text_prob")
+    _check_encoder(c)
     for group in ("vision_model", "multimodal_classifier"):
         p = f"optimizer.{group}"
         c.choice(f"{p}.name", OPTIMIZERS)
@@ -356,17 +366,34 @@ class DataPaths:
     cache_dir: str
 
 
+def encoder_settings(cfg: config_dict.ConfigDict) -> EncoderSettings:
+    """The configured text encoder, as stored in and compared with embeddings files."""
+    e = cfg.encoder
+    return EncoderSettings.create(
+        e.model_name,
+        max_length=e.max_length,
+        pooling_type=e.pooling_type,
+        instruction=e.qwen_instr,
+        output_dim=e.output_dim,
+        dtype=e.dtype,
+    )
+
+
 def data_paths(cfg: config_dict.ConfigDict) -> DataPaths:
-    """Derives paths from data.dataset + data.use_local; explicit fields win."""
+    """Derives paths from data.dataset + data.use_local; explicit fields win.
+
+    The embeddings file is data.embeddings_path, else <root>/embeddings/ (None without a
+    data.dataset) with encoder.embedding_filename or, when that is None, the name derived from
+    the encoder settings (`EncoderSettings.filename`), so that two encoders never share a file.
+    """
     d = cfg.data
     base = d.local_root if d.use_local else d.gcs_root
     root = f"{base.rstrip('/')}/{d.dataset}" if d.dataset else ""
-    emb_file = cfg.encoder.embedding_filename
-    embeddings = d.embeddings_path or (f"{root}/embeddings/{emb_file}" if emb_file else None)
+    emb_file = cfg.encoder.embedding_filename or encoder_settings(cfg).filename()
     return DataPaths(
         root=root,
         metadata=d.metadata_path or f"{root}/metadata_all_harmonized.csv",
         img_prefix=d.img_prefix or f"{root}/imgs",
-        embeddings=embeddings,
+        embeddings=d.embeddings_path or (f"{root}/embeddings/{emb_file}" if root else None),
         cache_dir=d.cache_dir or f"{root or '.'}/cache",
     )

@@ -21,11 +21,15 @@ from flax import nnx
 from ml_collections import config_dict
 
 from dermjax import parallel
-from dermjax.config import DataPaths, data_paths
+from dermjax.config import (
+    DataPaths,
+    data_paths,
+    encoder_settings,
+)
 from dermjax.data import cache as prepared
-from dermjax.data import demo, embeddings, images, metadata, pipeline, stats
+from dermjax.data import demo, embeddings, fs, images, metadata, pipeline, stats
 from dermjax.data.augment import AugmentSpec
-from dermjax.errors import DataError
+from dermjax.embedding_file import text_embeddings
 from dermjax.models import registry
 from dermjax.models.classifier import DermClassifier, build_model
 from dermjax.models.fusion import MultimodalClassifier
@@ -35,8 +39,6 @@ from dermjax.train.masking import MaskSpec
 from dermjax.train.step import ModelParts, StepSpec, split_model
 
 log = logging.getLogger(__name__)
-
-HASH_ENCODER_DIM = 256
 
 
 # ---- Random streams ---------------------------------------------------------------------------
@@ -73,37 +75,14 @@ class PreparedData:
         return {c: i for i, c in enumerate(self.classes)}
 
 
-def _storage_options(path: str) -> dict | None:
-    return {"token": os.environ.get("FSSPEC_GCS_TOKEN")} if path.startswith("gs://") else None
-
-
-def _text_embeddings(cfg: config_dict.ConfigDict, meta: pd.DataFrame, path: str | None):
-    """Reads the embeddings parquet; the built-in hash encoder computes it when absent."""
-    if path is None:
-        raise DataError(
-            "no text embeddings file: set encoder.embedding_filename or data.embeddings_path"
-        )
-    if cfg.encoder.model_name == "hash":
-        encoder = embeddings.HashingTextEncoder(dim=HASH_ENCODER_DIM)
-        return embeddings.ensure_embeddings(meta, path, encoder)
-    try:
-        return embeddings.read_embeddings(path, storage_options=_storage_options(path))
-    except FileNotFoundError as e:
-        raise DataError(
-            f"text embeddings not found at {path}: dermjax reads precomputed embeddings in the "
-            "original's parquet layout (image_id, text_desc, embedding); set "
-            "data.embeddings_path, or use encoder.model_name=hash for the built-in encoder"
-        ) from e
-
-
-def load_data(cfg: config_dict.ConfigDict, run_dir: str) -> PreparedData:
-    """Metadata filtered and split as the original, text joined, normalisation statistics."""
+def selected_metadata(cfg: config_dict.ConfigDict) -> tuple[DataPaths, pd.DataFrame]:
+    """The data paths and the metadata rows the config selects (demo data made if asked)."""
     d = cfg.data
     if d.demo:
         demo.ensure_demo_data(os.path.join(d.local_root, d.dataset), seed=d.seed, n=d.demo_size)
     paths = data_paths(cfg)
     meta = metadata.load_metadata(
-        metadata.read_metadata_csv(paths.metadata, _storage_options(paths.metadata)),
+        metadata.read_metadata_csv(paths.metadata, fs.storage_options(paths.metadata)),
         min_samples_per_label=d.min_samples_per_label,
         datasets=d.datasets,
         derm1m_sources=d.derm1m_sources,
@@ -111,12 +90,19 @@ def load_data(cfg: config_dict.ConfigDict, run_dir: str) -> PreparedData:
         data_fraction=d.data_fraction,
         source=paths.metadata,
     )
+    return paths, meta
+
+
+def load_data(cfg: config_dict.ConfigDict, run_dir: str) -> PreparedData:
+    """Metadata filtered and split as the original, text joined, normalisation statistics."""
+    d = cfg.data
+    paths, meta = selected_metadata(cfg)
     classes = metadata.class_list(meta)
     train_df, val_df, test_df = metadata.stratified_split(
         meta, test_size=d.test_size, val_size=d.val_size, seed=d.seed
     )
     weights = np.asarray(metadata.class_weights(train_df, classes), np.float32)
-    emb = _text_embeddings(cfg, meta, paths.embeddings)
+    emb = text_embeddings(cfg, meta, paths.embeddings)
     class_to_idx = {c: i for i, c in enumerate(classes)}
 
     def records(df: pd.DataFrame | None) -> pipeline.Records | None:
@@ -155,9 +141,7 @@ def load_data(cfg: config_dict.ConfigDict, run_dir: str) -> PreparedData:
         std=tuple(float(x) for x in std),
         text_dim=int(train.text.shape[1]),
         majority_class=int(np.bincount(train.labels, minlength=len(classes)).argmax()),
-        encoder_spec={
-            k: cfg.encoder[k] for k in ("model_name", "max_length", "pooling_type", "qwen_instr")
-        },
+        encoder_spec=emb.attrs.get("encoder_spec") or encoder_settings(cfg).as_dict(),
     )
 
 

@@ -13,6 +13,7 @@ Any field is overridable: --config.training.batch_size=64 --config.vision_model.
 
 from ml_collections import config_dict
 
+from dermjax.data.embeddings import QWEN_INSTRUCTION
 from dermjax.data.metadata import DERM1M_SOURCES
 
 _P = config_dict.placeholder
@@ -21,13 +22,6 @@ _P = config_dict.placeholder
 def _opt(value, field_type):
     """A field with a default that may also be set to None (an optional augmentation)."""
     return config_dict.FieldReference(value, field_type=field_type)
-
-
-QWEN_INSTRUCTION = (
-    "Represent the patient's description and characteristics (including clinical details, age, "
-    "sex, and symptoms) as a semantic embedding suitable for clinical classification. "
-    "Return an embedding."
-)
 
 
 def get_config() -> config_dict.ConfigDict:
@@ -141,11 +135,15 @@ def get_config() -> config_dict.ConfigDict:
     r.text_prob = 0.0  # per-sample probability of masking the text
 
     c.encoder = e = config_dict.ConfigDict()
-    e.embedding_filename = "sapbert_256_cls.parquet"  # parquet under <dataset>/embeddings/
-    e.model_name = "sapbert"  # pubmedbert, biosyn, sapbert, qwen, hash (built-in) or a path
+    e.embedding_filename = _P(
+        str
+    )  # parquet in <dataset>/embeddings/; None: named after the encoder
+    e.model_name = "sapbert"  # pubmedbert, biosyn, sapbert, qwen, hash (built-in), HF id or folder
     e.max_length = 256  # maximum tokens per text
-    e.pooling_type = "cls"  # cls, mean or last_token
-    e.batch_size = 32  # texts per encoder batch
+    e.pooling_type = "cls"  # cls, mean or last_token (Qwen models only, and required by them)
+    e.batch_size = 32  # texts per encoder batch (split over the devices)
+    e.output_dim = _P(int)  # dermjax: Qwen3 Matryoshka size (truncate + L2-normalise); None: off
+    e.dtype = "float32"  # dermjax: text encoder compute dtype: float32 or bfloat16
     e.qwen_instr = QWEN_INSTRUCTION  # instruction prefix for Qwen embedding models
 
     c.optimizer = o = config_dict.ConfigDict()

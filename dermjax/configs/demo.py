@@ -45,7 +45,7 @@ def get_config():
     cfg.multimodal_classifier.final_hidden_sizes = (128,)
 
     cfg.encoder.model_name = "hash"
-    cfg.encoder.embedding_filename = "hash256.parquet"
+    cfg.encoder.embedding_filename = None  # derived from the encoder: hash256.parquet
 
     cfg.optimizer.multimodal_classifier.learning_rate = 1e-3
     cfg.output.experiment_name = "demo"

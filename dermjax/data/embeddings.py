@@ -1,11 +1,18 @@
-"""Text embeddings: the original's parquet layout, a hashing text encoder, and the join to rows.
+"""Text embeddings: the original's parquet layout, computing and checking files, the join to rows.
 
 The parquet file has the original's columns `image_id` (str), `text_desc` (str or null) and
-`embedding` (list<float>), one row per image. dermjax also stores the encoder's spec in the
-schema metadata so that a file made by another encoder is never silently mixed or overwritten.
-Missing text (NaN, "" or no embedding row) becomes the zero vector with `has_text` False.
+`embedding` (list<float>), one row per image. dermjax also stores in the schema metadata the
+encoder's full spec (`dermjax.encoder`) and the settings that chose it (`dermjax.settings`), so
+that a file made by another encoder is never silently mixed or overwritten. Missing text (NaN,
+"" or no embedding row) becomes the zero vector with `has_text` False; it is never encoded.
 A file that cannot be used (unreadable, missing columns, mixed dimensions, NaN or inf values)
 raises `DataError` naming the file and some of the image_ids concerned.
+
+Derived file names (`EncoderSettings.filename`), so two encoders never share a file:
+`<model>_<max_length>_<pooling>[_<output_dim>][_bf16][_i<hash>].parquet`, where <model> is the
+last component of encoder.model_name (an alias, a Hugging Face id or a folder), `_i<hash>` the
+first 8 hex digits of the SHA-256 of a non-default Qwen instruction; `hash<dim>.parquet` for the
+built-in hashing encoder. E.g. sapbert_256_cls.parquet, Qwen3-Embedding-8B_512_last_token.parquet.
 """
 
 from __future__ import annotations
@@ -17,7 +24,8 @@ import json
 import logging
 import os
 import re
-from collections.abc import Sequence
+import time
+from collections.abc import Iterator, Sequence
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -37,6 +45,7 @@ from dermjax.data.metadata import (
     text_is_missing,
 )
 from dermjax.errors import DataError
+from dermjax.tracking import Progress
 
 if TYPE_CHECKING:
     from dermjax.data.pipeline import Records
@@ -46,8 +55,19 @@ log = logging.getLogger(__name__)
 EMBEDDING_COL = "embedding"
 SOURCE_ATTR = "source"  # df.attrs key: the file an embeddings frame was read from
 TEXT_POOLING = ("cls", "mean", "last_token")  # encoder.pooling_type of transformer encoders
+TEXT_DTYPES = ("float32", "bfloat16")  # encoder.dtype: the text encoder's compute dtype
+HASH_MODEL = "hash"  # encoder.model_name of the built-in HashingTextEncoder
+HASH_DIM = 256
+CHUNK_BATCHES = 8  # compute_embeddings gives the encoder 8 batches per call (sorted by length)
 SPEC_KEY = b"dermjax.encoder"
+SETTINGS_KEY = b"dermjax.settings"
+QWEN_INSTRUCTION = (
+    "Represent the patient's description and characteristics (including clinical details, age, "
+    "sex, and symptoms) as a semantic embedding suitable for clinical classification. "
+    "Return an embedding."
+)
 _TOKEN = re.compile(r"\w+")
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
 
 class EncoderMismatchError(DataError):
@@ -55,12 +75,69 @@ class EncoderMismatchError(DataError):
 
 
 class TextEncoder(Protocol):
-    """What `ensure_embeddings` needs: `encode` and a JSON-able `spec` that includes "dim"."""
+    """What computing embeddings needs: `encode` and a JSON-able `spec` that includes "dim"."""
 
     @property
     def spec(self) -> dict[str, Any]: ...
 
     def encode(self, texts: list[str]) -> np.ndarray: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class EncoderSettings:
+    """The configured choice of text encoder, known without loading it.
+
+    Stored in every file dermjax writes and compared at training time; `model_name` is kept as
+    configured (a folder path is compared as written, an alias as its Hugging Face id when
+    `dermjax.text` is installed). The hashing encoder has only `model_name`.
+    """
+
+    model_name: str
+    max_length: int | None = None
+    pooling_type: str | None = None
+    instruction: str | None = None  # Qwen (last_token) models only
+    output_dim: int | None = None
+    dtype: str | None = None
+
+    @classmethod
+    def create(
+        cls, model_name: str, *, max_length: int, pooling_type: str, instruction: str | None,
+        output_dim: int | None, dtype: str,
+    ) -> EncoderSettings:  # fmt: skip
+        """Settings from the encoder config fields; fields the model ignores are dropped."""
+        if model_name == HASH_MODEL:
+            return cls(HASH_MODEL)
+        instruction = instruction if pooling_type == "last_token" else None
+        return cls(model_name, max_length, pooling_type, instruction, output_dim, dtype)
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-able form with the model name canonical (alias -> Hugging Face id)."""
+        out = dataclasses.asdict(self)
+        out["model_name"] = _canonical_model(self.model_name)
+        return out
+
+    def filename(self) -> str:
+        """The derived embeddings file name (rule in the module docstring)."""
+        if self.model_name == HASH_MODEL:
+            return f"{HASH_MODEL}{HASH_DIM}.parquet"
+        model = _UNSAFE.sub("-", os.path.basename(self.model_name.rstrip("/"))) or "model"
+        parts = [model, str(self.max_length), str(self.pooling_type)]
+        if self.output_dim is not None:
+            parts.append(str(self.output_dim))
+        if self.dtype == "bfloat16":
+            parts.append("bf16")
+        if self.instruction is not None and self.instruction != QWEN_INSTRUCTION:
+            parts.append("i" + hashlib.sha256(self.instruction.encode()).hexdigest()[:8])
+        return "_".join(parts) + ".parquet"
+
+
+def _canonical_model(name: str) -> str:
+    try:
+        from dermjax.text import ALIASES  # optional; imports transformers
+    except ImportError:
+        ALIASES = {}
+    name = ALIASES.get(name.lower(), name)
+    return os.path.normpath(name) if os.path.isdir(name) else name
 
 
 @lru_cache(maxsize=1 << 18)
@@ -143,9 +220,14 @@ def write_embeddings(
     path: str,
     *,
     encoder_spec: dict[str, Any] | None = None,
+    settings: dict[str, Any] | None = None,
     storage_options: dict | None = None,
 ) -> None:
-    """Writes image_id / text_desc / embedding to parquet (local or fsspec URL), atomically."""
+    """Writes image_id / text_desc / embedding to parquet (local or fsspec URL), atomically.
+
+    The table goes to a temporary file next to `path`, renamed onto `path` once complete, so a
+    reader never sees a partial file. `encoder_spec` and `settings` go into the schema metadata.
+    """
     require_columns(df, [IMG_ID_COL, EMBEDDING_COL], "an embeddings file")
     matrix = _stack(df[EMBEDDING_COL].tolist())
     offsets = np.arange(len(df) + 1, dtype=np.int32) * matrix.shape[1]
@@ -156,21 +238,28 @@ def write_embeddings(
             EMBEDDING_COL: pa.ListArray.from_arrays(offsets, pa.array(matrix.reshape(-1))),
         }
     )
-    if encoder_spec is not None:
-        table = table.replace_schema_metadata({SPEC_KEY: json.dumps(encoder_spec, sort_keys=True)})
+    stored = {SPEC_KEY: encoder_spec, SETTINGS_KEY: settings}
+    table = table.replace_schema_metadata(
+        {k: json.dumps(v, sort_keys=True) for k, v in stored.items() if v is not None}
+    )
     target, fs_path = fsspec.core.url_to_fs(str(path), **(storage_options or {}))
     target.makedirs(os.path.dirname(fs_path) or ".", exist_ok=True)
     tmp = f"{fs_path}.tmp-{os.getpid()}"
-    with target.open(tmp, "wb") as f:
-        pq.write_table(table, f)
-    target.mv(tmp, fs_path)
+    try:
+        with target.open(tmp, "wb") as f:
+            pq.write_table(table, f)
+        target.mv(tmp, fs_path)
+    finally:
+        if target.exists(tmp):
+            target.rm(tmp)
 
 
 def read_embeddings(path: str, storage_options: dict | None = None) -> pd.DataFrame:
     """Reads an embeddings parquet; `embedding` cells become float32 arrays (None if null).
 
-    The encoder spec stored by dermjax (None for files made elsewhere) is in
-    `df.attrs["encoder_spec"]`, the path in `df.attrs["source"]`. A missing file raises
+    The encoder spec and settings stored by dermjax (None for files made elsewhere) are in
+    `df.attrs["encoder_spec"]` and `df.attrs["encoder_settings"]`, the path in
+    `df.attrs["source"]`. A missing file raises
     FileNotFoundError; one that is not parquet or lacks a column raises DataError.
     """
     fs.check_credentials(str(path), storage_options)
@@ -198,31 +287,182 @@ def read_embeddings(path: str, storage_options: dict | None = None) -> pd.DataFr
         df[EMBEDDING_COL] = [None if c is None else c.astype(np.float32) for c in cells]
     if TEXT_DESC_COL not in df:
         df[TEXT_DESC_COL] = None
-    spec = (table.schema.metadata or {}).get(SPEC_KEY)
-    df.attrs["encoder_spec"] = None if spec is None else json.loads(spec)
+    stored = table.schema.metadata or {}
+    for attr, key in (("encoder_spec", SPEC_KEY), ("encoder_settings", SETTINGS_KEY)):
+        df.attrs[attr] = json.loads(stored[key]) if key in stored else None
     df.attrs[SOURCE_ATTR] = str(path)
     return df
 
 
-def encode_frame(df: pd.DataFrame, encoder: TextEncoder) -> pd.DataFrame:
+def _frame(ids: Sequence[str], texts: Sequence[str | None], matrix: np.ndarray) -> pd.DataFrame:
+    return pd.DataFrame(
+        {IMG_ID_COL: list(ids), TEXT_DESC_COL: list(texts), EMBEDDING_COL: list(matrix)}
+    )
+
+
+def _encode_into(
+    matrix: np.ndarray, texts: list[str | None], encoder: TextEncoder, batch_size: int,
+    progress: Progress | None = None,
+) -> Iterator[int]:  # fmt: skip
+    """Encodes the present texts in batches into `matrix` (missing text stays zero).
+
+    Yields after each batch how many leading rows of `matrix` are final.
+    """
+    present = [i for i, t in enumerate(texts) if t is not None]
+    for b in range(0, len(present), batch_size):
+        rows = present[b : b + batch_size]
+        encoded = np.asarray(encoder.encode([texts[i] for i in rows]), np.float32)
+        if encoded.shape != (len(rows), matrix.shape[1]):
+            raise ValueError(
+                f"encoder returned shape {encoded.shape}, expected ({len(rows)}, {matrix.shape[1]})"
+            )
+        matrix[rows] = encoded
+        if progress is not None:
+            progress.update(len(rows))
+        yield present[b + batch_size] if b + batch_size < len(present) else len(texts)
+
+
+def encode_frame(
+    df: pd.DataFrame, encoder: TextEncoder, *, batch_size: int | None = None
+) -> pd.DataFrame:
     """Embeds each row's text_desc; rows without text get the zero vector (not encoded)."""
     texts = _texts_of(df)
-    present = [i for i, t in enumerate(texts) if t is not None]
-    encoded = np.asarray(encoder.encode([texts[i] for i in present]), np.float32)
-    dim = int(encoder.spec["dim"])
-    if encoded.shape != (len(present), dim):
-        raise ValueError(
-            f"encoder returned shape {encoded.shape}, expected ({len(present)}, {dim})"
+    matrix = np.zeros((len(df), int(encoder.spec["dim"])), np.float32)
+    for _ in _encode_into(matrix, texts, encoder, batch_size or max(1, len(df))):
+        pass
+    return _frame(df[IMG_ID_COL].astype(str), texts, matrix)
+
+
+def spec_differences(stored: dict[str, Any], expected: dict[str, Any]) -> list[str]:
+    """One 'key: file X, config Y' line per key whose value differs (long values shortened)."""
+
+    def short(value: Any) -> str:
+        text = repr(value)
+        return text if len(text) <= 60 else text[:57] + "..."
+
+    stored, expected = _canonical_spec(stored), _canonical_spec(expected)
+    return [
+        f"{k}: file {short(stored.get(k))}, config {short(expected.get(k))}"
+        for k in sorted(set(stored) | set(expected))
+        if stored.get(k) != expected.get(k)
+    ]
+
+
+def stale_ids(emb_df: pd.DataFrame, metadata_df: pd.DataFrame, *, with_text: bool) -> list[str]:
+    """image_ids of `metadata_df` that `emb_df` lacks, holds without a vector or for another text.
+
+    With `with_text`, only rows that have text count (the ones training needs); otherwise rows
+    without text that the file lacks count too.
+    """
+    vectors = [_as_vector(v) is not None for v in emb_df[EMBEDDING_COL]]
+    known = dict(
+        zip(
+            emb_df[IMG_ID_COL].astype(str),
+            zip(_texts_of(emb_df), vectors, strict=True),
+            strict=True,
         )
-    matrix = np.zeros((len(df), dim), np.float32)
-    matrix[present] = encoded
-    return pd.DataFrame(
-        {
-            IMG_ID_COL: df[IMG_ID_COL].astype(str).to_numpy(),
-            TEXT_DESC_COL: texts,
-            EMBEDDING_COL: list(matrix),
-        }
     )
+    out = []
+    for image_id, text in zip(
+        metadata_df[IMG_ID_COL].astype(str), _texts_of(metadata_df), strict=True
+    ):
+        stored = known.get(image_id)
+        if stored is None:
+            if text is not None or not with_text:
+                out.append(image_id)
+        elif text is not None and (not stored[1] or stored[0] != text):
+            out.append(image_id)
+    return out
+
+
+def _check_same_encoder(
+    existing: pd.DataFrame, path: str, spec: dict[str, Any], settings: dict[str, Any] | None
+) -> None:
+    stored_spec, stored_settings = (
+        existing.attrs["encoder_spec"],
+        existing.attrs["encoder_settings"],
+    )
+    differences = [] if stored_spec is None else spec_differences(stored_spec, spec)
+    if stored_settings is not None and settings is not None:
+        differences += spec_differences(stored_settings, settings)
+    if differences:
+        raise EncoderMismatchError(
+            f"embeddings file {path} was made by another encoder ({'; '.join(differences)}); "
+            "it is never overwritten: write to another file or delete this one"
+        )
+
+
+def compute_embeddings(
+    metadata_df: pd.DataFrame,
+    path: str,
+    encoder: TextEncoder,
+    *,
+    settings: dict[str, Any] | None = None,
+    batch_size: int = 32,
+    resume: bool = False,
+    storage_options: dict | None = None,
+    save_every_s: float = 300.0,
+    progress: bool = True,
+) -> pd.DataFrame:
+    """Encodes the text of every image_id of `metadata_df` into the parquet `path`; returns it.
+
+    Batches of `batch_size` texts; the file is written atomically every `save_every_s` seconds
+    and at the end, so an interrupted run leaves a valid partial file. An existing file is never
+    overwritten: without `resume` it raises DataError; with `resume` only the rows it lacks (or
+    holds for another text) are encoded and added, after checking that the stored spec and
+    settings match (EncoderMismatchError otherwise; also for a file without a dermjax spec
+    that lacks rows).
+    """
+    request = metadata_df.drop_duplicates(IMG_ID_COL)
+    spec = _canonical_spec(encoder.spec)
+    fs.check_credentials(str(path), storage_options)
+    target, fs_path = fsspec.core.url_to_fs(str(path), **(storage_options or {}))
+    kept = None
+    if target.exists(fs_path):
+        if not resume:
+            raise DataError(
+                f"embeddings file {path} already exists and is never overwritten; --resume "
+                "encodes only the rows it lacks, --out writes another file"
+            )
+        kept = read_embeddings(path, storage_options)
+        _check_same_encoder(kept, path, spec, settings)
+        stale = stale_ids(kept, request, with_text=False)
+        if not stale:
+            log.info("embeddings: %s already covers all %d rows", path, len(request))
+            return kept
+        if kept.attrs["encoder_spec"] is None:
+            raise EncoderMismatchError(
+                f"embeddings file {path} has no dermjax encoder spec (made elsewhere) and lacks "
+                f"{len(stale)} row(s), e.g. {stale[:3]}; refusing to extend it with {spec}"
+            )
+        kept = kept[~kept[IMG_ID_COL].astype(str).isin(stale)]
+        request = request[request[IMG_ID_COL].astype(str).isin(stale)]
+
+    ids, texts = request[IMG_ID_COL].astype(str).tolist(), _texts_of(request)
+    matrix = np.zeros((len(request), int(spec["dim"])), np.float32)
+
+    def save(rows: int) -> pd.DataFrame:
+        done = _frame(ids[:rows], texts[:rows], matrix[:rows])
+        result = done if kept is None else pd.concat([kept, done], ignore_index=True)
+        write_embeddings(
+            result, path, encoder_spec=spec, settings=settings, storage_options=storage_options
+        )
+        return result
+
+    n_texts = sum(t is not None for t in texts)
+    log.info("embeddings: encoding %d texts (%d rows) into %s", n_texts, len(ids), path)
+    bar = Progress(n_texts, desc=f"embedding {os.path.basename(str(path))}", enabled=progress)
+    last_save = time.monotonic()
+    for rows in _encode_into(matrix, texts, encoder, batch_size * CHUNK_BATCHES, bar):
+        if time.monotonic() - last_save >= save_every_s:
+            save(rows)
+            last_save = time.monotonic()
+    bar.close()
+    result = save(len(ids))
+    result.attrs.update(
+        {SOURCE_ATTR: str(path), "encoder_spec": spec, "encoder_settings": settings}
+    )
+    return result
 
 
 def ensure_embeddings(
@@ -232,51 +472,15 @@ def ensure_embeddings(
     *,
     storage_options: dict | None = None,
 ) -> pd.DataFrame:
-    """Returns embeddings covering every image_id of `metadata_df`, reading or extending `path`.
+    """Embeddings covering every image_id of `metadata_df`: `path` read, created or completed.
 
-    A file that already holds every requested image_id with the same text is used as is. Rows
-    that are absent or whose text changed are encoded and merged into the file. A file whose
-    stored encoder spec differs from `encoder.spec` raises EncoderMismatchError; so does
-    extending a file without a spec. `path=None` computes without saving, as in the original.
+    `compute_embeddings` with `resume`, quietly; `path=None` computes without saving.
     """
-    request = metadata_df.drop_duplicates(IMG_ID_COL)
     if path is None:
-        return encode_frame(request, encoder)
-    fs.check_credentials(str(path), storage_options)
-    spec = _canonical_spec(encoder.spec)
-    target, fs_path = fsspec.core.url_to_fs(str(path), **(storage_options or {}))
-    if not target.exists(fs_path):
-        log.info("embeddings: encoding %d rows into new file %s", len(request), path)
-        result = encode_frame(request, encoder)
-        write_embeddings(result, path, encoder_spec=spec, storage_options=storage_options)
-        result.attrs[SOURCE_ATTR] = str(path)
-        return result
-
-    existing = read_embeddings(path, storage_options)
-    stored = existing.attrs["encoder_spec"]
-    if stored is not None and stored != spec:
-        raise EncoderMismatchError(
-            f"embeddings file {path} was made by encoder {stored}, but the config asks for "
-            f"{spec}; point encoder.embedding_filename at another file or delete this one"
-        )
-    known = dict(zip(existing[IMG_ID_COL].astype(str), _texts_of(existing), strict=True))
-    wanted = zip(request[IMG_ID_COL].astype(str), _texts_of(request), strict=True)
-    stale = [i for i, text in wanted if i not in known or known[i] != text]
-    if not stale:
-        log.info("embeddings: %s covers all %d requested rows", path, len(request))
-        return existing
-    if stored is None:
-        raise EncoderMismatchError(
-            f"embeddings file {path} has no dermjax encoder spec (made elsewhere) and lacks "
-            f"{len(stale)} requested row(s), e.g. {stale[:3]}; refusing to extend it with {spec}"
-        )
-    log.info("embeddings: encoding %d new or changed rows into %s", len(stale), path)
-    fresh = encode_frame(request[request[IMG_ID_COL].astype(str).isin(stale)], encoder)
-    kept = existing[~existing[IMG_ID_COL].astype(str).isin(stale)]
-    result = pd.concat([kept, fresh], ignore_index=True)
-    write_embeddings(result, path, encoder_spec=spec, storage_options=storage_options)
-    result.attrs[SOURCE_ATTR] = str(path)
-    return result
+        return encode_frame(metadata_df.drop_duplicates(IMG_ID_COL), encoder)
+    return compute_embeddings(
+        metadata_df, path, encoder, resume=True, storage_options=storage_options, progress=False
+    )
 
 
 def join_text(

@@ -74,6 +74,11 @@ def check_credentials(path: str, storage_options: dict | None = None) -> None:
     raise DataError(f"cannot read {path}: no Google Cloud credentials found; {_LOGIN_HINT}")
 
 
+def storage_options(path: str) -> dict | None:
+    """fsspec options for `path`: the FSSPEC_GCS_TOKEN for gs:// URLs, else None."""
+    return {"token": os.environ.get("FSSPEC_GCS_TOKEN")} if path.startswith("gs://") else None
+
+
 def is_local(path: str) -> bool:
     """True for plain paths and file:// URLs."""
     return get_protocol(path) in ("file", "local")

@@ -197,7 +197,9 @@ def test_ensure_embeddings_refuses_a_file_from_another_encoder(tmp_path):
     path = str(tmp_path / "hash.parquet")
     ensure_embeddings(_meta(["rash"]), path, HashingTextEncoder(dim=16))
     before = pq.read_table(path)
-    with pytest.raises(EncoderMismatchError, match="made by encoder"):
+    with pytest.raises(
+        EncoderMismatchError, match=r"made by another encoder \(seed: file 0, config 1\)"
+    ):
         ensure_embeddings(_meta(["rash", "more"]), path, HashingTextEncoder(dim=16, seed=1))
     assert pq.read_table(path).equals(before)
     assert pq.read_schema(path).metadata == before.schema.metadata
