@@ -32,7 +32,7 @@ _WORKDIR = flags.DEFINE_string(
 )
 
 
-def _setup_logging() -> None:
+def setup_logging() -> None:
     """Console logging; `runner.run` adds the run folder's train.log once it holds the lock."""
     fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S")
     root = logging.getLogger()
@@ -51,7 +51,7 @@ def main(argv: list[str]) -> None:
     cfg = _CONFIG.value
     parallel.maybe_initialize_distributed()
     validate_for_run(cfg, device_count=jax.device_count(), process_count=jax.process_count())
-    _setup_logging()
+    setup_logging()
     summary = runner.run(cfg, _WORKDIR.value)
     if summary.get("preempted"):
         folders = runner.run_folders(cfg, _WORKDIR.value)
