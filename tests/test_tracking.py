@@ -136,6 +136,15 @@ def test_progress_without_tty_prints_rate_and_eta_lines():
     assert lines[-1].startswith("train epoch 1: done, 64 img in")
 
 
+def test_progress_prints_a_line_every_n_steps_when_asked():
+    stream = io.StringIO()
+    progress = Progress(160, desc="epoch 1/3", every_s=1e9, every_updates=3, stream=stream)
+    for _ in range(10):
+        progress.update(16)
+    lines = stream.getvalue().splitlines()
+    assert [line.split(":")[1].split()[0] for line in lines] == ["48/160", "96/160", "144/160"]
+
+
 class _Terminal(io.StringIO):
     def isatty(self):
         return True
