@@ -120,7 +120,7 @@ def _check_embeddings(
         and not any(d.startswith("dim:") for d in differences)
     ):
         differences.append(f"dim: file {dim}, config {wanted}")
-    other = f"{os.path.dirname(path)}/{settings.filename()}"
+    other = os.path.join(os.path.dirname(path), settings.filename())
     if other == path:
         digest = hashlib.sha256(json.dumps(settings.as_dict(), sort_keys=True).encode())
         other = f"{path.removesuffix('.parquet')}_{digest.hexdigest()[:8]}.parquet"

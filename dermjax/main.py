@@ -55,9 +55,10 @@ def main(argv: list[str]) -> None:
     summary = runner.run(cfg, _WORKDIR.value)
     if summary.get("preempted"):
         folders = runner.run_folders(cfg, _WORKDIR.value)
+        same = f" (same --workdir={folders.run_dir})" if _WORKDIR.value else ""
         print(
             f"Preempted: saved step {summary['step']} to {folders.checkpoint_dir}. Resume by "
-            f"re-running the same command (same --workdir={folders.run_dir}).",
+            f"re-running the same command{same}.",
             flush=True,
         )
         return

@@ -143,16 +143,24 @@ def open_checkpoints(cfg: config_dict.ConfigDict, folders: RunFolders) -> Checkp
     )
 
 
-def finished_summary(folders: RunFolders, meta: Mapping[str, Any], num_epochs: int) -> dict | None:
-    """The stored summary when the checkpoint's run is over (early-stopped, or all epochs done)."""
+def finished_summary(
+    folders: RunFolders, meta: Mapping[str, Any], saved_step: int, num_epochs: int
+) -> dict | None:
+    """The stored summary when the checkpoint's run is over (early-stopped, or all epochs done).
+
+    The summary must be the evaluation of that very checkpoint (its `trained_steps`); otherwise
+    (the final evaluation did not complete, or it belongs to an earlier end of the run) the run
+    evaluates again.
+    """
     finished = meta.get("finished")
     if finished is None or (finished == "completed" and meta["epoch"] < num_epochs):
         return None
     path = os.path.join(folders.run_dir, "summary.json")
     if not os.path.exists(path):
-        return None  # the final evaluation did not complete: the run does it again
+        return None
     with open(path) as f:
-        return json.load(f)
+        summary = json.load(f)
+    return summary if summary.get("trained_steps") == saved_step else None
 
 
 def run(cfg: config_dict.ConfigDict, workdir: str | None) -> dict[str, Any]:
@@ -162,9 +170,18 @@ def run(cfg: config_dict.ConfigDict, workdir: str | None) -> dict[str, Any]:
     """
     start = time.time()
     folders = run_folders(cfg, workdir)
+    if "://" in folders.run_dir:
+        raise RunFolderError(
+            f"run folder {folders.run_dir}: --workdir and output.log_dir must be local folders "
+            "(logs, lock); put checkpoints on a bucket with output.save_dir=gs://..."
+        )
     os.makedirs(folders.run_dir, exist_ok=True)
-    lock = RunLock(folders.run_dir) if jax.process_index() == 0 else contextlib.nullcontext()
-    with lock, _log_file(os.path.join(folders.run_dir, "train.log")):
+    main = jax.process_index() == 0
+    lock = RunLock(folders.run_dir) if main else contextlib.nullcontext()
+    log_file = (
+        _log_file(os.path.join(folders.run_dir, "train.log")) if main else contextlib.nullcontext()
+    )
+    with lock, log_file:
         ckpt = open_checkpoints(cfg, folders)
         try:
             return _run_locked(cfg, folders, ckpt, start)
@@ -203,6 +220,12 @@ def _resume_point(cfg, folders: RunFolders, ckpt: Checkpointer) -> ResumePoint |
     """Where to continue from (this run's newest checkpoint, else load_from); checks configs."""
     c = cfg.checkpoint
     found = ckpt.latest_meta()
+    if found is None and ckpt.latest() is not None:
+        raise RunFolderError(
+            f"{folders.checkpoint_dir} holds checkpoints (newest step {ckpt.latest()}) whose "
+            "metadata cannot be read (see the warnings above): fix access to that folder and "
+            "re-run, or start fresh in another --workdir / output.experiment_name"
+        )
     if found is not None:
         if not c.auto_resume:
             raise RunFolderError(
@@ -226,7 +249,7 @@ def _resume_point(cfg, folders: RunFolders, ckpt: Checkpointer) -> ResumePoint |
 def _run_locked(cfg, folders: RunFolders, ckpt: Checkpointer, start: float) -> dict[str, Any]:
     resume = _resume_point(cfg, folders, ckpt)
     if resume is not None and resume.source is ckpt:
-        summary = finished_summary(folders, resume.meta, cfg.training.num_epochs)
+        summary = finished_summary(folders, resume.meta, resume.saved_step, cfg.training.num_epochs)
         if summary is not None:
             how = resume.meta["finished"].replace("_", "-")
             log.info(
@@ -244,7 +267,7 @@ def _run_locked(cfg, folders: RunFolders, ckpt: Checkpointer, start: float) -> d
         config_dict=cfg.to_dict(),
         wandb_project=cfg.output.wandb_project,
         enabled=jax.process_index() == 0,
-        resume_step=None if resume is None else resume.saved_step,
+        resume_step=resume.saved_step if resume is not None and resume.source is ckpt else None,
     )
     trainer = Trainer(components, ckpt, tracker)
     try:

@@ -75,6 +75,7 @@ class Tracker:
             return
         fs, root = fsspec.core.url_to_fs(self.workdir)
         fs.makedirs(root, exist_ok=True)
+        self._last_step = resume_step or 0
         lines = self._start_lines(fs, f"{root}/metrics.jsonl", resume_step)
         if _is_remote(self.workdir):
             self._remote_lines = lines
@@ -103,8 +104,13 @@ class Tracker:
                 stacklevel=3,
             )
             return []
+        records = []
         with fs.open(path, "r") as f:
-            records = [json.loads(line) for line in f.read().splitlines() if line.strip()]
+            for line in f.read().splitlines():
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError:  # a line cut short when the run was killed
+                    warnings.warn(f"{self.metrics_path}: dropped an unreadable line", stacklevel=3)
         return [
             json.dumps(r)
             for r in records
@@ -254,7 +260,7 @@ class Progress:
     seconds.
 
     The line format reports throughput measured after the first update, so the compilation of the
-    first step does not pollute img/s or the ETA.
+    first step does not pollute the rate or the ETA. `unit` names what is counted (img, text).
     """
 
     def __init__(
@@ -264,10 +270,11 @@ class Progress:
         desc: str,
         every_s: float = 30.0,
         every_updates: int | None = None,
+        unit: str = "img",
         stream: TextIO | None = None,
         enabled: bool = True,
     ):
-        self.total, self.desc, self.every_s = total, desc, every_s
+        self.total, self.desc, self.every_s, self.unit = total, desc, every_s, unit
         self.every_updates = every_updates
         self.updates = 0
         self.stream = sys.stderr if stream is None else stream
@@ -278,7 +285,7 @@ class Progress:
         self._last_print = self._start
         is_tty = hasattr(self.stream, "isatty") and self.stream.isatty()
         self._bar = (
-            tqdm(total=total, desc=desc, unit="img", unit_scale=True, file=self.stream)
+            tqdm(total=total, desc=desc, unit=unit, unit_scale=True, file=self.stream)
             if enabled and is_tty
             else None
         )
@@ -314,8 +321,8 @@ class Progress:
     def _print_line(self, postfix: Mapping[str, float]) -> None:
         rate = self.rate()
         done = f"{self.count}" if self.total is None else f"{self.count}/{self.total}"
-        parts = [f"{self.desc}: {done} img"]
-        parts.append(f"{rate:.1f} img/s" if rate else "-- img/s")
+        parts = [f"{self.desc}: {done} {self.unit}"]
+        parts.append(f"{rate:.1f} {self.unit}/s" if rate else f"-- {self.unit}/s")
         if rate and self.total is not None:
             parts.append(f"ETA {_format_duration((self.total - self.count) / rate)}")
         parts.extend(f"{k}={float(v):.4g}" for k, v in postfix.items())
@@ -328,5 +335,5 @@ class Progress:
         elif self.enabled:
             rate = self.rate()
             took = _format_duration(time.perf_counter() - self._start)
-            speed = f", {rate:.1f} img/s" if rate else ""
-            print(f"{self.desc}: done, {self.count} img in {took}{speed}", file=self.stream)
+            speed = f", {rate:.1f} {self.unit}/s" if rate else ""
+            print(f"{self.desc}: done, {self.count} {self.unit} in {took}{speed}", file=self.stream)

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 
 import jax
 import numpy as np
@@ -93,6 +94,20 @@ def test_resuming_with_a_trained_field_changed_is_refused(finished_run, field, v
     cfg = tiny_demo_config(root / "data", **{"training.num_epochs": 2, field: value})
     with pytest.raises(RunFolderError, match=field.replace(".", r"\.")):
         run(cfg, str(workdir))
+
+
+def test_checkpoints_with_unreadable_metadata_are_never_overwritten_by_a_fresh_run(
+    finished_run, tmp_path
+):
+    _, cfg, source, _ = finished_run
+    copy = tmp_path / "copy"
+    shutil.copytree(source, copy)
+    for meta in (copy / "checkpoints").glob("*/*/meta/metadata"):
+        meta.write_text("{not json")
+    before = listing(copy / "checkpoints")
+    with pytest.raises(RunFolderError, match="metadata cannot be read"):
+        run(cfg, str(copy))
+    assert listing(copy / "checkpoints") == before
 
 
 def test_a_second_process_on_the_run_folder_is_refused(finished_run):

@@ -451,7 +451,9 @@ def compute_embeddings(
 
     n_texts = sum(t is not None for t in texts)
     log.info("embeddings: encoding %d texts (%d rows) into %s", n_texts, len(ids), path)
-    bar = Progress(n_texts, desc=f"embedding {os.path.basename(str(path))}", enabled=progress)
+    bar = Progress(
+        n_texts, desc=f"embedding {os.path.basename(str(path))}", unit="text", enabled=progress
+    )
     last_save = time.monotonic()
     for rows in _encode_into(matrix, texts, encoder, batch_size * CHUNK_BATCHES, bar):
         if time.monotonic() - last_save >= save_every_s:

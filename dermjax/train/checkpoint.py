@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -401,7 +402,8 @@ class Checkpointer(CheckpointReader):
             (name, s)
             for name, manager in self._managers.items()
             for s in manager.all_steps()
-            if s > step or (s == step and name == sub)
+            # the same step of the same kind, or a preemption copy ("last") it completes
+            if s > step or (s == step and name in (sub, "last"))
         ]
         if not stale:
             return
@@ -427,7 +429,8 @@ def resolve_load_from(path: str) -> tuple[str, int | None]:
     (`.../checkpoints/best`: its newest step) or a step directory (`.../checkpoints/periodic/120`).
     Only reads.
     """
-    p = epath.Path(str(path).rstrip("/"))
+    path = str(path).rstrip("/")
+    p = epath.Path(path if "://" in path else os.path.abspath(path))  # Orbax needs absolute
     kind_dirs = set(_RESTORE_PRIORITY)
     if (p / "checkpoints").is_dir():
         return str(p / "checkpoints"), None

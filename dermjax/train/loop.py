@@ -75,7 +75,10 @@ class Trainer:
         self.stopper.load_state_dict(meta["early_stopping"])
         self.start_epoch, self.start_step_in_epoch = meta["epoch"], meta["step_in_epoch"]
         self.train_acc = meta.get("train_accumulator")
-        self.finished = meta.get("finished")
+        # Another run's end (load_from) or a completed run given more epochs trains on.
+        self.finished = meta.get("finished") if source is self.ckpt else None
+        if self.finished == "completed" and meta["epoch"] < self.cfg.training.num_epochs:
+            self.finished = None
         counters = meta.get("counters", {})
         self.skipped = counters.get("skipped_nonfinite_steps", 0)
         self.bad_train_before = counters.get("bad_images_train", 0)
@@ -281,6 +284,7 @@ class Trainer:
     def test(self, started_at: float) -> dict[str, Any]:
         """Evaluates the best checkpoint (or the last state) on val and test; writes summary."""
         self.ckpt.wait()
+        trained_steps = int(self.state["step"])
         best = self.ckpt.best()
         if best is not None:
             self.state, _ = self.ckpt.restore(best, abstract_state=self.abstract, data_iter=None)
@@ -295,7 +299,10 @@ class Trainer:
             if split == "test":
                 results["baseline"] = {"majority_accuracy": m["majority_accuracy"]}
             self.tracker.log_confusion_matrix(
-                split, np.asarray(m["confusion_matrix"]), self.c.data.classes
+                f"final/{split}",
+                np.asarray(m["confusion_matrix"]),
+                self.c.data.classes,
+                step=trained_steps,
             )
         final = {
             f"{split}/{k}": v
@@ -303,11 +310,12 @@ class Trainer:
             for k, v in m.items()
             if isinstance(v, float)
         }
-        self.tracker.log("final", int(self.state["step"]), final)
+        self.tracker.log("final", trained_steps, final)
         results.update(
             classes=self.c.data.classes,
             best_epoch=self.stopper.best_epoch,
             best_step=best,
+            trained_steps=trained_steps,
             skipped_nonfinite_steps=self.skipped,
             bad_images=bad,
             wall_time_s=round(time.time() - started_at, 1),

@@ -193,6 +193,24 @@ def test_async_saves_become_visible_in_order_and_complete_after_wait(tmp_path):
     ckpt.close()
 
 
+def test_an_end_of_epoch_save_replaces_a_preemption_copy_of_the_same_step(tmp_path):
+    # Preempted on the epoch's last step, resumed, then the epoch ends at that same step.
+    state = make_state()
+    with Checkpointer(str(tmp_path), save_frequency=1, keep_last=2) as ckpt:
+        ckpt.save(40, state=state, data_iter=None, meta={"finished": None}, kind="preempt")
+        ckpt.save(40, state=state, data_iter=None, meta={"finished": "completed"}, kind="periodic")
+        assert ckpt.latest_meta()[1]["finished"] == "completed"
+    assert not (tmp_path / "last" / "40").exists()
+
+
+def test_resolve_load_from_makes_relative_paths_absolute(tmp_path, monkeypatch):
+    ckdir = tmp_path / "run" / "checkpoints"
+    with Checkpointer(str(ckdir), save_frequency=1, keep_last=2) as ckpt:
+        ckpt.save(10, state=make_state(), data_iter=None, meta={}, kind="periodic")
+    monkeypatch.chdir(tmp_path)
+    assert resolve_load_from("run") == (str(ckdir), None)
+
+
 def test_resolve_load_from_accepts_workdir_checkpoint_dirs_and_step_dirs(tmp_path):
     ckdir = tmp_path / "run" / "checkpoints"
     with Checkpointer(str(ckdir), save_frequency=1, keep_last=2) as ckpt:
