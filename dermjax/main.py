@@ -1,6 +1,7 @@
 """Command-line entry: validate the config, train, evaluate on the test split.
 
   python -m dermjax.main --config=configs/demo.py [--config.a.b=V ...] [--workdir=DIR]
+      [--dry_run]
 
 A config with bad values exits with status 2 and one message naming every bad field, before any
 data is read. Re-running the same command with the same --workdir resumes from its latest
@@ -19,7 +20,7 @@ from ml_collections import config_flags
 
 from dermjax import parallel, runner
 from dermjax.cli import run_main
-from dermjax.config import packaged_config_path, validate_for_run
+from dermjax.config import data_paths, packaged_config_path, validate_for_run
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", str(packaged_config_path("default")), "Config file (default: configs/default.py)."
@@ -30,6 +31,31 @@ _WORKDIR = flags.DEFINE_string(
     "Folder holding everything of this run (logs, metrics, summary, checkpoints); default: "
     "<output.log_dir or workdirs>/<experiment_name>, checkpoints under output.save_dir/<name>.",
 )
+
+_DRY_RUN = flags.DEFINE_bool(
+    "dry_run", False, "Validate, print the resolved config and every derived path, read no data."
+)
+
+
+def _print_plan(cfg) -> None:
+    """The resolved config and where the run would read and write (no file is touched)."""
+    folders = runner.run_folders(cfg, _WORKDIR.value)
+    paths = data_paths(cfg)
+    print(cfg, flush=True)
+    rows = {
+        "metadata": paths.metadata,
+        "images": paths.img_prefix,
+        "embeddings": paths.embeddings,
+        "prepared cache": paths.cache_dir,
+        "run folder (logs, metrics, summary)": folders.run_dir,
+        "checkpoints": folders.checkpoint_dir,
+        "load_from": cfg.checkpoint.load_from,
+        "init_from": cfg.checkpoint.init_from,
+    }
+    for name, value in rows.items():
+        if value is not None:
+            print(f"{name}: {value}")
+    print(f"devices: {jax.device_count()} ({jax.devices()[0].platform}); config is valid")
 
 
 def setup_logging() -> None:
@@ -51,6 +77,9 @@ def main(argv: list[str]) -> None:
     cfg = _CONFIG.value
     parallel.maybe_initialize_distributed()
     validate_for_run(cfg, device_count=jax.device_count(), process_count=jax.process_count())
+    if _DRY_RUN.value:
+        _print_plan(cfg)
+        return
     setup_logging()
     summary = runner.run(cfg, _WORKDIR.value)
     if summary.get("preempted"):

@@ -137,3 +137,22 @@ def test_user_error_is_one_line_and_its_exit_code_unless_verbose(tmp_path, verbo
     assert ("Traceback" in proc.stderr) is verbose
     if not verbose:
         assert proc.stderr == last
+
+
+def test_dry_run_prints_the_config_and_every_path_without_reading_data(tmp_path):
+    data_root = tmp_path / "no_such_data"
+    proc = subprocess.run(
+        [sys.executable, "-m", "dermjax.main", "--config=configs/default.py", "--dry_run",
+         f"--config.data.local_root={data_root}", "--config.vision_model.pretrained=false",
+         "--config.output.save_dir=gs://bucket/ckpt", "--config.output.experiment_name=exp1",
+         "--config.training.batch_size=16"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert f"metadata: {data_root}/dataset_v1/metadata_all_harmonized.csv" in out
+    assert f"embeddings: {data_root}/dataset_v1/embeddings/sapbert_256_cls.parquet" in out
+    assert f"run folder (logs, metrics, summary): {tmp_path}/workdirs/exp1" in out
+    assert "checkpoints: gs://bucket/ckpt/exp1" in out
+    assert "batch_size: 16" in out
+    assert list(tmp_path.iterdir()) == []  # no data read, no run folder made
