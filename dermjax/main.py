@@ -36,6 +36,12 @@ _DRY_RUN = flags.DEFINE_bool(
     "dry_run", False, "Validate, print the resolved config and every derived path, read no data."
 )
 
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "Multi-process runs: HOST:PORT of process 0's coordinator."
+)
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Multi-process runs: process count.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "Multi-process runs: this process's id.")
+
 
 def _print_plan(cfg) -> None:
     """The resolved config and where the run would read and write (no file is touched)."""
@@ -75,7 +81,9 @@ def setup_logging() -> None:
 def main(argv: list[str]) -> None:
     del argv
     cfg = _CONFIG.value
-    parallel.maybe_initialize_distributed()
+    parallel.maybe_initialize_distributed(
+        _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value
+    )
     validate_for_run(cfg, device_count=jax.device_count(), process_count=jax.process_count())
     if _DRY_RUN.value:
         _print_plan(cfg)

@@ -14,14 +14,64 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from dermjax.errors import ConfigError
+
 log = logging.getLogger(__name__)
 
 
-def maybe_initialize_distributed() -> None:
-    """Starts jax.distributed when a multi-process launch is configured by the environment."""
-    if os.environ.get("JAX_COORDINATOR_ADDRESS") or os.environ.get("TPU_WORKER_HOSTNAMES"):
+# Environment variables that mean "JAX finds the other processes by itself" (TPU VM pod slices,
+# SLURM with several tasks, Open MPI with several ranks, an explicit JAX coordinator).
+_CLUSTER_MARKERS = {
+    "TPU_WORKER_HOSTNAMES": 0,
+    "JAX_COORDINATOR_ADDRESS": 0,
+    "SLURM_NTASKS": 1,
+    "OMPI_COMM_WORLD_SIZE": 1,
+}
+_ENV = {
+    "coordinator_address": "DERMJAX_COORDINATOR_ADDRESS",
+    "num_processes": "DERMJAX_NUM_PROCESSES",
+    "process_id": "DERMJAX_PROCESS_ID",
+}
+
+
+def _cluster_detected() -> bool:
+    for name, above in _CLUSTER_MARKERS.items():
+        value = os.environ.get(name, "")
+        if value and (above == 0 or (value.isdigit() and int(value) > above)):
+            return True
+    return False
+
+
+def maybe_initialize_distributed(
+    coordinator_address: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+) -> None:
+    """Starts jax.distributed for a multi-process run; single process otherwise.
+
+    An explicit launch gives all three of coordinator address (HOST:PORT), process count and
+    this process's id, as arguments or as DERMJAX_COORDINATOR_ADDRESS / DERMJAX_NUM_PROCESSES /
+    DERMJAX_PROCESS_ID. Without them, JAX's own cluster detection runs only where a cluster is
+    visible (TPU VM pod slice, SLURM or Open MPI with several tasks, JAX_COORDINATOR_ADDRESS).
+    """
+    given = {"coordinator_address": coordinator_address}
+    given.update(num_processes=num_processes, process_id=process_id)
+    for key, env in _ENV.items():
+        if given[key] is None and os.environ.get(env):
+            value = os.environ[env]
+            if key != "coordinator_address" and not value.isdigit():
+                raise ConfigError(f"{env}={value!r}: expected a non-negative integer")
+            given[key] = value if key == "coordinator_address" else int(value)
+    if any(v is not None for v in given.values()):
+        missing = [f"--{k} (or {_ENV[k]})" for k, v in given.items() if v is None]
+        if missing:
+            raise ConfigError(f"a multi-process launch also needs {', '.join(missing)}")
+        jax.distributed.initialize(**given)
+    elif _cluster_detected():
         jax.distributed.initialize()
-        log.info("jax.distributed: process %d of %d", jax.process_index(), jax.process_count())
+    else:
+        return
+    log.info("jax.distributed: process %d of %d", jax.process_index(), jax.process_count())
 
 
 def make_mesh() -> Mesh:

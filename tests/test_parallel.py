@@ -1,0 +1,58 @@
+"""Multi-process start-up: explicit launches, JAX's cluster detection only where a cluster is seen."""
+
+import jax
+import pytest
+
+from dermjax import parallel
+from dermjax.errors import ConfigError
+
+_VARS = (
+    "DERMJAX_COORDINATOR_ADDRESS", "DERMJAX_NUM_PROCESSES", "DERMJAX_PROCESS_ID",
+    "TPU_WORKER_HOSTNAMES", "JAX_COORDINATOR_ADDRESS", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE",
+)  # fmt: skip
+
+
+@pytest.fixture
+def calls(monkeypatch):
+    for name in _VARS:
+        monkeypatch.delenv(name, raising=False)
+    made = []
+    monkeypatch.setattr(jax.distributed, "initialize", lambda **kw: made.append(kw))
+    return made
+
+
+def test_single_process_without_flags_or_a_cluster(calls, monkeypatch):
+    monkeypatch.setenv("SLURM_NTASKS", "1")  # one task is no cluster
+    parallel.maybe_initialize_distributed()
+    assert calls == []
+
+
+def test_explicit_flags_start_the_distributed_runtime(calls):
+    parallel.maybe_initialize_distributed("127.0.0.1:1234", 2, 1)
+    assert calls == [dict(coordinator_address="127.0.0.1:1234", num_processes=2, process_id=1)]
+
+
+def test_environment_variables_stand_for_the_flags(calls, monkeypatch):
+    monkeypatch.setenv("DERMJAX_COORDINATOR_ADDRESS", "10.0.0.2:8476")
+    monkeypatch.setenv("DERMJAX_NUM_PROCESSES", "4")
+    monkeypatch.setenv("DERMJAX_PROCESS_ID", "3")
+    parallel.maybe_initialize_distributed(process_id=2)  # a flag wins over its variable
+    assert calls == [dict(coordinator_address="10.0.0.2:8476", num_processes=4, process_id=2)]
+
+
+@pytest.mark.parametrize(
+    "marker", [("TPU_WORKER_HOSTNAMES", "t0,t1"), ("OMPI_COMM_WORLD_SIZE", "4")]
+)
+def test_a_detected_cluster_lets_jax_find_its_processes(calls, monkeypatch, marker):
+    monkeypatch.setenv(*marker)
+    parallel.maybe_initialize_distributed()
+    assert calls == [{}]
+
+
+def test_an_incomplete_launch_names_what_is_missing(calls, monkeypatch):
+    with pytest.raises(ConfigError, match=r"--num_processes .*--process_id"):
+        parallel.maybe_initialize_distributed("127.0.0.1:1234")
+    monkeypatch.setenv("DERMJAX_NUM_PROCESSES", "two")
+    with pytest.raises(ConfigError, match="DERMJAX_NUM_PROCESSES='two'"):
+        parallel.maybe_initialize_distributed()
+    assert calls == []
