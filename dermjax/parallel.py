@@ -79,16 +79,6 @@ def make_mesh() -> Mesh:
     return jax.make_mesh((jax.device_count(),), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
 
 
-def check_batch_size(batch_size: int, field: str = "training.batch_size") -> int:
-    """Returns the per-process batch size; fails early when it does not divide evenly."""
-    devices, processes = jax.device_count(), jax.process_count()
-    if batch_size % devices:
-        raise ValueError(
-            f"{field}={batch_size} must be divisible by the number of devices ({devices})"
-        )
-    return batch_size // processes
-
-
 def replicate(tree, mesh: Mesh):
     """Places a pytree on every device of the mesh (replicated)."""
     return jax.device_put(tree, NamedSharding(mesh, P()))
