@@ -57,7 +57,7 @@ def test_the_run_learns_more_than_the_majority_baseline(demo_run):
     assert summary["test"]["accuracy"] > summary["baseline"]["majority_accuracy"]
 
 
-def test_bad_images_are_counted_per_split(demo_run):
+def test_summary_reports_bad_images_for_every_split(demo_run):  # clean demo data: none
     _, _, summary = demo_run
     assert summary["bad_images"] == {"train": 0, "val": 0, "test": 0}
 
