@@ -1,4 +1,4 @@
-"""torchvision EfficientNet-B0/B1/B4 (V1, MBConv) in Flax NNX, NHWC.
+"""torchvision EfficientNet-B0 to B4 (V1, MBConv) in Flax NNX, NHWC.
 
 Attribute paths equal torchvision's state_dict keys: `features.1.0.block.0.0.weight` is the NNX
 path `('features', 1, 0, 'block', 0, 0, 'kernel')`. Without the top, the model is the original's

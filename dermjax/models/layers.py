@@ -103,18 +103,79 @@ def linear(
     )
 
 
+class BatchNorm(nnx.BatchNorm):
+    """torch.nn.BatchNorm1d/2d over the last (feature) axis, running statistics included.
+
+    Train mode normalises with the biased batch variance, as torch does, but the running
+    variance is updated with the unbiased one (n/(n-1), n values per feature), so running
+    statistics after training equal a PyTorch run's; `nnx.BatchNorm` stores the biased one.
+    `momentum` is Flax's (torch's 0.1 is 0.9). Statistics are reduced over the global batch: under
+    `jit` with a sharded batch XLA inserts the cross-device sums and n is the global count. With
+    n = 1 (where torch raises) the running variance takes the biased value 0. Normalisation runs
+    in at least float32 and the result is cast to `dtype`; running statistics are float32
+    (float64 when `param_dtype` is float64).
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        *,
+        rngs: nnx.Rngs,
+        momentum: float = 0.9,
+        epsilon: float = 1e-5,
+        dtype: Dtype = jnp.float32,
+        param_dtype: Dtype = jnp.float32,
+    ):
+        super().__init__(
+            num_features,
+            momentum=momentum,
+            epsilon=epsilon,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            use_fast_variance=False,
+            rngs=rngs,
+        )
+        stats = stat_dtype(param_dtype)
+        self.mean = nnx.BatchStat(jnp.zeros((num_features,), stats))
+        self.var = nnx.BatchStat(jnp.ones((num_features,), stats))
+
+    def __call__(self, x: jax.Array, use_running_average: bool | None = None) -> jax.Array:
+        if use_running_average is None:
+            use_running_average = self.use_running_average
+        compute = stat_dtype(jnp.promote_types(x.dtype, self.dtype))
+        x32 = x.astype(compute)
+        if use_running_average:
+            mean, var = self.mean[...].astype(compute), self.var[...].astype(compute)
+        else:
+            axes = tuple(range(x.ndim - 1))
+            mean = jnp.mean(x32, axis=axes)
+            var = jnp.mean(jnp.square(x32 - mean), axis=axes)
+            count = math.prod(x.shape[:-1])
+            unbiased = var * (count / (count - 1)) if count > 1 else var
+            keep = self.momentum
+            new_mean = keep * self.mean[...] + (1 - keep) * mean
+            new_var = keep * self.var[...] + (1 - keep) * unbiased
+            self.mean[...] = jax.lax.stop_gradient(new_mean).astype(self.mean.dtype)
+            self.var[...] = jax.lax.stop_gradient(new_var).astype(self.var.dtype)
+        mul = jax.lax.rsqrt(var + self.epsilon)
+        if self.scale is not None:
+            mul = mul * self.scale[...].astype(compute)
+        y = (x32 - mean) * mul
+        if self.bias is not None:
+            y = y + self.bias[...].astype(compute)
+        return y.astype(self.dtype)
+
+
 def batch_norm(
     num_features: int, *, rngs: nnx.Rngs, dtype: Dtype = jnp.float32, epsilon: float = 1e-5
-) -> nnx.BatchNorm:
-    """torch.nn.BatchNorm2d(eps, momentum=0.1) in Flax terms (momentum 0.9), two-pass variance.
+) -> BatchNorm:
+    """torch.nn.BatchNorm2d(eps, momentum=0.1) for a backbone of compute dtype `dtype`.
 
-    Normalisation and running statistics use at least float32 whatever the compute dtype.
+    Normalisation, its output and the running statistics use at least float32.
     """
-    return nnx.BatchNorm(
+    return BatchNorm(
         num_features,
-        momentum=0.9,
         epsilon=epsilon,
-        use_fast_variance=False,
         dtype=stat_dtype(dtype),
         param_dtype=param_dtype(dtype),
         rngs=rngs,

@@ -5,6 +5,11 @@ whose keyword arguments pick the variant, and `unfreeze_units(model)` (the origi
 units, in order, as NNX path prefixes; parameter-less units count). A family may also expose
 `trainable_prefixes(model, n)` (ViT: the last n encoder blocks plus the embeddings and final
 LayerNorm). Family modules are imported on first use.
+
+`unfreeze_layers` has two rules (`UNFREEZE_RULES`): "children", the original's rule at 700cca3
+(the last N units above, for every backbone), and "conv_count", the later original's rule for
+resnet50/101 (the last N Conv2d layers, see `param_labels`); other backbones keep "children"
+under "conv_count", as in the original.
 """
 
 from __future__ import annotations
@@ -12,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from types import ModuleType
 from typing import Any
 
@@ -24,6 +29,9 @@ from dermjax.models.layers import check_pooling_type
 
 # Top-level attributes holding torchvision's classification head (absent when include_top=False).
 HEAD_NAMES = ("fc", "classifier", "heads")
+UNFREEZE_RULES = ("children", "conv_count")
+# Backbones whose unfreeze_layers counts Conv2d layers under the "conv_count" rule.
+CONV_COUNT_BACKBONES = ("resnet50", "resnet101")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,6 +77,8 @@ _SPECS = {
     "densenet121": BackboneSpec("densenet.DenseNet", 1024, 12),
     "efficientnet_b0": _efficientnet(1.0, 1.0, 0.2, 1280, 224),
     "efficientnet_b1": _efficientnet(1.0, 1.1, 0.2, 1280, 240),
+    "efficientnet_b2": _efficientnet(1.1, 1.2, 0.3, 1408, 288),
+    "efficientnet_b3": _efficientnet(1.2, 1.4, 0.3, 1536, 300),
     "efficientnet_b4": _efficientnet(1.4, 1.8, 0.4, 1792, 380),
     "vgg16": BackboneSpec("vgg.VGG", 512, 31),
     "vit_b_16": _vit(16, 12, 12, 768, 3072),
@@ -171,21 +181,57 @@ def _path_names(key_path: tuple) -> tuple:
     return tuple(names)
 
 
-def param_labels(model: nnx.Module, name: str, unfreeze_layers: int) -> Any:
+def _resnet_leaves(model: nnx.Module) -> list[tuple[tuple, bool]]:
+    """ResNet's parameterised leaf modules in torch registration order, as (path, is_conv).
+
+    The stem conv1, bn1, then per bottleneck conv1, bn1, conv2, bn2, conv3, bn3 and the
+    downsample conv and BN: the order of the original's `_get_all_individual_layers`.
+    """
+    leaves: list[tuple[tuple, bool]] = [(("conv1",), True), (("bn1",), False)]
+    for index, stage in enumerate(model.stages(), start=1):
+        for number, block in enumerate(stage):
+            prefix = (f"layer{index}", number)
+            for k in (1, 2, 3):
+                leaves += [((*prefix, f"conv{k}"), True), ((*prefix, f"bn{k}"), False)]
+            if block.downsample is not None:
+                leaves += [((*prefix, "downsample", 0), True), ((*prefix, "downsample", 1), False)]
+    return leaves
+
+
+def _rule_units(
+    model: nnx.Module, name: str, rule: str
+) -> tuple[int, str, Callable[[int], list[tuple]]]:
+    """(unit count, unit word, n -> trainable prefixes for 0 < n <= count) under `rule`."""
+    if rule not in UNFREEZE_RULES:
+        raise ValueError(f"unfreeze rule {rule!r}; expected one of {UNFREEZE_RULES}")
+    if rule == "conv_count" and name in CONV_COUNT_BACKBONES:
+        leaves = _resnet_leaves(model)
+        convs = [i for i, (_, is_conv) in enumerate(leaves) if is_conv]
+        return len(convs), "Conv2d layers", lambda n: [p for p, _ in leaves[convs[-n] :]]
+    return unit_count(name), "units", lambda n: _trainable_prefixes(model, name, n)
+
+
+def param_labels(
+    model: nnx.Module, name: str, unfreeze_layers: int, *, rule: str = "children"
+) -> Any:
     """`nnx.state(model, nnx.Param)` with every Variable replaced by "trainable" or "frozen".
 
     The original's rule: -1 all trainable; 0 all frozen; N > 0 the last N units trainable (all,
-    with a warning, when N exceeds `unit_count(name)`). torchvision head parameters (`fc`,
-    `classifier`, `heads`; only present with include_top=True) come after every unit, so they are
-    trainable whenever N != 0. The result is a prefix tree of the params for
-    `optax.multi_transform`.
+    with a warning, when N exceeds the unit count). Under `rule="children"` the units are
+    `unit_count(name)`'s; under `rule="conv_count"` resnet50/101 count their 53/104 Conv2d layers
+    (downsample convs included) and every parameterised layer from the N-th-from-last conv on is
+    trainable (its BN and later ones too); other backbones keep the children rule.
+    torchvision head parameters (`fc`, `classifier`, `heads`; only present with
+    include_top=True) come after every unit, so they are trainable whenever N != 0. The result
+    is a prefix tree of the params for `optax.multi_transform`.
     """
-    count = unit_count(name)
+    count, word, select = _rule_units(model, name, rule)
     if unfreeze_layers > count:
         _log.warning(
-            "unfreeze_layers=%d exceeds the %d units of %s; unfreezing the whole backbone",
+            "unfreeze_layers=%d exceeds the %d %s of %s; unfreezing the whole backbone",
             unfreeze_layers,
             count,
+            word,
             name,
         )
     if unfreeze_layers == 0:
@@ -193,7 +239,7 @@ def param_labels(model: nnx.Module, name: str, unfreeze_layers: int) -> Any:
     elif unfreeze_layers < 0 or unfreeze_layers > count:
         prefixes, everything = [], True
     else:
-        prefixes, everything = _trainable_prefixes(model, name, unfreeze_layers), False
+        prefixes, everything = select(unfreeze_layers), False
     heads = unfreeze_layers != 0
 
     def label(key_path: tuple, _: nnx.Variable) -> str:

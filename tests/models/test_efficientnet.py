@@ -1,4 +1,4 @@
-"""EfficientNet-B0/B1/B4 against torchvision: structure, f64/f32 parity, pooling, train mode, bf16.
+"""EfficientNet-B0 to B4 against torchvision: structure, f64/f32 parity, pooling, train mode, bf16.
 
 Parity runs at 64 px (the architecture does not depend on the image size; SE and global pooling
 work at any size) with every 1-D tensor randomised and BatchNorm statistics calibrated.
@@ -15,16 +15,24 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from dermjax.models import create_backbone, feature_dim
+from dermjax.models import create_backbone, default_image_size, feature_dim
 from dermjax.models.efficientnet import MBConv, stage_settings, unfreeze_units
 from dermjax.models.registry import backbone_spec
 from tests.models import parity
 
-NAMES = ("efficientnet_b0", "efficientnet_b1", "efficientnet_b4")
+NAMES = (
+    "efficientnet_b0",
+    "efficientnet_b1",
+    "efficientnet_b2",
+    "efficientnet_b3",
+    "efficientnet_b4",
+)
 # torchvision Weights.meta["num_params"].
 TORCHVISION_PARAMS = {
     "efficientnet_b0": 5_288_548,
     "efficientnet_b1": 7_794_184,
+    "efficientnet_b2": 9_109_994,
+    "efficientnet_b3": 12_233_232,
     "efficientnet_b4": 19_341_616,
 }
 # 96 px with BN calibrated on 4 images keeps logits O(1); at 64 px the last stages see 2x2 maps,
@@ -88,6 +96,37 @@ def test_width_and_depth_rounding_match_torchvision() -> None:
         (6, 3, 1, 272, 448, 2),
     ]
     assert [row[5] for row in settings("efficientnet_b1")] == [2, 3, 3, 4, 4, 5, 2]
+    assert settings("efficientnet_b2") == [
+        (1, 3, 1, 32, 16, 2),
+        (6, 3, 2, 16, 24, 3),
+        (6, 5, 2, 24, 48, 3),
+        (6, 3, 2, 48, 88, 4),
+        (6, 5, 1, 88, 120, 4),
+        (6, 5, 2, 120, 208, 5),
+        (6, 3, 1, 208, 352, 2),
+    ]
+    assert settings("efficientnet_b3") == [
+        (1, 3, 1, 40, 24, 2),
+        (6, 3, 2, 24, 32, 3),
+        (6, 5, 2, 32, 48, 3),
+        (6, 3, 2, 48, 96, 5),
+        (6, 5, 1, 96, 136, 5),
+        (6, 5, 2, 136, 232, 6),
+        (6, 3, 1, 232, 384, 2),
+    ]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_dropout_and_image_size_match_torchvision_builder_and_weights(name: str) -> None:
+    """Classifier dropout of torchvision's builder and the crop size of its DEFAULT weights."""
+    import torch
+
+    tv = parity.import_torchvision()
+    with torch.device("meta"):
+        reference = getattr(tv.models, name)()
+    assert backbone_spec(name).variant["dropout"] == reference.classifier[0].p
+    weights = tv.models.get_model_weights(name).DEFAULT
+    assert default_image_size(name) == weights.transforms().crop_size[0]
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -129,11 +168,20 @@ def test_unfreeze_units_are_the_nine_feature_children(abstract_b0: nnx.Module) -
     assert all(p[:2] in units for p in paths)
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", ("efficientnet_b0", "efficientnet_b1", "efficientnet_b4"))
 def test_logits_match_torchvision_in_float32_and_float64(name: str) -> None:
     tv = parity.import_torchvision()
     model = parity.randomize_torch_model(torch_model(tv, name), SIZE, batch=CALIBRATION_BATCH)
     parity.assert_parity(name, model, image_size=SIZE, f64_tol=None)
+    assert_float64_parity(name, model, F64_SIZE)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ("efficientnet_b2", "efficientnet_b3"))
+def test_b2_b3_logits_match_torchvision_in_float64(name: str) -> None:
+    """Randomised, calibrated B2/B3 (float64 only: the float32 path is B0's code)."""
+    tv = parity.import_torchvision()
+    model = parity.randomize_torch_model(torch_model(tv, name), SIZE, batch=CALIBRATION_BATCH)
     assert_float64_parity(name, model, F64_SIZE)
 
 
@@ -207,6 +255,19 @@ def test_stochastic_depth_rate_grows_linearly_with_block_index(abstract_b0: nnx.
     stages = abstract_b0.features[1:8]
     rates = [block.stochastic_depth.rate for stage in stages for block in stage]
     np.testing.assert_allclose(rates, [0.2 * i / 16 for i in range(16)])
+
+
+def test_b3_stochastic_depth_rates_equal_torchvisions() -> None:
+    import torch
+
+    tv = parity.import_torchvision()
+    with torch.device("meta"):
+        features = tv.models.efficientnet_b3().features
+    ref = [block.stochastic_depth.p for stage in features[1:8] for block in stage]
+    model = nnx.eval_shape(lambda: create_backbone("efficientnet_b3", rngs=nnx.Rngs(0)))
+    rates = [block.stochastic_depth.rate for stage in model.features[1:8] for block in stage]
+    assert len(rates) == 26
+    np.testing.assert_allclose(rates, ref, rtol=1e-12)
 
 
 def test_bfloat16_keeps_float32_params_and_agrees_with_float32(b0: tuple) -> None:

@@ -1,4 +1,4 @@
-"""Backbone registry: names, feature sizes, and the original's unfreeze_layers rule as labels."""
+"""Backbone registry: names, feature sizes, and the original's unfreeze_layers rules as labels."""
 
 import logging
 
@@ -29,16 +29,16 @@ def resnet50():
     return _abstract("resnet50")
 
 
-def _trainable(model, name, n):
-    labels = param_labels(model, name, n)
+def _trainable(model, name, n, rule="children"):
+    labels = param_labels(model, name, n, rule=rule)
     flat = jax.tree_util.tree_flatten_with_path(labels)[0]
     paths = {tuple(k.key for k in path): label for path, label in flat}
     assert set(paths.values()) <= {"trainable", "frozen"}
     return {p for p, label in paths.items() if label == "trainable"}, set(paths)
 
 
-def test_registry_lists_the_eleven_backbones_with_the_originals_dimensions():
-    assert len(BACKBONES) == 11
+def test_registry_lists_the_thirteen_backbones_with_the_originals_dimensions():
+    assert len(BACKBONES) == 13
     dims = {name: feature_dim(name) for name in BACKBONES}
     assert dims == {
         "resnet50": 2048,
@@ -46,6 +46,8 @@ def test_registry_lists_the_eleven_backbones_with_the_originals_dimensions():
         "densenet121": 1024,
         "efficientnet_b0": 1280,
         "efficientnet_b1": 1280,
+        "efficientnet_b2": 1408,
+        "efficientnet_b3": 1536,
         "efficientnet_b4": 1792,
         "vgg16": 512,
         "vit_b_16": 768,
@@ -141,3 +143,63 @@ def test_labels_drive_optax_multi_transform_over_nnx_params(resnet50):
     )
     updates, _ = jax.eval_shape(lambda p: tx.update(p, tx.init(p), p), params)
     assert jax.tree.structure(updates) == jax.tree.structure(params)
+
+
+def test_conv_count_ten_on_resnet50_unfreezes_exactly_layer4(resnet50):
+    trainable, every = _trainable(resnet50, "resnet50", 10, "conv_count")
+    assert trainable == {p for p in every if p[0] == "layer4"}
+    assert len([p for p in trainable if p[-1] == "kernel"]) == 10  # the last 10 convs
+
+
+def test_conv_count_thirty_five_on_resnet101_starts_at_layer3_14_conv3():
+    model = _abstract("resnet101")
+    trainable, every = _trainable(model, "resnet101", 35, "conv_count")
+    layer3 = {p for p in trainable if p[0] == "layer3"}
+    assert {p[:3] for p in layer3 if p[1] == 14} == {("layer3", 14, "conv3"), ("layer3", 14, "bn3")}
+    assert {p[1] for p in layer3} == set(range(14, 23))
+    assert trainable == layer3 | {p for p in every if p[0] == "layer4"}
+
+
+def test_conv_count_beyond_the_conv_count_unfreezes_all_and_minus_one_zero_are_unchanged(
+    resnet50, caplog
+):
+    with caplog.at_level(logging.WARNING):
+        trainable, every = _trainable(resnet50, "resnet50", 54, "conv_count")
+    assert trainable == every
+    assert "exceeds the 53 Conv2d layers of resnet50" in caplog.text
+    assert _trainable(resnet50, "resnet50", 53, "conv_count")[0] == every
+    assert _trainable(resnet50, "resnet50", -1, "conv_count")[0] == every
+    assert _trainable(resnet50, "resnet50", 0, "conv_count")[0] == set()
+
+
+def test_conv_count_leaves_other_backbones_on_the_children_rule():
+    model = _abstract("efficientnet_b0")
+    assert _trainable(model, "efficientnet_b0", 2, "conv_count") == _trainable(
+        model, "efficientnet_b0", 2
+    )
+    with pytest.raises(ValueError, match="conv_count"):
+        param_labels(model, "efficientnet_b0", 2, rule="convs")
+
+
+@pytest.mark.parametrize("n", [1, 4, 17, 52])
+def test_conv_count_matches_the_originals_leaf_walk_over_torchvision_resnet50(resnet50, n):
+    """Parameterised leaf modules of torchvision's resnet50 in registration order, from the
+    n-th-from-last Conv2d on, as the later original unfreezes them."""
+    torch = pytest.importorskip("torch")
+    from tests.models.parity import import_torchvision
+
+    with torch.device("meta"):
+        model = import_torchvision().models.resnet50()
+    leaves = [
+        (name, m)
+        for name, m in model.named_modules()
+        if not list(m.children()) and list(m.parameters()) and not name.startswith("fc")
+    ]
+    convs = [i for i, (_, m) in enumerate(leaves) if isinstance(m, torch.nn.Conv2d)]
+    assert len(convs) == 53
+    expected = {
+        tuple(int(k) if k.isdigit() else k for k in name.split("."))
+        for name, _ in leaves[convs[-n] :]
+    }
+    trainable, _ = _trainable(resnet50, "resnet50", n, "conv_count")
+    assert {p[:-1] for p in trainable} == expected
