@@ -20,9 +20,21 @@ class DermClassifier(nnx.Module):
         self.backbone = backbone
         self.head = head
 
-    def __call__(self, images: jax.Array, text: jax.Array) -> dict[str, jax.Array]:
+    def __call__(
+        self,
+        images: jax.Array,
+        text: jax.Array,
+        vision_valid: jax.Array | None = None,
+        text_valid: jax.Array | None = None,
+        sample_valid: jax.Array | None = None,
+    ) -> dict[str, jax.Array]:
+        """Head outputs; the validity vectors go to the head (zeroing, ablation routing)."""
         features = self.backbone(images).astype(jnp.float32)
-        return self.head(features, text)
+        return self.head(features, text, vision_valid, text_valid, sample_valid)
+
+    def vision_only(self, images: jax.Array) -> dict[str, jax.Array]:
+        """Vision-only pre-training path: backbone -> vision projection -> aux vision head."""
+        return self.head.vision_only(self.backbone(images).astype(jnp.float32))
 
 
 def build_model(

@@ -17,6 +17,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from dermjax.models.layers import BatchNorm
+
 _ACTIVATION_FNS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "relu": jax.nn.relu,
     "gelu": lambda x: jax.nn.gelu(x, approximate=False),
@@ -26,6 +28,8 @@ _ACTIVATION_FNS: dict[str, Callable[[jax.Array], jax.Array]] = {
 }
 ACTIVATIONS = tuple(_ACTIVATION_FNS)
 FUSION_STRATEGIES = ("concat_mlp", "weighted_sum")
+# Routes of a batch through the head; `outputs["ablation"]` is the index into this tuple.
+ABLATION_MODES = ("multimodal", "text_only", "vision_only")
 
 
 def torch_linear(
@@ -59,8 +63,9 @@ class _HiddenBlock(nnx.Module):
         dtype: Any,
     ):
         self.linear = torch_linear(in_dim, out_dim, rngs=rngs, dtype=dtype)
-        # torch BatchNorm1d defaults: eps 1e-5, momentum 0.1 (= Flax momentum 0.9).
-        self.norm = nnx.BatchNorm(
+        # torch BatchNorm1d defaults: eps 1e-5, momentum 0.1 (= Flax momentum 0.9); the running
+        # variance takes the unbiased batch variance, as torch's.
+        self.norm = BatchNorm(
             out_dim, momentum=0.9, epsilon=1e-5, dtype=dtype, param_dtype=jnp.float32, rngs=rngs
         )
         self.activation = activation
@@ -130,15 +135,21 @@ class MultimodalClassifier(nnx.Module):
         final_dropout: float = 0.3,
         fusion_strategy: str = "concat_mlp",
         use_auxiliary_loss: bool = False,
+        zero_masked_projections: bool = False,
+        ablation_routing: bool = False,
         dtype: Any = jnp.float32,
     ):
         if fusion_strategy not in FUSION_STRATEGIES:
             raise ValueError(f"fusion_strategy={fusion_strategy!r}; use one of {FUSION_STRATEGIES}")
+        if ablation_routing and not use_auxiliary_loss:
+            raise ValueError("ablation_routing needs use_auxiliary_loss (it uses the aux heads)")
         if text_projection_dropout is None:
             text_projection_dropout = projection_dropout
         self.fusion_strategy = fusion_strategy
         self.use_l2_normalization = use_l2_normalization
         self.use_auxiliary_loss = use_auxiliary_loss
+        self.zero_masked_projections = zero_masked_projections
+        self.ablation_routing = ablation_routing
         self.vision_projection = MLP(
             vision_dim,
             tuple(image_projection_hidden),
@@ -180,11 +191,16 @@ class MultimodalClassifier(nnx.Module):
                 projection_dim, num_classes, rngs=rngs, dtype=dtype
             )
 
-    def __call__(self, vision_emb: jax.Array, text_emb: jax.Array) -> dict[str, jax.Array]:
-        pv = self.vision_projection(vision_emb)
-        pt = self.text_projection(text_emb)
-        if self.use_l2_normalization:
-            pv, pt = l2_normalize(pv).astype(pv.dtype), l2_normalize(pt).astype(pt.dtype)
+    def _project(self, projection: MLP, emb: jax.Array, valid: jax.Array | None) -> jax.Array:
+        """Projection; rows of masked samples zeroed (if enabled) *before* the L2 norm."""
+        p = projection(emb)
+        if valid is not None and self.zero_masked_projections:
+            p = p * valid.astype(p.dtype)[:, None]
+        return l2_normalize(p).astype(p.dtype) if self.use_l2_normalization else p
+
+    def _multimodal(self, vision_emb, text_emb, vision_valid, text_valid) -> dict[str, jax.Array]:
+        pv = self._project(self.vision_projection, vision_emb, vision_valid)
+        pt = self._project(self.text_projection, text_emb, text_valid)
         if self.fusion_strategy == "weighted_sum":
             w = jax.nn.softmax(jnp.stack([self.alpha_vision[...], self.alpha_text[...]]))
             fused = w[0].astype(pv.dtype) * pv + w[1].astype(pt.dtype) * pt
@@ -195,3 +211,54 @@ class MultimodalClassifier(nnx.Module):
             out["aux_vision_logits"] = self.aux_vision_classifier(pv).astype(jnp.float32)
             out["aux_text_logits"] = self.aux_text_classifier(pt).astype(jnp.float32)
         return out
+
+    def _single(self, modality: str, emb: jax.Array) -> dict[str, jax.Array]:
+        """Ablation: projection -> (L2) -> that modality's aux head, no masking, no fusion."""
+        p = self._project(getattr(self, f"{modality}_projection"), emb, None)
+        logits = getattr(self, f"aux_{modality}_classifier")(p).astype(jnp.float32)
+        other = "text" if modality == "vision" else "vision"
+        return {
+            "logits": logits,
+            f"aux_{modality}_logits": logits,
+            f"aux_{other}_logits": jnp.zeros_like(logits),
+        }
+
+    def vision_only(self, vision_emb: jax.Array) -> dict[str, jax.Array]:
+        """The vision-only pre-training path: aux vision head on the (L2-)normalised projection."""
+        if not self.use_auxiliary_loss:
+            raise ValueError("the vision-only path needs use_auxiliary_loss (the aux vision head)")
+        return {"logits": self._single("vision", vision_emb)["logits"]}
+
+    def __call__(
+        self,
+        vision_emb: jax.Array,
+        text_emb: jax.Array,
+        vision_valid: jax.Array | None = None,
+        text_valid: jax.Array | None = None,
+        sample_valid: jax.Array | None = None,
+    ) -> dict[str, jax.Array]:
+        """Logits (and aux logits) of the batch; `*_valid` are bool[B] (True = usable).
+
+        With `ablation_routing` and both validity vectors, a batch whose (real, `sample_valid`)
+        samples all lack the image goes text -> projection -> aux text head ("text_only"), one
+        that lacks all texts goes the vision way; any other batch (both all masked included) is
+        fused. Only the route taken runs, so the other branches get neither gradients nor
+        BatchNorm updates. `outputs["ablation"]` then indexes `ABLATION_MODES`.
+        """
+        if not (self.ablation_routing and vision_valid is not None and text_valid is not None):
+            return self._multimodal(vision_emb, text_emb, vision_valid, text_valid)
+        real = (
+            jnp.ones(vision_valid.shape, bool)
+            if sample_valid is None
+            else sample_valid.astype(bool)
+        )
+        vision_gone = ~jnp.any(vision_valid.astype(bool) & real)
+        text_gone = ~jnp.any(text_valid.astype(bool) & real)
+        mode = jnp.where(vision_gone & ~text_gone, 1, jnp.where(text_gone & ~vision_gone, 2, 0))
+        branches = (
+            lambda m, v, t, vv, tv: m._multimodal(v, t, vv, tv),
+            lambda m, v, t, vv, tv: m._single("text", t),
+            lambda m, v, t, vv, tv: m._single("vision", v),
+        )
+        out = nnx.switch(mode, branches, self, vision_emb, text_emb, vision_valid, text_valid)
+        return {**out, "ablation": mode.astype(jnp.int32)}

@@ -205,22 +205,28 @@ def total_loss(
     sample_valid: jax.Array,
     vision_valid: jax.Array,
     text_valid: jax.Array,
+    aux_weights: jax.Array | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """`main + wv * aux_vision + wt * aux_text`, each aux term on its own valid subset.
 
-    An aux term with weight 0 or without any valid sample contributes 0 (and is reported as 0).
+    `aux_weights` ([wv, wt], traced, e.g. from a per-epoch schedule) replaces the spec's fixed
+    weights. An aux term with weight 0 or without any valid sample contributes 0 (and is reported
+    as 0), as does every aux term of an ablation batch (`outputs["ablation"]` != 0), whose loss
+    is the main term alone.
     """
     sample_valid = sample_valid.astype(bool)
     main = spec.criterion(outputs["logits"], labels, sample_valid)
     zero = jnp.zeros((), jnp.float32)
-    aux_v, aux_t = zero, zero
-    if spec.use_auxiliary_loss and spec.aux_vision_weight != 0:
-        aux_v = spec.criterion(
-            outputs["aux_vision_logits"], labels, sample_valid & vision_valid.astype(bool)
-        )
-    if spec.use_auxiliary_loss and spec.aux_text_weight != 0:
-        aux_t = spec.criterion(
-            outputs["aux_text_logits"], labels, sample_valid & text_valid.astype(bool)
-        )
-    total = main + spec.aux_vision_weight * aux_v + spec.aux_text_weight * aux_t
-    return total, {"loss/main": main, "loss/aux_vision": aux_v, "loss/aux_text": aux_t}
+    if aux_weights is None:
+        aux_weights = jnp.asarray([spec.aux_vision_weight, spec.aux_text_weight], jnp.float32)
+    multimodal = outputs.get("ablation", jnp.zeros((), jnp.int32)) == 0
+    total, terms = main, {"loss/main": main, "loss/aux_vision": zero, "loss/aux_text": zero}
+    if spec.use_auxiliary_loss:
+        for i, (m, valid) in enumerate((("vision", vision_valid), ("text", text_valid))):
+            w = jnp.asarray(aux_weights[i], jnp.float32)
+            on = multimodal & (w > 0)
+            aux = spec.criterion(outputs[f"aux_{m}_logits"], labels, sample_valid & valid)
+            term = jnp.where(on, aux, zero)
+            total = total + jnp.where(on, w, zero) * term
+            terms[f"loss/aux_{m}"] = term
+    return total, terms

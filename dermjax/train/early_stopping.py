@@ -88,3 +88,47 @@ class EarlyStopping:
         self.best_epoch = state["best_epoch"]
         self.counter = int(state["counter"])
         self.events = int(state["events"])
+
+
+class PhasedEarlyStopping:
+    """Early stopping with separate state for the vision-only pre-training phase.
+
+    Epochs e < `vision_only_epochs` belong to the vision-only phase, later ones to the multimodal
+    phase; each phase has its own best value and patience counter. Patience running out in the
+    vision-only phase ends only that phase (the multimodal phase starts at the next epoch);
+    running out in the multimodal phase stops the run. An improvement in either phase is an
+    improvement (the loop saves the best checkpoint), so the multimodal phase's first validation
+    always replaces a vision-only best, as in the original.
+    """
+
+    def __init__(self, monitor: str, mode: str, patience: int | None, *, vision_only_epochs: int):
+        self.multimodal = EarlyStopping(monitor, mode, patience)
+        self.vision_only = EarlyStopping(monitor, mode, patience)
+        self.vision_only_until = int(vision_only_epochs)
+
+    def is_vision_only(self, epoch: int) -> bool:
+        return epoch < self.vision_only_until
+
+    def update(self, value: float, *, epoch: int) -> tuple[bool, bool]:
+        """Records one validation of `epoch`; returns (improved, stop the run)."""
+        if not self.is_vision_only(epoch):
+            return self.multimodal.update(value, epoch=epoch)
+        improved, stop = self.vision_only.update(value, epoch=epoch)
+        if stop:
+            self.vision_only_until = epoch + 1
+        return improved, False
+
+    @property
+    def best_epoch(self) -> int | None:
+        """The epoch of the newest improvement (the best checkpoint's)."""
+        if self.multimodal.best_epoch is not None:
+            return self.multimodal.best_epoch
+        return self.vision_only.best_epoch
+
+    def vision_only_state(self) -> dict[str, Any]:
+        """The vision-only phase's state (the multimodal state is `multimodal.state_dict()`)."""
+        return {"until": self.vision_only_until, "early_stopping": self.vision_only.state_dict()}
+
+    def load_vision_only_state(self, state: dict[str, Any]) -> None:
+        self.vision_only_until = int(state["until"])
+        self.vision_only.load_state_dict(state["early_stopping"])

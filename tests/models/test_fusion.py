@@ -220,3 +220,96 @@ def test_hidden_sizes_accept_lists_as_a_config_holds_them():
     model = _model(image_projection_hidden=[H, 3], final_hidden_sizes=[H])
     assert [b.linear.out_features for b in model.vision_projection.hidden] == [H, 3]
     assert [b.linear.out_features for b in model.final_classifier.hidden] == [H]
+
+
+def _routed(**kw):
+    kw.setdefault("use_auxiliary_loss", True)
+    kw.setdefault("use_l2_normalization", True)
+    hidden = {k: (H,) for k in ("image_projection_hidden", "text_projection_hidden")}
+    return _model(final_hidden_sizes=(H,), **hidden, **kw)
+
+
+def test_zeroed_projections_are_zero_before_l2_so_aux_logits_are_the_bias():
+    model = _routed(zero_masked_projections=True)
+    model.eval()
+    v, t = _embeddings()
+    vv = jnp.asarray([True, False] * (B // 2))
+    tv = jnp.asarray([True] * (B - 1) + [False])
+    out = model(v, t, vv, tv)
+    pv = jnp.where(vv[:, None], l2_normalize(model.vision_projection(v)), 0.0)
+    pt = jnp.where(tv[:, None], l2_normalize(model.text_projection(t)), 0.0)
+    expected = model.final_classifier(jnp.concatenate([pv, pt], -1))
+    np.testing.assert_allclose(out["logits"], expected, rtol=1e-5, atol=1e-6)
+    bias = model.aux_vision_classifier.bias[...]
+    np.testing.assert_allclose(out["aux_vision_logits"][~np.asarray(vv)], np.tile(bias, (4, 1)))
+    assert "ablation" not in out  # no routing unless asked
+    plain = _routed()(v, t, vv, tv)  # without the option, masks do not touch the projections
+    assert not np.allclose(plain["aux_vision_logits"][1], bias)
+
+
+def _grad_norms(model, v, t, vv, tv):
+    def loss(m):
+        return jnp.sum(m(v, t, vv, tv)["logits"] ** 2)
+
+    grads = nnx.to_pure_dict(nnx.grad(loss)(model))
+    return {k: float(sum(jnp.abs(x).sum() for x in jax.tree.leaves(g))) for k, g in grads.items()}
+
+
+@pytest.mark.parametrize("modality, mode, other", [("text", 1, "vision"), ("vision", 2, "text")])
+def test_ablation_routing_sends_one_modality_batches_to_their_aux_head(modality, mode, other):
+    model = _routed(
+        ablation_routing=True, zero_masked_projections=True, fusion_strategy="weighted_sum"
+    )
+    v, t = _embeddings()
+    some = jnp.asarray([True, False] * (B // 2))  # not applied on the ablation route
+    none = jnp.zeros(B, bool)
+    vv, tv = (none, some) if modality == "text" else (some, none)
+    stats_before = nnx.to_pure_dict(nnx.state(model, nnx.BatchStat))
+    model.eval()
+    out = model(v, t, vv, tv)
+    emb = t if modality == "text" else v
+    p = l2_normalize(getattr(model, f"{modality}_projection")(emb))
+    expected = getattr(model, f"aux_{modality}_classifier")(p)
+    assert int(out["ablation"]) == mode
+    np.testing.assert_allclose(out["logits"], expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(out[f"aux_{modality}_logits"], out["logits"])
+    model.train()
+    norms = _grad_norms(model, v, t, vv, tv)
+    assert norms[f"{modality}_projection"] > 0 and norms[f"aux_{modality}_classifier"] > 0
+    for name in (f"{other}_projection", f"aux_{other}_classifier", "final_classifier"):
+        assert norms[name] == 0.0, name
+    assert norms["alpha_vision"] == norms["alpha_text"] == 0.0
+    model(v, t, vv, tv)  # a training forward updates only the route's BatchNorm statistics
+    stats = nnx.to_pure_dict(nnx.state(model, nnx.BatchStat))
+    for name in (f"{other}_projection", "final_classifier"):
+        same = jax.tree.map(np.array_equal, stats[name], stats_before[name])
+        assert all(jax.tree.leaves(same)), name
+    assert not np.array_equal(
+        stats[f"{modality}_projection"]["hidden"][0]["norm"]["mean"],
+        stats_before[f"{modality}_projection"]["hidden"][0]["norm"]["mean"],
+    )
+
+
+def test_ablation_routing_fuses_mixed_and_fully_masked_batches():
+    model = _routed(ablation_routing=True)
+    model.eval()
+    v, t = _embeddings()
+    none, some = jnp.zeros(B, bool), jnp.asarray([True, False] * (B // 2))
+    for vv, tv in ((none, none), (some, some), (~none, ~none)):
+        out = model(v, t, vv, tv)
+        assert int(out["ablation"]) == 0
+        np.testing.assert_allclose(out["logits"], model(v, t)["logits"], rtol=1e-6)
+    # padding rows (sample_valid False) do not count as valid samples of a modality
+    text_only_on_padding = jnp.asarray([False] * (B - 1) + [True])
+    real = jnp.asarray([True] * (B - 1) + [False])
+    assert int(model(v, t, ~none, text_only_on_padding, real)["ablation"]) == 2
+
+
+def test_ablation_routing_needs_aux_heads_and_vision_only_path_is_aux_vision_on_l2():
+    with pytest.raises(ValueError, match="use_auxiliary_loss"):
+        _model(ablation_routing=True)
+    model = _routed()
+    model.eval()
+    v, _ = _embeddings()
+    expected = model.aux_vision_classifier(l2_normalize(model.vision_projection(v)))
+    np.testing.assert_allclose(model.vision_only(v)["logits"], expected, rtol=1e-6)

@@ -307,3 +307,45 @@ def test_total_loss_without_aux_is_main_and_needs_no_aux_outputs():
     )
     np.testing.assert_allclose(float(total), float(focal_loss(out["logits"], labels)), rtol=1e-6)
     assert set(terms) == {"loss/main", "loss/aux_vision", "loss/aux_text"}
+
+
+def _aux_outputs(seed=0, batch=6, classes=4):
+    rng = np.random.default_rng(seed)
+    logits = {
+        k: jnp.asarray(rng.normal(size=(batch, classes)), jnp.float32)
+        for k in ("logits", "aux_vision_logits", "aux_text_logits")
+    }
+    return logits, jnp.asarray(rng.integers(0, classes, batch), jnp.int32)
+
+
+def test_traced_aux_weights_replace_the_spec_weights_without_recompiling():
+    outputs, labels = _aux_outputs()
+    spec = LossSpec(use_auxiliary_loss=True, aux_vision_weight=0.3, aux_text_weight=0.3)
+    ones = jnp.ones(labels.shape, bool)
+    fn = jax.jit(
+        lambda w: total_loss(
+            outputs, labels, spec, sample_valid=ones, vision_valid=ones, text_valid=ones,
+            aux_weights=w,
+        )
+    )  # fmt: skip
+    main = cross_entropy(outputs["logits"], labels)
+    aux_v = cross_entropy(outputs["aux_vision_logits"], labels)
+    aux_t = cross_entropy(outputs["aux_text_logits"], labels)
+    for wv, wt in ((0.5, 0.1), (0.0, 0.2), (0.0, 0.0)):
+        total, terms = fn(jnp.asarray([wv, wt], jnp.float32))
+        np.testing.assert_allclose(total, main + wv * aux_v + wt * aux_t, rtol=1e-6)
+        assert float(terms["loss/aux_vision"]) == (0.0 if wv == 0 else pytest.approx(aux_v))
+    assert fn._cache_size() == 1
+
+
+def test_ablation_batches_have_the_main_loss_only():
+    outputs, labels = _aux_outputs(seed=1)
+    spec = LossSpec(use_auxiliary_loss=True, aux_vision_weight=0.5, aux_text_weight=0.5)
+    ones = jnp.ones(labels.shape, bool)
+    for mode in (1, 2):
+        total, terms = total_loss(
+            {**outputs, "ablation": jnp.asarray(mode, jnp.int32)}, labels, spec,
+            sample_valid=ones, vision_valid=ones, text_valid=ones,
+        )  # fmt: skip
+        np.testing.assert_allclose(total, cross_entropy(outputs["logits"], labels), rtol=1e-6)
+        assert float(terms["loss/aux_vision"]) == float(terms["loss/aux_text"]) == 0.0

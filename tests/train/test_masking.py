@@ -5,7 +5,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from dermjax.data.augment import AugmentSpec
+from dermjax.models.losses import LossSpec
 from dermjax.train.masking import MASK_MODES, MaskSpec, apply_masking
+from dermjax.train.schedules import EpochSchedule, WeightSchedule
+from dermjax.train.step import StepSpec, mask_inputs
 
 B, D = 6, 4
 
@@ -133,3 +137,61 @@ def test_mask_spec_rejects_unknown_modes_and_probabilities_outside_unit_interval
         MaskSpec(image_prob=1.5)
     with pytest.raises(ValueError, match="text_prob"):
         MaskSpec(text_prob=-0.1)
+
+
+def _step_spec(mask: MaskSpec, **kw) -> StepSpec:
+    return StepSpec(AugmentSpec(), mask, LossSpec(), (0.0,) * 3, (1.0,) * 3, **kw)
+
+
+def _per_epoch(spec: StepSpec, schedule: EpochSchedule, epochs, *, training=True):
+    """(image masked?, text masked?) per sample, for each epoch, through the step's masking."""
+    images, text, has_text = _batch()
+    batch = {"has_text": has_text}
+    fn = jax.jit(
+        lambda c: mask_inputs(jax.random.key(0), images, text, batch, spec, c, training=training)
+    )
+    out = []
+    for e in epochs:
+        img, txt, vv, tv = fn(schedule.controls(e))
+        img_off = np.asarray(img).reshape(B, -1).max(1) == 0
+        txt_off = np.asarray(txt).max(1) == 0
+        np.testing.assert_array_equal(~img_off, np.asarray(vv))  # validity follows the zeroing
+        np.testing.assert_array_equal(~txt_off & np.asarray(has_text), np.asarray(tv))
+        out.append((img_off.tolist(), txt_off.tolist()))
+    assert fn._cache_size() == 1  # epochs change values, never the compiled function
+    return out
+
+
+def test_masking_priority_per_epoch_is_schedule_then_complete_then_random():
+    schedule = EpochSchedule(
+        epoch_masking=True, vision_mask_epochs=[[1, 2]], text_mask_epochs=[[2, 3]]
+    )
+    all_, none = [True] * B, [False] * B
+    complete = _step_spec(MaskSpec("text", True, 1.0, 0.0), epoch_masking=True)
+    assert _per_epoch(complete, schedule, range(4)) == [
+        (none, all_),  # no scheduled mask: mask_complete="text" (random is off under it)
+        (all_, none),  # schedule masks the image and skips mask_complete
+        (none, all_),  # schedule masks the text
+        (none, all_),
+    ]
+    random = _step_spec(MaskSpec(None, True, 1.0, 0.0), epoch_masking=True)
+    assert _per_epoch(random, schedule, [0, 1, 2]) == [(all_, none), (all_, none), (none, all_)]
+
+
+def test_no_random_masking_in_eval_unless_the_parity_option_is_set():
+    schedule, none, all_ = EpochSchedule(), [False] * B, [True] * B
+    random = MaskSpec(None, True, 1.0, 0.0)
+    assert _per_epoch(_step_spec(random), schedule, [0], training=False) == [(none, none)]
+    parity = _step_spec(random, random_mask_in_eval=True)
+    assert _per_epoch(parity, schedule, [0], training=False) == [(all_, none)]
+
+
+def test_text_content_gating_independent_of_the_aux_weight_unless_coupled():
+    images, text, has_text = _batch()
+    off = EpochSchedule(aux_text=WeightSchedule.constant(0.0)).controls(0)
+    for gating, expected in (("content", has_text), ("aux_weight", jnp.ones(B, bool))):
+        spec = _step_spec(MaskSpec(), text_gating=gating)
+        *_, tv = mask_inputs(
+            jax.random.key(0), images, text, {"has_text": has_text}, spec, off, training=True
+        )
+        np.testing.assert_array_equal(tv, expected)
