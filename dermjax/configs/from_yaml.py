@@ -2,12 +2,38 @@
 
   python -m dermjax.main --config=configs/from_yaml.py:path/to/experiment.yaml
 
-Sections and keys are the original's. Every problem of the file (YAML syntax with its line,
-unknown keys, values of the wrong type, values `dermjax.config.validate` rejects) is reported
-together in one ConfigError. The legacy key encoder.pre_existing_path is read as
-data.embeddings_path.
+Sections and keys are the original's, the later original's included (per_dataset_split_ratios,
+use_normalization, vision_only_pretraining, auxiliary_loss_schedule, masking.epoch_schedule,
+per-modality auxiliary weights). Beyond copying values, the loader:
+
+* drops the keys dermjax derives or the original never read (`IGNORED_KEYS`: num_classes,
+  sample_weights, both embedding dims, checkpoint.gcs_uri, ...) with one warning naming them;
+* lower-cases the names the original lower-cased itself (optimizer names, activations), so
+  `AdamW` and `ReLU` load;
+* reads the legacy encoder.pre_existing_path as data.embeddings_path;
+* keeps the original's selection rule: early stopping and the best checkpoint on validation
+  loss (training.monitor = "val/loss"), unless the file sets training.monitor;
+* picks the ResNet unfreeze rule of the original that ran the file, unless the file sets
+  vision_model.unfreeze_rule: "conv_count" (the later original counts Conv2d layers, from
+  commit 8d979e9) when the file uses any key of `LATER_KEYS`, which only the later original
+  reads, else "children" (the last N top-level children, as at 700cca3). A later key marks a
+  file written for the later code. The first later keys predate 8d979e9 by four days, but the
+  files of those days that use a ResNet set unfreeze_layers to -1, where both rules agree;
+* routes masked modalities as the file's era did: a later file zeroes the projections of masked
+  samples (multimodal_classifier.zero_masked_projections) and, with auxiliary heads, sends
+  batches that lost a whole modality through the other modality's auxiliary head
+  (multimodal_classifier.ablation_routing); a seed-era file keeps 700cca3's path. The later
+  original's accidents stay off (random masking in evaluation, text gating tied to the text
+  auxiliary weight); masking.random_mask.in_eval and multimodal_classifier.text_content_gating
+  turn them on for its exact numbers.
+
+Both rules are stated in one warning (the config loads before logging is set up, when only
+warnings show). Every problem of the file (YAML syntax with its line, unknown keys, values of
+the wrong type, values `dermjax.config.validate` rejects) is reported together in one
+ConfigError.
 """
 
+import logging
 import pathlib
 
 import yaml
@@ -16,6 +42,39 @@ from ml_collections import config_dict
 from dermjax.config import validate
 from dermjax.configs import default
 from dermjax.errors import ConfigError
+
+log = logging.getLogger("dermjax.configs.from_yaml")  # also when loaded as a config file
+
+# Keys the original's files carry that dermjax does not read, and why.
+IGNORED_KEYS = {
+    "multimodal_classifier.num_classes": "derived from the data",
+    "multimodal_classifier.sample_weights": "derived from the data",
+    "multimodal_classifier.vision_embedding_dim": "derived from the backbone",
+    "multimodal_classifier.text_embedding_dim": "derived from the embeddings",
+    "checkpoint.gcs_uri": "read only by the original's evaluation script",
+    "data.validation_exclude_datasets": "never read by the original",
+    "data.test_exclude_datasets": "never read by the original",
+}
+# Names the original compared after lower-casing them.
+LOWERCASE_KEYS = (
+    "optimizer.vision_model.name",
+    "optimizer.multimodal_classifier.name",
+    "multimodal_classifier.projection_activation",
+    "multimodal_classifier.final_activation",
+)
+# Keys that only the original after 700cca3 reads: their presence dates a file.
+LATER_KEYS = (
+    "data.per_dataset_split_ratios",
+    "training.use_normalization",
+    "training.vision_only_pretraining",
+    "training.auxiliary_loss_schedule",
+    "masking.epoch_schedule",
+    "multimodal_classifier.auxiliary_vision_loss_weight",
+    "multimodal_classifier.auxiliary_text_loss_weight",
+    "checkpoint.gcs_uri",
+)
+LATER_UNFREEZE_RULE, SEED_UNFREEZE_RULE = "conv_count", "children"
+ORIGINAL_MONITOR = "val/loss"
 
 
 def _tuples(value):
@@ -83,15 +142,73 @@ def _read(path: pathlib.Path) -> dict:
     return raw
 
 
-def get_config(path: str) -> config_dict.ConfigDict:
-    """Returns the default config updated with the YAML file at `path`."""
-    raw = _tuples(_read(pathlib.Path(path)))
+def _parent(raw: dict, dotted: str) -> tuple[dict | None, str]:
+    """(the mapping holding the last key of `dotted`, that key); None if a section is missing."""
+    *sections, key = dotted.split(".")
+    node = raw
+    for section in sections:
+        node = node.get(section) if isinstance(node, dict) else None
+    return (node if isinstance(node, dict) else None), key
+
+
+def _has(raw: dict, dotted: str) -> bool:
+    node, key = _parent(raw, dotted)
+    return node is not None and key in node
+
+
+def _adapt(raw: dict) -> None:
+    """Renames legacy keys, drops ignored ones (one warning) and lower-cases names, in place."""
     encoder = raw.get("encoder")
     if isinstance(encoder, dict) and "pre_existing_path" in encoder:
         legacy = encoder.pop("pre_existing_path")
         data = raw.setdefault("data", {})
         if isinstance(data, dict):
             data.setdefault("embeddings_path", legacy)
+    dropped = []
+    for dotted, why in IGNORED_KEYS.items():
+        node, key = _parent(raw, dotted)
+        if node is not None and key in node:
+            dropped.append(f"{dotted}={node.pop(key)!r} ({why})")
+    if dropped:
+        log.warning("original config keys ignored: %s", "; ".join(dropped))
+    for dotted in LOWERCASE_KEYS:
+        node, key = _parent(raw, dotted)
+        if node is not None and isinstance(node.get(key), str):
+            node[key] = node[key].lower()
+
+
+def _original_rules(cfg: config_dict.ConfigDict, raw: dict, later: list[str]) -> None:
+    """Early stopping on val loss, the unfreeze rule and masking path of the file's era (`later`:
+    its later keys), each unless the file sets it; one warning says what was chosen."""
+    chosen = []
+    if not _has(raw, "training.monitor"):
+        cfg.training.monitor = ORIGINAL_MONITOR
+        chosen.append(
+            f"training.monitor={ORIGINAL_MONITOR!r} (early stopping and best checkpoint on "
+            "validation loss)"
+        )
+    if not _has(raw, "vision_model.unfreeze_rule"):
+        rule = LATER_UNFREEZE_RULE if later else SEED_UNFREEZE_RULE
+        cfg.vision_model.unfreeze_rule = rule
+        why = f"later keys: {', '.join(later)}" if later else "no later key"
+        chosen.append(f"vision_model.unfreeze_rule={rule!r} ({why})")
+    head = cfg.multimodal_classifier
+    for field, value in (
+        ("zero_masked_projections", bool(later)),
+        ("ablation_routing", bool(later) and head.use_auxiliary_loss),
+    ):
+        if not _has(raw, f"multimodal_classifier.{field}"):
+            head[field] = value
+            chosen.append(f"multimodal_classifier.{field}={value}")
+    if chosen:
+        log.warning("the original's rules for this file: %s", "; ".join(chosen))
+
+
+def get_config(path: str) -> config_dict.ConfigDict:
+    """Returns the default config updated with the YAML file at `path`."""
+    raw = _tuples(_read(pathlib.Path(path)))
+    later = [k for k in LATER_KEYS if _has(raw, k)]
+    _adapt(raw)
     cfg = default.get_config()
     problems: list[str] = []
     _merge(cfg, raw, "", problems)
@@ -102,4 +219,5 @@ def get_config(path: str) -> config_dict.ConfigDict:
         except ConfigError as e:
             problems.extend(e.problems)
         raise ConfigError(problems)
+    _original_rules(cfg, raw, later)
     return cfg

@@ -3,7 +3,9 @@
 Every rule here reproduces the original's metadata loading, stratified splitting and class
 handling (classes sorted over the filtered metadata, raw 1/count weights), except the original's
 crashes on `datasets=None` / `derm1m_sources=None`, which here mean "all". Splits call sklearn's
-`train_test_split` exactly as the original does, so a given seed selects the same rows.
+`train_test_split` exactly as the original does, so a given seed selects the same rows: over the
+whole metadata (`stratified_split`) or per source dataset (`per_dataset_split`, the later
+original's `data.per_dataset_split_ratios`); a split of size 0 is None.
 Problems the user can fix (missing columns, filters or splits that leave too little data) raise
 `DataError` naming the file or config field.
 """
@@ -12,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import fsspec
 import numpy as np
@@ -34,6 +36,9 @@ ORIG_FILENAME_COL = "orig_filename"
 DATA_FRACTION_SEED = 42  # hard-coded in the original, independent of data.seed
 DERM1M = "derm1m"
 DATASETS = ("fitzpatrick17k", "ddi", "isic", "derm1m", "scin")  # values of the dataset column
+# Keys of a data.per_dataset_split_ratios entry; the ratios of a dataset the map lacks
+SPLIT_RATIO_KEYS = ("train", "val", "test")
+DEFAULT_SPLIT_RATIOS = {"train": 0.8, "val": 0.1, "test": 0.1}
 DERM1M_SOURCES = ("IIYI", "edu", "note", "public", "pubmed", "reddit", "twitter", "youtube")
 
 
@@ -197,44 +202,73 @@ def check_classes(
 
 def stratified_split(
     df: pd.DataFrame, *, test_size: float, val_size: float | None, seed: int
-) -> tuple[pd.DataFrame, pd.DataFrame | None, pd.DataFrame]:
-    """Splits into (train, val, test), stratified on label; val is None when val_size is None.
+) -> tuple[pd.DataFrame, pd.DataFrame | None, pd.DataFrame | None]:
+    """Splits into (train, val, test), stratified on label; a split of size 0 or None is None.
 
     test is taken first; val is then taken from the rest with val_size / (1 - test_size), so
-    both fractions refer to the whole. Labels with fewer than 2 rows are dropped before each
-    split (the second time from the train part only), as in the original.
+    both fractions refer to the whole. With test_size 0, val is taken from all rows with
+    val_size itself. Labels with fewer than 2 rows are dropped before each split (the second
+    time from the train part only), as in the original; with no split at all every row stays.
     """
     require_columns(df, [LABEL_COL], "stratified splitting")
+    val_size = val_size or 0.0
+    if test_size == 0 and val_size == 0:
+        log.info("split: train %d (no val, no test)", len(df))
+        return df, None, None
+    if test_size == 0:
+        df = _drop_rare_labels(df, "split (before val)")
+        train, val = _take(df, val_size, seed, "data.val_size", "validation")
+        log.info("split: train %d, val %d, no test", len(train), len(val))
+        return train, val, None
     df = _drop_rare_labels(df, "split (before test)")
-    _check_split_size(len(df), df[LABEL_COL].nunique(), test_size, 1.0, "data.test_size", "test")
-    train, test = train_test_split(
-        df, test_size=test_size, stratify=df[LABEL_COL], random_state=seed
-    )
-    if val_size is None:
+    train, test = _take(df, test_size, seed, "data.test_size", "test")
+    if val_size == 0:
         log.info("split: train %d, test %d", len(train), len(test))
         return train, None, test
-    adjusted = val_size / (1 - test_size)
     train = _drop_rare_labels(train, "split (train part, before val)")
-    n, k = len(train), train[LABEL_COL].nunique()
-    _check_split_size(n, k, adjusted, 1 - test_size, "data.val_size", "validation")
-    train, val = train_test_split(
-        train, test_size=adjusted, stratify=train[LABEL_COL], random_state=seed
-    )
+    adjusted = val_size / (1 - test_size)
+    train, val = _take(train, adjusted, seed, "data.val_size", "validation", 1 - test_size)
     log.info("split: train %d, val %d, test %d", len(train), len(val), len(test))
     return train, val, test
 
 
-def _check_split_size(n: int, k: int, fraction: float, scale: float, field: str, name: str) -> None:
+def _take(
+    df: pd.DataFrame,
+    fraction: float,
+    seed: int,
+    field: str,
+    name: str,
+    scale: float = 1.0,
+    hint: str = "",
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(rest, taken): sklearn's stratified split of `fraction` of `df`, checked beforehand.
+
+    A fraction of 1 takes every row (sklearn would refuse it). `field`, `scale` and `hint`
+    word the DataError (see `_check_split_size`).
+    """
+    if fraction >= 1:
+        return df.iloc[:0], df
+    _check_split_size(len(df), df[LABEL_COL].nunique(), fraction, scale, field, name, hint)
+    rest, taken = train_test_split(
+        df, test_size=fraction, stratify=df[LABEL_COL], random_state=seed
+    )
+    return rest, taken
+
+
+def _check_split_size(
+    n: int, k: int, fraction: float, scale: float, field: str, name: str, hint: str = ""
+) -> None:
     """DataError unless sklearn's stratified split of `n` rows and `k` classes can be made.
 
     sklearn takes ceil(fraction * n) rows for the split and needs at least one row per class on
     both sides. `fraction * scale` is the config value; the suggestion is in those units. Every
     class has 2 or more rows here (rarer ones are dropped first), so some fraction always works.
+    `hint` ends the message (another way out).
     """
     if k == 0:
         raise DataError(
             f"no class has the 2 rows a stratified {name} split needs ({field}); "
-            f"use more data, a smaller data.test_size, or {field}=None"
+            f"use more data, a smaller data.test_size, or {field}=None{hint}"
         )
     taken = math.ceil(fraction * n)
     if taken >= k and n - taken >= k:
@@ -244,8 +278,69 @@ def _check_split_size(n: int, k: int, fraction: float, scale: float, field: str,
     high = math.floor((n - k) / n * scale * 1000) / 1000
     raise DataError(
         f"{field}={round(fraction * scale, 6)} takes {taken} of {n} rows for the {name} split, "
-        f"leaving {side} with fewer rows than the {k} classes; use {field} between {low} and {high}"
+        f"leaving {side} with fewer rows than the {k} classes; use {field} between {low} and "
+        f"{high}{hint}"
     )
+
+
+def per_dataset_split(
+    df: pd.DataFrame, ratios: Mapping[str, Mapping[str, float]], *, seed: int
+) -> tuple[pd.DataFrame, pd.DataFrame | None, pd.DataFrame | None]:
+    """Splits every dataset on its own `{train, val, test}` ratios and concatenates the parts.
+
+    The original's `data.per_dataset_split_ratios`: datasets in order of first appearance (a
+    missing one gets 0.8/0.1/0.1 with a warning; a missing ratio key counts as 0, not as the
+    original's 0.8/0.1/0.1); labels with fewer than 2 rows in the dataset are dropped; test is
+    taken first with `test`, then val from the rest with val / (train + val) after dropping
+    labels with fewer than 2 rows there (with test 0: val itself, from all rows); sklearn's
+    stratified split with `random_state=seed` every time. An empty val or test is None.
+    """
+    require_columns(df, [LABEL_COL, DATASET_COL], "data.per_dataset_split_ratios")
+    parts: dict[str, list[pd.DataFrame]] = {"train": [], "val": [], "test": []}
+    for dataset in df[DATASET_COL].unique():
+        if dataset not in ratios:
+            log.warning(
+                "data.per_dataset_split_ratios has no entry for %r: using %s",
+                dataset,
+                DEFAULT_SPLIT_RATIOS,
+            )
+        r = ratios.get(dataset, DEFAULT_SPLIT_RATIOS)
+        train_r, val_r, test_r = (float(r.get(k) or 0.0) for k in SPLIT_RATIO_KEYS)
+        if not 0.99 <= train_r + val_r + test_r <= 1.01:
+            raise DataError(
+                f"data.per_dataset_split_ratios.{dataset}={dict(r)}: train + val + test must be "
+                "1 (within 0.01)"
+            )
+        field = f"data.per_dataset_split_ratios.{dataset}"
+        hint = f" (and adjust the other ratios of {dataset}), or drop {dataset} from data.datasets"
+        part = _drop_rare_labels(df[df[DATASET_COL] == dataset], f"{field} (before splitting)")
+        if part.empty:
+            log.warning("%s: no rows left after dropping rare labels; skipped", field)
+            continue
+        test = part.iloc[:0]
+        if test_r > 0:
+            part, test = _take(part, test_r, seed, f"{field}.test", f"{dataset} test", 1.0, hint)
+        val = part.iloc[:0]
+        if val_r > 0 and test_r > 0:
+            part = _drop_rare_labels(part, f"{field} (train part, before val)")
+        if val_r > 0 and not part.empty:
+            fraction, scale = (
+                (val_r / (train_r + val_r), train_r + val_r) if test_r > 0 else (val_r, 1)
+            )
+            part, val = _take(part, fraction, seed, f"{field}.val", f"{dataset} val", scale, hint)
+        log.info("%s: train %d, val %d, test %d", field, len(part), len(val), len(test))
+        for name, rows in (("train", part), ("val", val), ("test", test)):
+            parts[name].append(rows)
+    train, val, test = (
+        pd.concat(parts[n], ignore_index=True) if parts[n] else df.iloc[:0].reset_index(drop=True)
+        for n in ("train", "val", "test")
+    )
+    if train.empty:
+        raise DataError(
+            "data.per_dataset_split_ratios leaves no training rows; give some dataset train > 0"
+        )
+    log.info("per-dataset split: train %d, val %d, test %d", len(train), len(val), len(test))
+    return train, (val if len(val) else None), (test if len(test) else None)
 
 
 def class_list(df: pd.DataFrame) -> list[str]:

@@ -286,3 +286,137 @@ def test_class_weights_are_raw_inverse_counts_in_class_order():
     weights = class_weights(train, ["a", "b", "c", "d"])
     assert weights.dtype == np.float32
     np.testing.assert_array_equal(weights, np.array([0.25, 1.0, 0.125, 1.0], np.float32))
+
+
+# ---- Zero-size splits (global path) and per-dataset split ratios ------------------------------
+def test_zero_test_and_val_sizes_give_no_such_split():
+    df = _balanced({"a": 30, "b": 20, "solo": 1})
+    assert stratified_split(df, test_size=0.0, val_size=None, seed=1)[0].equals(df)
+    train, val, test = stratified_split(df, test_size=0.0, val_size=0.0, seed=1)
+    assert train.equals(df) and val is None and test is None
+    train, val, test = stratified_split(df, test_size=0.0, val_size=0.2, seed=1)  # unadjusted
+    kept = df[df["label"] != "solo"]
+    want_train, want_val = train_test_split(
+        kept, test_size=0.2, stratify=kept["label"], random_state=1
+    )
+    assert test is None
+    assert val["image_id"].tolist() == want_val["image_id"].tolist()
+    assert train["image_id"].tolist() == want_train["image_id"].tolist()
+    train, val, test = stratified_split(df, test_size=0.2, val_size=0.0, seed=1)
+    want_train, want_test = train_test_split(
+        kept, test_size=0.2, stratify=kept["label"], random_state=1
+    )
+    assert val is None
+    assert test["image_id"].tolist() == want_test["image_id"].tolist()
+
+
+def _datasets(sizes: dict[str, dict[str, int]], seed: int = 0) -> pd.DataFrame:
+    """Rows of several datasets interleaved at random, so first appearance decides the order."""
+    rows = [(lab, ds, f"{i}.jpg", "t") for ds, n in sizes.items() for lab, k in n.items()
+            for i in range(k)]  # fmt: skip
+    order = np.random.default_rng(seed).permutation(len(rows))
+    return _frame([rows[i] for i in order])
+
+
+def _sklearn_by_hand(df: pd.DataFrame, ratios: dict, seed: int) -> dict[str, list[str]]:
+    """The expected image ids of each split, following the documented steps one by one."""
+    want = {"train": [], "val": [], "test": []}
+    for name in pd.unique(df["dataset"]):
+        r = ratios.get(name, {"train": 0.8, "val": 0.1, "test": 0.1})
+        tr, va, te = r.get("train", 0.0), r.get("val", 0.0), r.get("test", 0.0)
+        rows = df[df["dataset"] == name]
+        rows = rows[rows.groupby("label")["label"].transform("size") >= 2]
+        train, val, test = rows, rows.iloc[:0], rows.iloc[:0]
+        if va == 0 and te > 0:
+            train, test = train_test_split(
+                rows, test_size=te, stratify=rows["label"], random_state=seed
+            )
+        elif te == 0 and va > 0:
+            train, val = train_test_split(
+                rows, test_size=va, stratify=rows["label"], random_state=seed
+            )
+        elif va > 0 and te > 0:
+            train_val, test = train_test_split(
+                rows, test_size=te, stratify=rows["label"], random_state=seed
+            )
+            sizes = train_val.groupby("label")["label"].transform("size")
+            train_val = train_val[sizes >= 2]
+            train, val = train_test_split(
+                train_val, test_size=va / (tr + va), stratify=train_val["label"], random_state=seed
+            )
+        for split, part in (("train", train), ("val", val), ("test", test)):
+            want[split] += part["image_id"].tolist()
+    return want
+
+
+SIZES = {
+    "isic": {"nevus": 30, "melanoma": 21, "bcc": 12, "one": 1},
+    "derm1m": {"nevus": 40, "psoriasis": 25, "one": 9},
+    "ddi": {"melanoma": 20, "bcc": 20},
+}
+
+
+@pytest.mark.parametrize(
+    "ratios",
+    [
+        {d: {"train": 0.9, "val": 0.0, "test": 0.1} for d in SIZES},
+        {d: {"train": 0.9, "val": 0.1, "test": 0.0} for d in SIZES},
+        {d: {"train": 0.3, "val": 0.4, "test": 0.3} for d in SIZES},
+        {d: {"train": 1.0, "val": 0.0, "test": 0.0} for d in SIZES},
+        {d: {"train": 0.595, "val": 0.3, "test": 0.1} for d in SIZES},  # val / (train + val)
+        {  # mixed, with a dataset missing from the map and one absent from the data
+            "isic": {"train": 0.7, "val": 0.2, "test": 0.1},
+            "derm1m": {"train": 0.9, "val": 0.0, "test": 0.1},
+            "scin": {"train": 0.5, "val": 0.5, "test": 0.0},
+        },
+    ],
+)
+@pytest.mark.parametrize("seed", [0, 7])
+def test_per_dataset_split_rows_equal_sklearn_per_dataset(ratios, seed):
+    df = _datasets(SIZES, seed)
+    train, val, test = metadata.per_dataset_split(df, ratios, seed=seed)
+    want = _sklearn_by_hand(df, ratios, seed)
+    assert train["image_id"].tolist() == want["train"]
+    for got, split in ((val, "val"), (test, "test")):
+        assert (got is None) == (not want[split])
+        assert (got["image_id"].tolist() if got is not None else []) == want[split]
+
+
+def test_per_dataset_split_warns_for_a_dataset_missing_from_the_map(caplog):
+    df = _datasets(SIZES)
+    metadata.per_dataset_split(df, {"isic": {"train": 1.0}, "derm1m": {"train": 1.0}}, seed=0)
+    assert "no entry for 'ddi'" in caplog.text and "'test': 0.1" in caplog.text
+
+
+def test_per_dataset_split_drops_rare_labels_per_dataset_but_keeps_their_class():
+    df = _datasets(SIZES)  # "one": a single isic row, 9 derm1m rows
+    ratios = {d: {"train": 0.8, "val": 0.2, "test": 0.0} for d in SIZES}
+    train, val, _ = metadata.per_dataset_split(df, ratios, seed=0)
+    kept = pd.concat([train, val])
+    assert set(kept.loc[kept["label"] == "one", "dataset"]) == {"derm1m"}
+    assert "one" in class_list(df)
+
+
+def test_a_missing_ratio_key_counts_as_zero():
+    _, val, test = metadata.per_dataset_split(
+        _datasets(SIZES), {d: {"train": 0.9, "test": 0.1} for d in SIZES}, seed=0
+    )
+    assert val is None and len(test) > 0
+
+
+def test_ratios_that_do_not_sum_to_one_are_a_data_error():
+    with pytest.raises(DataError, match=r"per_dataset_split_ratios\.ddi=.*must be 1"):
+        metadata.per_dataset_split(_datasets(SIZES), {"ddi": {"train": 0.5, "val": 0.1}}, seed=0)
+
+
+def test_a_dataset_too_small_to_stratify_is_a_data_error_naming_it_and_the_fix():
+    df = _datasets({"isic": {"a": 30, "b": 30}, "ddi": {c: 2 for c in "abcde"}})
+    ratios = {d: {"train": 0.8, "val": 0.1, "test": 0.1} for d in ("isic", "ddi")}
+    with pytest.raises(
+        DataError,
+        match=r"data\.per_dataset_split_ratios\.ddi\.test=0\.1 takes 1 of 10 rows for the ddi "
+        r"test split.*fewer rows than the 5 classes; use data\.per_dataset_split_ratios\.ddi\.test "
+        r"between 0\.5 and 0\.5 \(and adjust the other ratios of ddi\), or drop ddi from "
+        r"data\.datasets",
+    ):
+        metadata.per_dataset_split(df, ratios, seed=0)

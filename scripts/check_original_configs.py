@@ -1,0 +1,66 @@
+"""Load and validate every original ml_workflow YAML config under a folder; print a table.
+
+    python scripts/check_original_configs.py path/to/ml_workflow/configs
+
+Each *.yaml below the folder is loaded as `--config=configs/from_yaml.py:FILE` would load it and
+validated with `dermjax.config.validate`; no data is read. One row per file: name, ok / FAIL /
+skip, and the problems (every one, separated by " | "). Files without a `vision_model` section
+are the original's oldest layout (`model`, `splits`, `image` sections), which dermjax does not
+read: they are listed as skip. Exit status 1 if any file fails, 2 if the folder has no YAML file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+import yaml
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:  # lets a plain checkout run the script without installing
+    sys.path.insert(0, str(REPO_ROOT))
+
+from dermjax.config import validate  # noqa: E402
+from dermjax.configs import from_yaml  # noqa: E402
+from dermjax.errors import ConfigError  # noqa: E402
+
+
+def check(path: Path) -> tuple[str, str]:
+    """(status, problems) of one file: ok, FAIL or skip."""
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError:
+        raw = {}  # the loader reports the syntax error with its line
+    if isinstance(raw, dict) and "vision_model" not in raw:
+        return "skip", "old layout without a vision_model section"
+    try:
+        validate(from_yaml.get_config(str(path)))
+    except ConfigError as e:
+        return "FAIL", " | ".join(p.removeprefix(f"{path}: ") for p in e.problems)
+    return "ok", ""
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("folder", type=Path, help="folder searched recursively for *.yaml")
+    args = parser.parse_args(argv)
+    files = sorted(args.folder.rglob("*.yaml"))
+    if not files:
+        print(f"error: no *.yaml file under {args.folder}", file=sys.stderr)
+        return 2
+    logging.getLogger(from_yaml.__name__).setLevel(logging.ERROR)  # the table says enough
+    rows = [(str(f.relative_to(args.folder)), *check(f)) for f in files]
+    width = max(len(name) for name, _, _ in rows)
+    for name, status, problem in rows:
+        print(f"{name:<{width}}  {status:<4}  {problem}".rstrip())
+    counts = {s: sum(r[1] == s for r in rows) for s in ("ok", "FAIL", "skip")}
+    print(
+        f"{len(rows)} files: {counts['ok']} ok, {counts['FAIL']} failed, {counts['skip']} skipped"
+    )
+    return 1 if counts["FAIL"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
