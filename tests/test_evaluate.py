@@ -1,0 +1,138 @@
+"""python -m dermjax.evaluate on a tiny trained demo checkpoint: the run's own metrics, the files."""
+
+import contextlib
+import io
+import json
+import logging
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+from absl import flags
+
+from dermjax import evaluate
+from dermjax.data import metadata
+from dermjax.experiment import selected_metadata
+from dermjax.runner import run
+from tests.train.test_loop import tiny_demo_config
+
+
+def tiny_run(base):
+    """A 2-epoch tiny demo run under `base` (trained once: a finished run is not trained again)."""
+    cfg = tiny_demo_config(base / "data", **{"training.num_epochs": 2})
+    workdir = base / "run"
+    run(cfg, str(workdir))
+    return workdir
+
+
+def run_cli(entry, args: list[str]) -> tuple[int, str, str]:
+    """Runs a `python -m dermjax.X` entry in this process: (exit status, stdout, stderr)."""
+    out, err = io.StringIO(), io.StringIO()
+    saved_argv, root = sys.argv, logging.getLogger()
+    saved_logging = (root.level, list(root.handlers))
+    sys.argv = ["dermjax", *args]
+    flags.FLAGS.unparse_flags()
+    try:
+        with (
+            contextlib.redirect_stdout(out),
+            contextlib.redirect_stderr(err),
+            pytest.raises(SystemExit) as exit_info,
+        ):
+            entry()
+    finally:
+        sys.argv = saved_argv
+        root.setLevel(saved_logging[0])
+        root.handlers[:] = saved_logging[1]
+        if not flags.FLAGS.is_parsed():
+            flags.FLAGS.mark_as_parsed()
+    return exit_info.value.code or 0, out.getvalue(), err.getvalue()
+
+
+@pytest.fixture(scope="module")
+def evaluated(tmp_path_factory):
+    workdir = tiny_run(tmp_path_factory.getbasetemp() / "tiny_eval_run")
+    args = [f"--checkpoint={workdir}", "--config.evaluation.n_boot=50"]
+    status, out, err = run_cli(evaluate.run, args)
+    assert status == 0, err
+    summary = json.loads((workdir / "summary.json").read_text())
+    return workdir, workdir / "evaluation" / "test", out, summary
+
+
+@pytest.mark.slow
+def test_evaluate_reproduces_the_runs_own_test_metrics(evaluated):
+    _, out_dir, _, summary = evaluated
+    overall = json.loads((out_dir / "evaluation.json").read_text())["overall"]
+    for key in ("accuracy", "macro_f1", "balanced_accuracy"):
+        assert overall[key] == pytest.approx(summary["test"][key], abs=1e-6)
+
+
+@pytest.mark.slow
+def test_evaluate_uses_the_best_checkpoint_and_says_so(evaluated):
+    _, out_dir, out, summary = evaluated
+    checkpoint = json.loads((out_dir / "evaluation.json").read_text())["checkpoint"]
+    assert checkpoint["kind"] == "best" and checkpoint["step"] == summary["best_step"]
+    assert f"best checkpoint, step {summary['best_step']}" in out
+    assert str(out_dir) in out
+
+
+@pytest.mark.slow
+def test_predictions_cover_the_training_test_split_with_topk_probabilities_and_groups(evaluated):
+    workdir, out_dir, _, summary = evaluated
+    pred = pd.read_parquet(out_dir / "predictions.parquet")
+    cfg = tiny_demo_config(workdir.parent / "data", **{"training.num_epochs": 2})
+    d = cfg.data
+    _, selected = selected_metadata(cfg)
+    _, _, test = metadata.stratified_split(
+        selected, test_size=d.test_size, val_size=d.val_size, seed=d.seed
+    )
+    assert pred["image_id"].tolist() == test["image_id"].astype(str).tolist()
+    assert pred["label"].tolist() == test["label"].astype(str).tolist()
+    probs = pred[[f"prob_{c}" for c in summary["classes"]]].to_numpy()
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-12)
+    assert (pred["predicted"] == pred["top1_label"]).all()
+    assert (np.diff(pred[["top1_prob", "top2_prob", "top3_prob"]].to_numpy(), axis=1) <= 0).all()
+    assert {"group_dataset", "group_skin_type_group"} <= set(pred.columns)
+
+
+@pytest.mark.slow
+def test_evaluation_json_has_groups_and_the_modality_ablation(evaluated):
+    _, out_dir, out, _ = evaluated
+    ev = json.loads((out_dir / "evaluation.json").read_text())
+    assert ev["split"] == "test" and ev["mode"] == "both" and ev["bad_images"] == []
+    assert set(ev["groups"]) == {"dataset", "skin_type_group"}
+    assert set(ev["ablation"]) == {"image_only", "text_only", "both"}
+    assert ev["ablation"]["both"] == ev["overall"]
+    assert ev["ablation"]["image_only"] != ev["ablation"]["text_only"]
+    assert "image only" in out and "text only" in out
+    assert (out_dir / "report.html").stat().st_size > 0
+
+
+def test_a_missing_checkpoint_is_one_error_line(tmp_path):
+    status, _, err = run_cli(evaluate.run, [f"--checkpoint={tmp_path / 'nothing'}"])
+    assert status == 1
+    assert err.strip().splitlines() == [
+        f"error: --checkpoint={tmp_path / 'nothing'}: no such folder; give a run folder, its "
+        "checkpoints/ folder or a step folder (RUN/checkpoints/best/120)"
+    ]
+
+
+def test_a_folder_without_checkpoints_is_one_error_line(tmp_path):
+    status, _, err = run_cli(evaluate.run, [f"--checkpoint={tmp_path}"])
+    assert status == 1
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: --checkpoint={tmp_path}: no checkpoint")
+
+
+@pytest.mark.slow
+def test_missing_data_is_one_error_line_before_the_model_is_built(evaluated, tmp_path):
+    workdir = evaluated[0]
+    missing = tmp_path / "gone.csv"
+    args = [f"--checkpoint={workdir}", f"--config.data.metadata_path={missing}"]
+    status, _, err = run_cli(evaluate.run, args)
+    assert status == 1
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert errors == [
+        f"error: metadata CSV {missing} does not exist; set data.metadata_path (or "
+        "data.dataset and data.local_root) to an existing file"
+    ]

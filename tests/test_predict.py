@@ -1,0 +1,89 @@
+"""python -m dermjax.predict from a checkpoint alone: evaluate's top-1, text or not, bad images."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from dermjax import predict
+from dermjax.evaluation import inference
+from dermjax.evaluation.run import evaluate_checkpoint
+from tests.test_evaluate import run_cli, tiny_run
+
+
+@pytest.fixture(scope="module")
+def evaluated_run(tmp_path_factory):
+    """The tiny run, its test predictions by evaluate, and the test rows' files and texts."""
+    workdir = tiny_run(tmp_path_factory.getbasetemp() / "tiny_eval_run")
+    out_dir = workdir / "evaluation" / "test"
+    if not (out_dir / "predictions.parquet").exists():  # test_evaluate made it, unless run alone
+        evaluate_checkpoint(str(workdir), overrides=[("evaluation.n_boot", "0")])
+    data = workdir.parent / "data" / "demo_v1"
+    meta = pd.read_csv(data / "metadata_all_harmonized.csv", dtype={"image_id": str})
+    pred = pd.read_parquet(out_dir / "predictions.parquet")
+    rows = pred.merge(meta[["image_id", "filename", "text_desc"]], on="image_id", how="left")
+    rows["path"] = [str(data / "imgs" / name) for name in rows["filename"]]
+    return workdir, rows
+
+
+@pytest.fixture(scope="module")
+def model(evaluated_run):
+    return inference.load_model(str(evaluated_run[0]))
+
+
+@pytest.mark.slow
+def test_predict_gives_evaluates_top1_and_probabilities_for_the_same_images(evaluated_run, model):
+    _, rows = evaluated_run
+    prob_columns = [f"prob_{c}" for c in model.classes]
+    arrays, errors = inference.load_images(rows["path"].tolist(), model.img_size)
+    assert errors == {}
+    for row, image in zip(rows.itertuples(), arrays, strict=True):
+        has_text = isinstance(row.text_desc, str) and row.text_desc != ""
+        vector = inference.text_vector(model, row.text_desc) if has_text else None
+        probs = inference.predict_images(
+            model, [image], vector, "both" if has_text else "image_only"
+        )
+        assert model.classes[int(probs[0].argmax())] == row.top1_label
+        np.testing.assert_allclose(
+            probs[0], rows.loc[row.Index, prob_columns].to_numpy(float), atol=1e-5
+        )
+
+
+@pytest.mark.slow
+def test_predict_without_text_is_image_only_and_reports_a_bad_image(evaluated_run, tmp_path):
+    workdir, rows = evaluated_run
+    bad = tmp_path / "broken.jpg"
+    bad.write_bytes(b"not an image")
+    images = [rows["path"][0], str(bad), rows["path"][1]]
+    status, out, err = run_cli(predict.run, [f"--checkpoint={workdir}", *images, "--top-k=2"])
+    assert status == 1
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith(f"error: cannot read image {bad}: ")
+    lines = out.splitlines()
+    assert lines[0] == "note: no --text given: predicting from the image only (text input masked)"
+    assert lines[1] == images[0] and lines[4] == images[2] and len(lines) == 7
+    assert lines[2].split()[0] == "1" and lines[3].split()[0] == "2"
+
+
+@pytest.mark.slow
+def test_predict_with_text_uses_it_and_prints_json(evaluated_run, model):
+    workdir, rows = evaluated_run
+    texted = rows[rows["text_desc"].notna() & (rows["text_desc"] != "")].iloc[0]
+    args = [f"--checkpoint={workdir}", texted["path"], "--json", "--text", texted["text_desc"]]
+    status, out, _ = run_cli(predict.run, args)
+    assert status == 0
+    (result,) = json.loads(out)
+    assert result["image"] == texted["path"] and result["mode"] == "both"
+    assert len(result["top_k"]) == 3
+    assert result["top_k"][0]["label"] == texted["top1_label"]
+    assert result["top_k"][0]["prob"] == pytest.approx(texted["top1_prob"], abs=1e-5)
+    (image,), _ = inference.load_images([texted["path"]], model.img_size)
+    image_only = inference.predict_images(model, [image], None, "image_only")[0]
+    assert not np.allclose(image_only, texted[[f"prob_{c}" for c in model.classes]].to_numpy(float))
+
+
+def test_predict_with_a_missing_checkpoint_is_one_error_line(tmp_path):
+    status, out, err = run_cli(predict.run, [f"--checkpoint={tmp_path / 'none'}", "x.jpg"])
+    assert status == 1 and out == ""
+    assert len(err.strip().splitlines()) == 1 and err.startswith("error: --checkpoint=")
