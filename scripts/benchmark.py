@@ -23,6 +23,7 @@ import multiprocessing
 import os
 import platform
 import statistics
+import sys
 import tempfile
 import time
 
@@ -286,30 +287,118 @@ def print_table(result: dict) -> None:
     )
 
 
+STEP_WORK = {
+    False: "no augmentation on either side: synthetic uint8 batches, converted and normalised "
+    "inside the step on both sides",
+    True: "augmentation on both sides, on the device, parameters per sample: dermjax's "
+    "(flip, rotation, scale, colour jitter in random order) vs torch's same family (flip, "
+    "rotation, scale as one nearest resampling, then brightness, contrast, saturation, hue)",
+}
+
+
+def _gib(n: int | None) -> str:
+    return "-" if n is None else f"{n / 2**30:.1f}"
+
+
+def _cell(entry: dict | None, key: str) -> str:
+    if not entry:
+        return "-"
+    if "error" in entry:
+        return "failed*"
+    value = entry.get(key)
+    return "-" if value is None else str(value)
+
+
+def _ratio(a: float | None, entry: dict | None) -> float | None:
+    b = (entry or {}).get("img_s")
+    return round(a / b, 2) if a and b else None
+
+
+def _versions() -> dict:
+    from importlib import metadata
+
+    names = ("jax", "jaxlib", "flax", "optax", "torch", "torchvision")
+    found = {}
+    for name in names:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            found[name] = None
+    return found
+
+
 def run_step(args: argparse.Namespace) -> dict:
+    """dermjax's train step, and with --torch PyTorch's same step, eager and torch.compile, in this
+    process on this device (torch runs first and frees its cache before jax starts)."""
+    import jax
+
     from dermjax.train import bench
 
     rows = []
     for name in args.models:
-        row = bench.step_rate(
-            name, args.size, args.batch_size, args.dtype, args.steps, args.windows, args.phases
-        )
+        row: dict = {"model": name}
         if args.torch:
-            row["torch"] = bench.torch_step_rate(
-                name, args.size, args.batch_size, args.steps, args.windows
-            )
-        print(row, flush=True)
+            t = bench.torch_step_rates(
+                name, args.size, args.batch_size, args.dtype, args.steps, args.windows,
+                augment=args.augment, compile_mode=args.compile_mode,
+                compile_backend=args.compile_backend, profile_dir=args.profile,
+                profile_steps=args.profile_steps,
+            )  # fmt: skip
+            if t is not None:
+                row["torch_eager"], row["torch_compile"] = t.pop("eager"), t.pop("compile")
+                row["torch"] = t
+        row["dermjax"] = d = bench.step_rate(
+            name, args.size, args.batch_size, args.dtype, args.steps, args.windows,
+            tuple(args.phases), augment=args.augment, profile_dir=args.profile,
+            profile_steps=args.profile_steps,
+        )  # fmt: skip
+        row["ratio_to_torch_eager"] = _ratio(d.get("main_img_s"), row.get("torch_eager"))
+        row["ratio_to_torch_compile"] = _ratio(d.get("main_img_s"), row.get("torch_compile"))
+        print(json.dumps(row), flush=True)
         rows.append(row)
+    result = {
+        "argv": sys.argv,
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "device": jax.devices()[0].device_kind,
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
+        "versions": _versions(),
+        "settings": {
+            "batch": args.batch_size, "size": args.size, "dtype": args.dtype, "steps": args.steps,
+            "windows": args.windows, "augment": args.augment, "compile_mode": args.compile_mode,
+            "compile_backend": args.compile_backend,
+        },
+        "work": STEP_WORK[args.augment],
+        "rows": rows,
+    }  # fmt: skip
+    print_step_table(result)
+    return result
+
+
+def print_step_table(result: dict) -> None:
+    s = result["settings"]
     print(
-        f"\n{'model':<18}{'main img/s':>12}{'warm-up img/s':>15}{'torch bf16':>12}{'compile s':>11}"
+        f"\n{result['device']}, batch {s['batch']}, {s['size']} px, {s['dtype']}, median of "
+        f"{s['windows']} windows of {s['steps']} steps; torch.compile backend {s['compile_backend']!r}, "
+        f"mode {s['compile_mode']!r}"
+        f"\nwork: {result['work']}"
     )
-    for r in rows:
-        torch_rate = (r.get("torch") or {}).get("bf16_eager_img_s", "-")
-        print(
-            f"{r['model']:<18}{r['main_img_s']:>12}{r.get('warmup_img_s', '-'):>15}{torch_rate:>12}"
-            f"{r['main_compile_s']:>11}"
-        )
-    return {"date": datetime.date.today().isoformat(), "rows": rows}
+    head = ("model", "dermjax", "torch eager", "torch.compile", "x eager", "x compile",
+            "dermjax compile s", "torch.compile s", "peak GiB dermjax/eager/compile",
+            "GFLOP/img", "MFU")  # fmt: skip
+    print("| " + " | ".join(head) + " |")
+    notes = []
+    for r in result["rows"]:
+        d, e, c = r["dermjax"], r.get("torch_eager"), r.get("torch_compile")
+        if c and "error" in c:
+            notes.append(f"* {r['model']} torch.compile: {c['error']}")
+        peaks = "/".join(_gib((x or {}).get("peak_bytes")) for x in (d, e, c))
+        mfu = "-" if d.get("mfu") is None else f"{d['mfu']:.0%}"
+        cells = (r["model"], d.get("main_img_s", "-"), _cell(e, "img_s"), _cell(c, "img_s"),
+                 r["ratio_to_torch_eager"] or "-", r["ratio_to_torch_compile"] or "-",
+                 d.get("main_compile_s", "-"), _cell(c, "compile_s"), peaks,
+                 d.get("gflop_per_image") or "-", mfu)  # fmt: skip
+        print("| " + " | ".join(str(x) for x in cells) + " |")
+    print("\n".join(notes))
 
 
 def run_e2e(args: argparse.Namespace) -> dict:
@@ -363,15 +452,20 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--out", required=True, help="JSON file to write")
     p.set_defaults(run=run_pipeline)
-    p = sub.add_parser("step", help="jitted train-step img/s per backbone (+ torch baseline)")
+    p = sub.add_parser("step", help="jitted train-step img/s per backbone (+ torch baselines)")
     p.add_argument("--models", nargs="+", default=["resnet50", "efficientnet_b0", "vit_b_16"])
-    p.add_argument("--size", type=int, default=224)
-    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--size", "--img", dest="size", type=int, default=224)
+    p.add_argument("--batch-size", "--batch", dest="batch_size", type=int, default=256)
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--windows", type=int, default=3)
-    p.add_argument("--torch", action="store_true", help="also time torchvision + AdamW bf16")
-    p.add_argument("--phases", nargs="+", default=["main", "warmup"], choices=["main", "warmup"])
+    p.add_argument("--steps", type=int, default=20, help="steps per timed window")
+    p.add_argument("--windows", type=int, default=3, help="timed windows (median reported)")
+    p.add_argument("--torch", action="store_true", help="also PyTorch's step: eager, compiled")
+    p.add_argument("--compile-mode", default="default", help="torch.compile mode (inductor)")
+    p.add_argument("--compile-backend", default="inductor", help="torch.compile backend")
+    p.add_argument("--augment", action="store_true", help="on-device augmentation, both sides")
+    p.add_argument("--phases", nargs="+", default=["main"], choices=["main", "warmup"])
+    p.add_argument("--profile", metavar="DIR", help="write jax/torch profiles of a few steps")
+    p.add_argument("--profile-steps", type=int, default=5)
     p.add_argument("--out", required=True, help="JSON file to write")
     p.set_defaults(run=run_step)
     p = sub.add_parser("e2e", help="loader + train step img/s, from the cache and from raw JPEGs")
@@ -385,6 +479,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--out", required=True, help="JSON file to write")
     p.set_defaults(run=run_e2e)
     args = parser.parse_args(argv)
+    # jax and torch share the card in `step --torch`: jax must not pre-allocate 75% of it.
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     result = {"command": args.command, **args.run(args)}
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)

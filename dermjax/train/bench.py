@@ -1,49 +1,140 @@
-"""Training-step and end-to-end throughput measurements (used by scripts/benchmark.py).
+"""Train-step and end-to-end throughput (used by scripts/benchmark.py).
 
-The step measured is the real one (`make_train_step`): device augmentation with the original's
-best-run settings, normalisation, backbone + fusion head, loss, AdamW on both groups. Timing
-excludes compilation, uses `block_until_ready`, and reports the median of several windows.
+The dermjax step measured is the real one (`make_train_step`): on-device augmentation (or none),
+normalisation, backbone + the default concat_mlp fusion head, label-smoothed cross-entropy,
+AdamW on both groups. The PyTorch step does the same work on the same device: torchvision
+backbone + the same head (Linear-BatchNorm1d-ReLU-Dropout MLPs), uint8 NHWC batch converted and
+normalised inside the step, the same augmentation family when asked (per-sample flip, rotation
+and scale as one nearest-neighbour resampling, then brightness/contrast/saturation/hue),
+label-smoothed cross-entropy, AdamW (fused on CUDA) on two parameter groups; bf16 autocast for
+the backbone, head and loss in float32, channels_last, cudnn.benchmark. torch.compile compiles that forward + loss
+(augmentation included); backward and the optimizer step stay eager.
+
+Timing excludes compilation, blocks on the results, and reports the median of several windows.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import glob
+import itertools
 import os
 import statistics
 import time
+from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from dermjax import parallel
-from dermjax.config import load_config
 from dermjax.data import pipeline
-from dermjax.experiment import init_training, make_model, step_spec
-from dermjax.train.step import make_train_step
+from dermjax.data.augment import AugmentSpec
+from dermjax.models import registry
+from dermjax.models.classifier import build_model
+from dermjax.models.losses import LossSpec
+from dermjax.train import optim
+from dermjax.train.masking import MaskSpec
+from dermjax.train.step import StepSpec, make_train_step, split_model
 
 NUM_CLASSES, TEXT_DIM = 100, 768
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+# The default config's fusion head, built alike on both sides.
+HEAD = {
+    "projection_dim": 256,
+    "image_projection_hidden": (512,),
+    "text_projection_hidden": (512,),
+    "projection_dropout": 0.3,
+    "final_hidden_sizes": (256, 128),
+    "final_dropout": 0.3,
+}
+LR_BACKBONE, LR_HEAD, WEIGHT_DECAY, LABEL_SMOOTHING = 1e-4, 5e-4, 1e-3, 0.1
+# The original's best-run train augmentation (the default config's).
+AUGMENT = AugmentSpec(
+    horizontal_flip_prob=0.5,
+    rotation_degrees=25.0,
+    scale=(0.9, 1.1),
+    brightness=0.1,
+    contrast=0.1,
+    saturation=0.1,
+    hue=0.01,
+)
+# Dense bf16 peak FLOP/s by device-kind substring (first match wins); others: MFU unknown.
+PEAK_BF16_FLOPS = (("H100 PCIe", 756e12), ("H200", 989.4e12), ("H100", 989.4e12), ("A100", 312e12))
 
 
-def _config(name: str, size: int, batch: int, dtype: str):
-    cfg = load_config("default")
-    cfg.vision_model.name, cfg.vision_model.pretrained = name, False
-    cfg.data.img_size, cfg.training.batch_size, cfg.training.dtype = (size, size), batch, dtype
-    return cfg
+def peak_flops(device_kind: str, dtype: str) -> float | None:
+    """The card's dense peak FLOP/s for `dtype`, when listed (bf16 only)."""
+    if dtype != "bfloat16":
+        return None
+    return next((v for key, v in PEAK_BF16_FLOPS if key in device_kind), None)
 
 
-def build_steps(name: str, size: int, batch: int, dtype: str) -> tuple[Any, Any, Any, Any]:
-    """(state, warmup_step, main_step, mesh) for `name` with random weights."""
-    cfg = _config(name, size, batch, dtype)
-    model = make_model(cfg, num_classes=NUM_CLASSES, text_dim=TEXT_DIM, rngs=nnx.Rngs(0))
-    cfg.vision_model.unfreeze_layers = -1
-    parts, state, tx_b, tx_h = init_training(cfg, model)
+@dataclasses.dataclass
+class Built:
+    """A model's train state and steps, ready to run on a device-resident batch."""
+
+    state: Any
+    steps: dict[str, Callable]  # "main", "warmup": step(state, batch, key)
+    extra: tuple  # (rngs, controls): the trailing arguments of `steps[...].jitted`
+    mesh: Any
+
+
+def build_steps(name: str, size: int, batch: int, dtype: str, *, augment: bool = True) -> Built:
+    """`name` with random weights, every backbone layer trainable; `augment`: AUGMENT or none."""
+    compute = jnp.bfloat16 if dtype == "bfloat16" else jnp.float32
+    model = build_model(
+        backbone=name,
+        pretrained=False,
+        weights_path=None,
+        pooling_type="avg",
+        img_size=(size, size),
+        dtype=compute,
+        head=HEAD,
+        num_classes=NUM_CLASSES,
+        text_dim=TEXT_DIM,
+        rngs=nnx.Rngs(0),
+    )
+    labels = registry.param_labels(model.backbone, name, -1)
+    labels = nnx.to_pure_dict(labels) if isinstance(labels, nnx.State) else labels
+    parts, params, stats = split_model(model, [], update_frozen_bn_stats=True)
+    tx_b = optim.masked_tx(
+        optim.make_group_tx("adamw", learning_rate=LR_BACKBONE, weight_decay=WEIGHT_DECAY), labels
+    )
+    tx_h = optim.make_group_tx("adamw", learning_rate=LR_HEAD, weight_decay=WEIGHT_DECAY)
+    state = {
+        "params": params,
+        "batch_stats": stats,
+        "opt_backbone": tx_b.init(params["backbone"]),
+        "opt_head": tx_h.init(params["head"]),
+        "step": jnp.zeros((), jnp.int32),
+    }
+    loss = LossSpec.create(
+        loss_fn="cross_entropy",
+        label_smoothing=LABEL_SMOOTHING,
+        class_weights=None,
+        use_class_weights_from_data=False,
+        alpha=None,
+        gamma=None,
+        reduction="mean",
+        use_auxiliary_loss=False,
+        auxiliary_loss_weight=None,
+        auxiliary_vision_loss_weight=None,
+        auxiliary_text_loss_weight=None,
+    )
+    spec = StepSpec(
+        AUGMENT if augment else AugmentSpec(), MaskSpec(), loss, MEAN, STD, compute_dtype=compute
+    )
     mesh = parallel.make_mesh()
-    state = parallel.replicate(state, mesh)
-    spec = step_spec(cfg, np.ones(NUM_CLASSES), (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
-    warm = make_train_step(parts, spec, tx_b, tx_h, warmup=True)
-    main = make_train_step(parts, spec, tx_b, tx_h, warmup=False)
-    return state, warm, main, mesh
+    steps = {
+        phase: make_train_step(parts, spec, tx_b, tx_h, warmup=phase == "warmup")
+        for phase in ("main", "warmup")
+    }
+    extra = (parts.rngs, spec.default_controls())
+    return Built(parallel.replicate(state, mesh), steps, extra, mesh)
 
 
 def synthetic_batch(batch: int, size: int, seed: int = 0) -> dict[str, np.ndarray]:
@@ -59,13 +150,36 @@ def synthetic_batch(batch: int, size: int, seed: int = 0) -> dict[str, np.ndarra
     }
 
 
-def _timed_windows(run_window, windows: int) -> float:
+def _timed_windows(run_window: Callable[[], None], windows: int) -> float:
     times = []
     for _ in range(windows):
         start = time.perf_counter()
         run_window()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def _flops(stage: Any) -> float | None:
+    try:
+        cost = stage.cost_analysis()
+        cost = cost[0] if isinstance(cost, list | tuple) else cost
+        return float(cost["flops"]) if cost and cost.get("flops", 0) > 0 else None
+    except Exception:  # optional diagnostics, backend dependent
+        return None
+
+
+def _cost(lowered: Any, compiled: Any) -> dict:
+    """XLA's FLOPs (of the compiled step, else of the lowered program: the GPU backend may not
+    count library calls) and memory estimate of a step; None where the backend has none."""
+    out: dict[str, Any] = {"flops_compiled": _flops(compiled), "flops_lowered": _flops(lowered)}
+    out["flops"] = out["flops_compiled"] or out["flops_lowered"]
+    try:
+        m = compiled.memory_analysis()
+        total = m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
+        out["xla_step_bytes"] = int(total - m.alias_size_in_bytes)
+    except Exception:
+        out["xla_step_bytes"] = None
+    return out
 
 
 def step_rate(
@@ -76,33 +190,88 @@ def step_rate(
     steps: int,
     windows: int,
     phases: tuple[str, ...] = ("main", "warmup"),
+    *,
+    augment: bool = True,
+    profile_dir: str | None = None,
+    profile_steps: int = 5,
 ) -> dict:
-    """img/s of the main and/or warm-up (head-only) train steps on a device-resident batch."""
-    state, warm, main, mesh = build_steps(name, size, batch, dtype)
-    data = parallel.shard_batch(synthetic_batch(batch, size), mesh)
+    """img/s of the main and/or warm-up (head-only) steps on a device-resident batch, compile
+    seconds, XLA's FLOPs per image, MFU where the card's peak is known, peak device memory."""
+    built = build_steps(name, size, batch, dtype, augment=augment)
+    data = parallel.shard_batch(synthetic_batch(batch, size), built.mesh)
     key = jax.random.key(0)
+    device = jax.devices()[0]
     result: dict[str, Any] = {"model": name, "size": size, "batch": batch, "dtype": dtype}
-    for label, fn in (("main", main), ("warmup", warm)):
-        if label not in phases:
-            continue
+    state, (rngs, controls) = built.state, built.extra
+    for label in phases:
         start = time.perf_counter()
-        state, out = fn(state, data, key)
-        jax.block_until_ready(out["loss"])
+        lowered = built.steps[label].jitted.lower(state, rngs, data, key, controls)
+        compiled = lowered.compile()
         result[f"{label}_compile_s"] = round(time.perf_counter() - start, 1)
-        holder = {"state": state}
+        cost = _cost(lowered, compiled)
 
-        def window(fn=fn, holder=holder):
-            s = holder["state"]
-            for i in range(steps):
-                s, out = fn(s, data, jax.random.fold_in(key, i))
+        def run(s, n, compiled=compiled):
+            for i in range(n):
+                s, out = compiled(s, rngs, data, jax.random.fold_in(key, i), controls)
             jax.block_until_ready(out["loss"])
-            holder["state"] = s
+            return s
 
-        window()  # warm caches / autotuning
-        result[f"{label}_img_s"] = round(steps * batch / _timed_windows(window, windows), 1)
+        holder = {"state": run(state, steps)}  # warm caches / autotuning
+
+        def window(holder=holder, run=run):
+            holder["state"] = run(holder["state"], steps)
+
+        rate = steps * batch / _timed_windows(window, windows)
+        result[f"{label}_img_s"] = round(rate, 1)
         state = holder["state"]
-    result["device"] = str(jax.devices()[0].device_kind)
+        if label == "main":
+            flops = cost["flops"] / batch if cost["flops"] else None
+            peak = peak_flops(device.device_kind, dtype)
+            result["gflop_per_image"] = None if flops is None else round(flops / 1e9, 2)
+            result["flops_step"] = {k: cost[k] for k in ("flops_compiled", "flops_lowered")}
+            result["mfu"] = round(rate * flops / peak, 3) if flops and peak else None
+            result["xla_step_bytes"] = cost["xla_step_bytes"]
+            if profile_dir:
+                trace_dir = os.path.join(profile_dir, f"jax_{name}")
+                with jax.profiler.trace(trace_dir):
+                    state = run(state, profile_steps)
+                result["profile"] = {"trace_dir": trace_dir, "top_ops": xplane_top_ops(trace_dir)}
+    stats = device.memory_stats() or {}
+    result["peak_bytes"] = stats.get("peak_bytes_in_use")
+    result["device"] = str(device.device_kind)
     return result
+
+
+def xplane_top_ops(trace_dir: str, top: int = 15) -> list[dict] | None:
+    """The ops taking the most time in a jax profiler trace, read offline from its .xplane.pb:
+    a device plane's "XLA Ops" line, else its stream lines (kernels); on the CPU, the host's
+    events less Python frames ($...) and runtime scopes (names with "::" or "(")."""
+    files = sorted(glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True))
+    if not files:
+        return None
+    try:
+        planes = list(jax.profiler.ProfileData.from_file(files[-1]).planes)
+    except Exception:  # a summary is optional; the trace stays on disk
+        return None
+    device = [p for p in planes if p.name.startswith("/device:")]
+    lines = [ln for p in device for ln in p.lines if ln.name == "XLA Ops"]
+    lines = lines or [ln for p in device for ln in p.lines if ln.name.startswith("Stream")]
+    host = not lines
+    if host:
+        lines = [ln for p in planes if p.name.startswith("/host:") for ln in p.lines]
+    totals, counts = Counter(), Counter()
+    for line in lines:
+        for event in line.events:
+            name = event.name
+            if host and (name.startswith("$") or "::" in name or "(" in name):
+                continue
+            totals[name] += event.duration_ns
+            counts[name] += 1
+    whole = sum(totals.values()) or 1
+    return [
+        {"op": op, "ms": round(ns / 1e6, 3), "share": round(ns / whole, 3), "count": counts[op]}
+        for op, ns in totals.most_common(top)
+    ]
 
 
 def end_to_end_rate(
@@ -116,7 +285,8 @@ def end_to_end_rate(
     cache=None,
 ) -> dict:
     """img/s of loader + main train step together (the loader feeding the device)."""
-    state, _, main, mesh = build_steps(name, size, batch, dtype)
+    built = build_steps(name, size, batch, dtype, augment=True)
+    main, mesh, state = built.steps["main"], built.mesh, built.state
     loader = pipeline.train_loader(
         records,
         batch_size=batch,
@@ -154,31 +324,173 @@ def end_to_end_rate(
     }
 
 
-def torch_step_rate(name: str, size: int, batch: int, steps: int, windows: int) -> dict | None:
-    """The PyTorch baseline on the same card: torchvision model, bf16 autocast, channels_last,
-    AdamW, eager; None when torch/torchvision/CUDA are unavailable."""
+# ---- The PyTorch step doing the same work -------------------------------------------------------
+
+
+def _torch_net(torch: Any, torchvision: Any, name: str) -> Any:
+    """torchvision's `name` without its classifier + the HEAD fusion MLPs, as one module."""
+    nn = torch.nn
+
+    def mlp(sizes: tuple[int, ...], out_dim: int, dropout: float) -> Any:
+        layers = []
+        for a, b in itertools.pairwise(sizes):
+            layers += [nn.Linear(a, b), nn.BatchNorm1d(b), nn.ReLU(), nn.Dropout(dropout)]
+        return nn.Sequential(*layers, nn.Linear(sizes[-1], out_dim))
+
+    backbone = torchvision.models.get_model(name)
+    for attr in ("fc", "classifier", "heads"):
+        if hasattr(backbone, attr):
+            setattr(backbone, attr, nn.Identity())
+    h, dim = HEAD, HEAD["projection_dim"]
+    vision_in = (registry.feature_dim(name), *h["image_projection_hidden"])
+    return nn.ModuleDict(
+        {
+            "backbone": backbone,
+            "vision": mlp(vision_in, dim, h["projection_dropout"]),
+            "text": mlp((TEXT_DIM, *h["text_projection_hidden"]), dim, h["projection_dropout"]),
+            "final": mlp((2 * dim, *h["final_hidden_sizes"]), NUM_CLASSES, h["final_dropout"]),
+        }
+    )
+
+
+def _torch_augment(torch: Any, x: Any) -> Any:
+    """AUGMENT's family on a float [B,3,H,W] batch in [0, 1], parameters drawn per sample: flip,
+    rotation and scale as one nearest-neighbour resampling (fill 0), then brightness, contrast,
+    saturation and hue (dermjax draws the jitter order per sample; here it is fixed)."""
+    from torchvision.transforms.v2.functional._color import _hsv_to_rgb, _rgb_to_hsv
+
+    f, b, dev = torch.nn.functional, x.shape[0], x.device
+
+    def uniform(low: float, high: float, shape: tuple = (1, 1, 1)) -> Any:
+        return torch.empty(b, *shape, device=dev).uniform_(low, high)
+
+    angle = uniform(-25.0, 25.0, ()).deg2rad()
+    inv_scale = 1 / uniform(0.9, 1.1, ())
+    flip = torch.where(torch.rand(b, device=dev) < 0.5, -1.0, 1.0)
+    cos, sin, zero = angle.cos() * inv_scale, angle.sin() * inv_scale, torch.zeros_like(angle)
+    theta = torch.stack(
+        [torch.stack([cos * flip, -sin, zero], -1), torch.stack([sin * flip, cos, zero], -1)], 1
+    )
+    grid = f.affine_grid(theta, list(x.shape), align_corners=False)
+    x = f.grid_sample(x, grid, mode="nearest", padding_mode="zeros", align_corners=False)
+    weights = torch.tensor((0.2989, 0.587, 0.114), device=dev).view(1, 3, 1, 1)
+
+    def gray(im: Any) -> Any:
+        return (im * weights).sum(1, keepdim=True)
+
+    x = (x * uniform(0.9, 1.1)).clamp(0, 1)
+    c = uniform(0.9, 1.1)
+    x = (c * x + (1 - c) * gray(x).mean((2, 3), keepdim=True)).clamp(0, 1)
+    s = uniform(0.9, 1.1)
+    x = (s * x + (1 - s) * gray(x)).clamp(0, 1)
+    hsv = _rgb_to_hsv(x)
+    return _hsv_to_rgb(torch.cat([(hsv[:, :1] + uniform(-0.01, 0.01)) % 1.0, hsv[:, 1:]], 1))
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0][:200] if text else ''}"
+
+
+def torch_step_rates(
+    name: str,
+    size: int,
+    batch: int,
+    dtype: str,
+    steps: int,
+    windows: int,
+    *,
+    augment: bool = False,
+    compile_mode: str = "default",
+    compile_backend: str = "inductor",
+    profile_dir: str | None = None,
+    profile_steps: int = 5,
+) -> dict | None:
+    """The same step in PyTorch (module docstring), eager and torch.compile (`compile_backend`,
+    `compile_mode` for inductor), on CUDA when available else the CPU; None without torch or
+    torchvision. A torch.compile that fails is reported as {"error": "compile failed: ..."};
+    compile seconds = the first compiled step."""
     try:
         import torch
         import torchvision
     except ImportError:
         return None
-    if not torch.cuda.is_available():
-        return None
-    model = torchvision.models.get_model(name, num_classes=NUM_CLASSES).cuda()
-    model = model.to(memory_format=torch.channels_last)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=1e-3)
-    x = torch.randn(batch, 3, size, size, device="cuda").to(memory_format=torch.channels_last)
-    y = torch.randint(0, NUM_CLASSES, (batch,), device="cuda")
+    cuda = torch.cuda.is_available()
+    dev = torch.device("cuda" if cuda else "cpu")
+    torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest kernels
+    torch.manual_seed(0)
+    net = _torch_net(torch, torchvision, name).to(dev).to(memory_format=torch.channels_last)
+    host = synthetic_batch(batch, size)
+    data = tuple(torch.from_numpy(host[k]).to(dev) for k in ("image", "text", "label"))
+    head = [p for k in ("vision", "text", "final") for p in net[k].parameters()]
+    groups = [{"params": net["backbone"].parameters(), "lr": LR_BACKBONE}, {"params": head}]
+    opt = torch.optim.AdamW(groups, lr=LR_HEAD, weight_decay=WEIGHT_DECAY, fused=cuda)
+    mean = torch.tensor(MEAN, device=dev).view(1, 3, 1, 1)
+    std = torch.tensor(STD, device=dev).view(1, 3, 1, 1)
 
-    def window():
-        for _ in range(steps):
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                loss = torch.nn.functional.cross_entropy(model(x), y)
+    def loss_fn(images: Any, text: Any, labels: Any) -> Any:
+        x = images.permute(0, 3, 1, 2).float() / 255
+        x = _torch_augment(torch, x) if augment else x
+        x = ((x - mean) / std).contiguous(memory_format=torch.channels_last)
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dtype == "bfloat16"):
+            feats = net["backbone"](x)
+        fused = torch.cat([net["vision"](feats.float()), net["text"](text)], 1)
+        return torch.nn.functional.cross_entropy(
+            net["final"](fused), labels.long(), label_smoothing=LABEL_SMOOTHING
+        )
+
+    def run(fn: Callable, n: int) -> None:
+        for _ in range(n):
+            loss = fn(*data)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-        torch.cuda.synchronize()
+        if cuda:
+            torch.cuda.synchronize()
 
-    window()
-    rate = steps * batch / _timed_windows(window, windows)
-    return {"model": name, "torch": torch.__version__, "bf16_eager_img_s": round(rate, 1)}
+    result: dict[str, Any] = {"torch": torch.__version__, "compile_backend": compile_backend}
+    result["compile_mode"] = compile_mode if compile_backend == "inductor" else None
+    result["device"] = torch.cuda.get_device_name() if cuda else "cpu"
+    for variant in ("eager", "compile"):
+        if cuda:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        entry: dict[str, Any] = {}
+        start = time.perf_counter()
+        try:
+            fn = loss_fn
+            if variant == "compile":
+                mode = compile_mode if compile_backend == "inductor" else None
+                fn = torch.compile(loss_fn, backend=compile_backend, mode=mode)
+            run(fn, 1)  # torch.compile compiles forward and backward here
+        except Exception as error:  # reported in the table, not hidden
+            if variant == "eager":
+                raise
+            result[variant] = {"error": f"compile failed: {_first_line(error)}"}
+            continue
+        if variant == "compile":
+            entry["compile_s"] = round(time.perf_counter() - start, 1)
+        run(fn, steps)  # warm caches / autotuning
+        seconds = _timed_windows(lambda fn=fn: run(fn, steps), windows)
+        entry["img_s"] = round(steps * batch / seconds, 1)
+        entry["peak_bytes"] = torch.cuda.max_memory_allocated() if cuda else None
+        if profile_dir:
+            path = os.path.join(profile_dir, f"torch_{name}_{variant}.txt")
+            entry["profile"] = _torch_profile(torch, lambda f=fn: run(f, profile_steps), cuda, path)
+        result[variant] = entry
+    if cuda:
+        torch.cuda.empty_cache()
+    return result
+
+
+def _torch_profile(torch: Any, run: Callable[[], None], cuda: bool, path: str) -> str:
+    """torch.profiler over `run`; writes key_averages' top 15 by self time to `path`."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    activities += [torch.profiler.ProfilerActivity.CUDA] if cuda else []
+    with torch.profiler.profile(activities=activities) as prof:
+        run()
+    sort = "self_device_time_total" if cuda else "self_cpu_time_total"
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        f.write(prof.key_averages().table(sort_by=sort, row_limit=15))
+    return path
