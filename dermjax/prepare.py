@@ -3,16 +3,17 @@
   python -m dermjax.prepare --config=configs/default.py [--config.a.b=V ...] [--workers=16]
 
 Decodes and resizes every image of the filtered splits once and stores it in ArrayRecord shards
-under `data.cache_dir` (default `<dataset>/cache`), one cache per resize rule and image size.
+under `data.cache_dir` (default `<dataset>/cache`; local or gs://), one cache per resize rule and
+image size.
 Training then says "using prepared cache at ..." and reads pixels instead of JPEGs. An
 interrupted build resumes where it stopped; a cache built for other paths, size or rule is not
-used (the log says why).
+used (the log says why). Build a gs:// cache once, from one machine: every host of a multi-host
+run then reads only the records of its own batch slices from it.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import tempfile
 
 from absl import flags
@@ -43,7 +44,6 @@ def main(argv: list[str]) -> None:
     workers = _WORKERS.value if _WORKERS.value is not None else cfg.training.num_workers
     for rule, (directory, paths) in cache_plan(cfg, data).items():
         logging.info("building the %s cache of %d images at %s", rule, len(paths), directory)
-        os.makedirs(directory, exist_ok=True)
         build_cache(
             paths,
             directory,

@@ -6,12 +6,19 @@ shorter-side-resized image with its own shape (the random crop still happens per
 uint8 pixels; an empty record marks a bad image. Reading one is a memory copy, so the loader only
 crops.
 
-Layout of a cache directory (local disk):
+Layout of a cache directory (local disk or gs://):
   manifest.json                         identity: version, rule, img_size, paths digest, shard size
   paths.json                            the cached paths, in record order
   shard-SSSSS-of-KKKKK.array_record     records [S * shard_size, (S + 1) * shard_size)
   shard-SSSSS-of-KKKKK.done.json        written after its shard is complete (bad paths listed)
 A rebuild skips shards whose `.done.json` exists, so an interrupted build resumes.
+
+On gs:// a shard is written to a local temporary file and uploaded (array_record writes local
+files only), then its `.done.json`. Reading downloads no shard whole: array_record's reader (its
+bundled Google Cloud C++ client, Application Default Credentials) opens a shard on its first
+record with ranged reads of its last MiB (footer and index), then reads each record from its
+offset. A process thus transfers only the records of its own batch slices (and the indexes of
+the shards they lie in).
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ import json
 import logging
 import multiprocessing
 import os
+import tempfile
 from collections.abc import Sequence
 
 import numpy as np
@@ -60,6 +68,37 @@ def _shard_file(directory: str, shard: int, num_shards: int, suffix: str) -> str
     return os.path.join(directory, f"shard-{shard:05d}-of-{num_shards:05d}.{suffix}")
 
 
+def _listing(directory: str) -> set[str]:
+    """Names of the files in `directory` (fresh, not gcsfs's cached listing); empty if absent."""
+    fsys = fs.filesystem(directory)
+    fsys.invalidate_cache(directory)
+    try:
+        return {name.rstrip("/").rsplit("/", 1)[-1] for name in fsys.ls(directory, detail=False)}
+    except FileNotFoundError:
+        return set()
+
+
+def _write_json(path: str, obj: object, indent: int | None = 1) -> None:
+    with fs.open_file(path, "w") as f:
+        json.dump(obj, f, indent=indent)
+
+
+def _read_json(path: str) -> object:
+    with fs.open_file(path, "r") as f:
+        return json.load(f)
+
+
+def _use_storage_emulator() -> None:
+    """Points array_record's GCS client at the emulator gcsfs uses, when there is one.
+
+    gcsfs reads `STORAGE_EMULATOR_HOST`; the Google Cloud C++ client inside array_record reads
+    `CLOUD_STORAGE_EMULATOR_ENDPOINT`. Set here, it also reaches grain workers started later.
+    """
+    host = os.environ.get("STORAGE_EMULATOR_HOST")
+    if host and not os.environ.get("CLOUD_STORAGE_EMULATOR_ENDPOINT"):
+        os.environ["CLOUD_STORAGE_EMULATOR_ENDPOINT"] = host if "://" in host else f"http://{host}"
+
+
 class CacheReader:
     """Random access to cache records; picklable (file readers are reopened in each process)."""
 
@@ -72,6 +111,7 @@ class CacheReader:
 
     def read(self, ids: np.ndarray) -> list[np.ndarray | None]:
         if self._source is None:
+            _use_storage_emulator()
             self._source = ArrayRecordDataSource(self.instructions)
         return [decode_record(r) for r in self._source.__getitems__([int(i) for i in ids])]
 
@@ -149,40 +189,40 @@ def build_cache(
     shard_size: int = 1024,
     draft: bool = True,
 ) -> Cache:
-    """Build (or finish building) the cache of `records_paths` under local `out_dir`.
+    """Build (or finish building) the cache of `records_paths` under `out_dir` (local or gs://).
 
     Duplicate paths are stored once. A directory holding a cache of other paths/size/rule is
     cleared first. Bad images are stored as bad records and listed in the shard's `.done.json`.
     """
     if rule not in images.RULES:
         raise ValueError(f"unknown resize rule {rule!r}; expected one of {images.RULES}")
-    if not fs.is_local(out_dir):
-        raise ValueError(f"the prepared cache must be on local disk, got {out_dir}")
     paths = list(dict.fromkeys(str(p) for p in records_paths))
     identity = _identity(paths, img_size, rule, shard_size)
-    os.makedirs(out_dir, exist_ok=True)
+    local = fs.is_local(out_dir)
+    fsys = fs.filesystem(out_dir)
+    if local:
+        os.makedirs(out_dir, exist_ok=True)
     manifest_file = os.path.join(out_dir, MANIFEST)
-    if os.path.exists(manifest_file):
+    present = _listing(out_dir)
+    if MANIFEST in present:
         try:
-            with open(manifest_file) as f:
-                old = json.load(f)
+            old = _read_json(manifest_file)
         except ValueError:
             old = {}
         if {k: old.get(k) for k in identity} != identity:
             logging.warning("cache at %s holds another dataset or size; rebuilding it", out_dir)
-            for name in os.listdir(out_dir):
-                if name.startswith("shard-") or name in (MANIFEST, PATHS_FILE):
-                    os.remove(os.path.join(out_dir, name))
-    with open(os.path.join(out_dir, PATHS_FILE), "w") as f:
-        json.dump(paths, f)
-    with open(manifest_file, "w") as f:
-        json.dump({**identity, "complete": False}, f, indent=1)
+            stale = [n for n in present if n.startswith("shard-") or n in (MANIFEST, PATHS_FILE)]
+            if stale:
+                fsys.rm([os.path.join(out_dir, n) for n in stale])
+            present = set()
+    _write_json(os.path.join(out_dir, PATHS_FILE), paths, indent=None)
+    _write_json(manifest_file, {**identity, "complete": False})
 
     num_shards = -(-len(paths) // shard_size)
     shards = {  # the unfinished ones
         s: paths[s * shard_size : (s + 1) * shard_size]
         for s in range(num_shards)
-        if not os.path.exists(_shard_file(out_dir, s, num_shards, "done.json"))
+        if os.path.basename(_shard_file(out_dir, s, num_shards, "done.json")) not in present
     }
     todo = [p for shard_paths in shards.values() for p in shard_paths]
     prepare = _Prepare(img_size, rule, draft)
@@ -191,10 +231,12 @@ def build_cache(
         total=len(paths), initial=len(paths) - len(todo), disable=not progress, desc="prepare cache"
     )
     results = pool.imap(prepare, todo, chunksize=4) if pool else map(prepare, todo)
+    scratch = None if local else tempfile.TemporaryDirectory(prefix="dermjax-cache-")
     try:
         for s, shard_paths in shards.items():
             final = _shard_file(out_dir, s, num_shards, "array_record")
-            writer = array_record_module.ArrayRecordWriter(final + ".tmp", WRITER_OPTIONS)
+            written = final + ".tmp" if local else os.path.join(scratch.name, "shard")
+            writer = array_record_module.ArrayRecordWriter(written, WRITER_OPTIONS)
             bad = {}
             for path in shard_paths:
                 record, reason = next(results)
@@ -203,9 +245,14 @@ def build_cache(
                     bad[path] = reason
                 bar.update(1)
             writer.close()
-            os.replace(final + ".tmp", final)
-            with open(_shard_file(out_dir, s, num_shards, "done.json"), "w") as f:
-                json.dump({"records": len(shard_paths), "bad": bad}, f)
+            if local:
+                os.replace(written, final)
+            else:
+                fsys.put_file(written, final)
+            _write_json(
+                _shard_file(out_dir, s, num_shards, "done.json"),
+                {"records": len(shard_paths), "bad": bad},
+            )
             if bad:
                 logging.warning(
                     "%d bad images in cache shard %d, e.g. %s", len(bad), s, next(iter(bad))
@@ -214,26 +261,25 @@ def build_cache(
         bar.close()
         if pool is not None:
             pool.terminate()
-    with open(manifest_file, "w") as f:
-        json.dump({**identity, "complete": True}, f, indent=1)
+        if scratch is not None:
+            scratch.cleanup()
+    _write_json(manifest_file, {**identity, "complete": True})
     return Cache(out_dir, identity, paths)
 
 
 def open_cache(directory: str, paths: Sequence[str], img_size, rule: str) -> Cache | None:
-    """The cache at `directory` if it is complete and serves `paths` at this size and rule.
+    """The cache at `directory` (local or gs://) if it is complete and serves `paths` as asked.
 
     Returns None and logs why otherwise (absent, incomplete, built for another size/rule/version,
-    or missing some of `paths`).
+    or missing some of `paths`). Raises DataError for gs:// without Google Cloud credentials.
     """
     manifest_file = os.path.join(directory, MANIFEST)
-    if not os.path.exists(manifest_file):
+    if MANIFEST not in _listing(directory):
         logging.info("no prepared cache at %s", directory)
         return None
     try:
-        with open(manifest_file) as f:
-            manifest = json.load(f)
-        with open(os.path.join(directory, PATHS_FILE)) as f:
-            cached_paths = json.load(f)
+        manifest = _read_json(manifest_file)
+        cached_paths = _read_json(os.path.join(directory, PATHS_FILE))
     except (OSError, ValueError) as e:
         logging.warning("prepared cache at %s is unreadable: %s", directory, e)
         return None
@@ -252,8 +298,14 @@ def open_cache(directory: str, paths: Sequence[str], img_size, rule: str) -> Cac
                 f"{len(missing)} of {len(paths)} paths are not cached (e.g. {missing[0]})"
             )
     if problems:
-        logging.warning("prepared cache at %s is stale: %s", directory, "; ".join(problems))
+        logging.warning(
+            "prepared cache at %s is stale, reading the images instead: %s; rebuild it with "
+            "`python -m dermjax.prepare` and this run's config",
+            directory,
+            "; ".join(problems),
+        )
         return None
+    _use_storage_emulator()  # before any grain worker starts, so that workers inherit it
     return cache
 
 
@@ -261,7 +313,7 @@ def main(argv: Sequence[str] | None = None) -> Cache:
     """CLI: `python -m dermjax.data.cache --paths FILE --out DIR --img-size 224 224 --rule shorter`."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--paths", required=True, help="text file, one image path per line")
-    parser.add_argument("--out", required=True, help="local cache directory")
+    parser.add_argument("--out", required=True, help="cache directory (local or gs://)")
     parser.add_argument("--img-size", type=int, nargs=2, default=[224, 224], metavar=("H", "W"))
     parser.add_argument("--rule", choices=images.RULES, default=images.SHORTER)
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
