@@ -1,13 +1,17 @@
 """Device mesh and host <-> device transfer for data parallelism (one or many hosts).
 
-Every device is on a single `data` axis; parameters are replicated and batches are split along
-it. The same code runs on one CPU, one GPU, a multi-GPU box, or a multi-host TPU pod slice.
+Every device is on a single `data` axis and batches are split along it. The train state is
+replicated, or with `shard_params` its parameters and optimizer states are split over the same
+axis (FSDP-style: XLA gathers a parameter where it is used); `state_shardings` is the one place
+that decides, for the initial state, the checkpoint restore and the steps' outputs alike. The
+same code runs on one CPU, one GPU, a multi-GPU box, or a multi-host TPU pod slice.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+from typing import Any
 
 import jax
 import numpy as np
@@ -34,12 +38,18 @@ _ENV = {
 }
 
 
+# TPU chips as the TPU VM kernel exposes them: on a TPU VM made by `gcloud compute tpus tpu-vm
+# create` the worker list lives in the metadata server, not in the environment, and JAX's own
+# detection reads it there.
+_TPU_DEVICE_FILES = ("/dev/accel0", "/dev/vfio/0")
+
+
 def _cluster_detected() -> bool:
     for name, above in _CLUSTER_MARKERS.items():
         value = os.environ.get(name, "")
         if value and (above == 0 or (value.isdigit() and int(value) > above)):
             return True
-    return False
+    return any(os.path.exists(path) for path in _TPU_DEVICE_FILES)
 
 
 def maybe_initialize_distributed(
@@ -52,7 +62,7 @@ def maybe_initialize_distributed(
     An explicit launch gives all three of coordinator address (HOST:PORT), process count and
     this process's id, as arguments or as DERMJAX_COORDINATOR_ADDRESS / DERMJAX_NUM_PROCESSES /
     DERMJAX_PROCESS_ID. Without them, JAX's own cluster detection runs only where a cluster is
-    visible (TPU VM pod slice, SLURM or Open MPI with several tasks, JAX_COORDINATOR_ADDRESS).
+    visible (a TPU VM, SLURM or Open MPI with several tasks, JAX_COORDINATOR_ADDRESS).
     """
     given = {"coordinator_address": coordinator_address}
     given.update(num_processes=num_processes, process_id=process_id)
@@ -77,6 +87,49 @@ def maybe_initialize_distributed(
 def make_mesh() -> Mesh:
     """A 1-D mesh over all devices, axis name 'data'."""
     return jax.make_mesh((jax.device_count(),), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+
+
+# Arrays with fewer elements stay replicated under `shard_params`: splitting them saves little
+# memory and costs a gather per use.
+MIN_SHARDED_SIZE = 2**12
+# Train-state entries split under `shard_params` (batch statistics and the step stay replicated).
+SHARDED_ENTRIES = ("params", "opt_backbone", "opt_head")
+
+
+def array_sharding(shape: tuple[int, ...], mesh: Mesh, *, shard: bool) -> NamedSharding:
+    """Replicated, or (`shard`) split over 'data' along the largest dimension the device count
+    divides; small arrays (< MIN_SHARDED_SIZE elements) and indivisible ones stay replicated.
+
+    It depends on the shape alone, so an optimizer moment is laid out like its parameter.
+    """
+    n = mesh.shape["data"]
+    size = int(np.prod(shape))
+    dims = [d for d, length in enumerate(shape) if length % n == 0]
+    if not shard or n == 1 or size < MIN_SHARDED_SIZE or not dims:
+        return NamedSharding(mesh, P())
+    axis = max(dims, key=lambda d: shape[d])  # the first of equal lengths
+    # No trailing None: the form jit gives its outputs, so a step's outputs keep this layout.
+    return NamedSharding(mesh, P(*(None,) * axis, "data"))
+
+
+def state_shardings(state: dict[str, Any], mesh: Mesh, *, shard_params: bool) -> dict[str, Any]:
+    """The sharding of every leaf of a train state {params, batch_stats, opt_*, step}.
+
+    Parameters and optimizer states follow `array_sharding` (split when `shard_params`); batch
+    statistics and the step counter are replicated.
+    """
+    out = {}
+    for key, value in state.items():
+        shard = shard_params and key in SHARDED_ENTRIES
+        out[key] = jax.tree.map(
+            lambda x, s=shard: array_sharding(np.shape(x), mesh, shard=s), value
+        )
+    return out
+
+
+def place_state(state: dict[str, Any], mesh: Mesh, *, shard_params: bool) -> dict[str, Any]:
+    """Puts a (host or single-device) train state on the mesh with `state_shardings`."""
+    return jax.device_put(state, state_shardings(state, mesh, shard_params=shard_params))
 
 
 def replicate(tree, mesh: Mesh):

@@ -18,6 +18,7 @@ def calls(monkeypatch):
         monkeypatch.delenv(name, raising=False)
     made = []
     monkeypatch.setattr(jax.distributed, "initialize", lambda **kw: made.append(kw))
+    monkeypatch.setattr(parallel, "_TPU_DEVICE_FILES", ())  # this machine is no TPU VM
     return made
 
 
@@ -45,6 +46,13 @@ def test_environment_variables_stand_for_the_flags(calls, monkeypatch):
 )
 def test_a_detected_cluster_lets_jax_find_its_processes(calls, monkeypatch, marker):
     monkeypatch.setenv(*marker)
+    parallel.maybe_initialize_distributed()
+    assert calls == [{}]
+
+
+def test_a_tpu_vm_is_detected_by_its_chips(calls, monkeypatch, tmp_path):
+    (tmp_path / "accel0").touch()
+    monkeypatch.setattr(parallel, "_TPU_DEVICE_FILES", (str(tmp_path / "accel0"),))
     parallel.maybe_initialize_distributed()
     assert calls == [{}]
 

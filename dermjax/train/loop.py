@@ -3,10 +3,18 @@
 Optimisation follows the original: two optimizer groups with learning rates set once per epoch
 (cosine after the warm-up), the whole backbone frozen for the first `n_warmup_epochs`, then the
 `unfreeze_layers` rule; validation every `validation_interval` epochs with early stopping on
-`training.monitor`. Unlike the original, the best model is evaluated on the test split at the end.
+`training.monitor`. Unlike the original, the best model is evaluated on the test split at the end
+(on the validation split when there is no test split, which the summary names). With
+`training.vision_only_pretraining` the first epochs run the vision-only step, with their own
+early-stopping state; auxiliary weights and epoch masks are evaluated per epoch on the host
+(`experiment.epoch_schedule`) and passed to the steps as values.
 Everything needed to continue (state, data position, early-stopping state, the partial epoch's
 metrics, counters) is checkpointed, so a resumed run is the same run. What the loop works with
 is composed from the config by `dermjax.experiment`.
+
+Metrics are accumulated on the devices (confusion matrix, sum and count of batch losses) and
+fetched once per pass, and when a partial epoch is checkpointed; the host reads only the train
+step's `finite` flag and loss (one step late, for the progress line and the non-finite policy).
 """
 
 from __future__ import annotations
@@ -22,12 +30,12 @@ import dermjax
 from dermjax import parallel
 from dermjax.data import pipeline
 from dermjax.errors import UserError
-from dermjax.experiment import Components, epoch_learning_rates
+from dermjax.experiment import Components, epoch_learning_rates, epoch_schedule
 from dermjax.tracking import Progress, Tracker
 from dermjax.train import optim
 from dermjax.train.checkpoint import Checkpointer, restore_weights_only
-from dermjax.train.early_stopping import EarlyStopping
-from dermjax.train.metrics import ClassificationMetrics
+from dermjax.train.early_stopping import PhasedEarlyStopping
+from dermjax.train.metrics import ClassificationMetrics, accumulate, host_metrics, totals_of
 from dermjax.train.preemption import NonFiniteLossError, PreemptionGuard
 from dermjax.train.step import make_eval_step, make_train_step
 
@@ -44,19 +52,38 @@ class Trainer:
         self.is_main = jax.process_index() == 0
         self.num_classes = len(c.data.classes)
         self.state = c.state
+        # The layout compose placed the state in: restores and train steps keep it.
+        shardings = parallel.state_shardings(
+            self.state, c.mesh, shard_params=self.cfg.training.shard_params
+        )
         self.abstract = jax.tree.map(
-            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), self.state
+            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), self.state, shardings
         )
         args = (c.parts, c.spec, c.tx_backbone, c.tx_head)
-        self.warmup_step = make_train_step(*args, warmup=True)
-        self.main_step = make_train_step(*args, warmup=False)
-        self.eval_step = make_eval_step(c.parts, c.spec)
+        self.schedule = epoch_schedule(self.cfg)
+        # (warm-up, vision-only) -> train step; each is compiled on first use only.
+        self.train_steps = {
+            (warm, vo): make_train_step(
+                *args, warmup=warm, vision_only=vo, state_shardings=shardings
+            )
+            for warm in (True, False)
+            for vo in (False, True)
+        }
+        self.eval_steps = {
+            vo: make_eval_step(c.parts, c.spec, vision_only=vo) for vo in (False, True)
+        }
         self.train_loader = c.train_loader()
         self.steps_per_epoch = self.train_loader.steps_per_epoch
         self.train_iter = iter(self.train_loader)
         t = self.cfg.training
-        self.stopper = EarlyStopping(t.monitor, ckpt.monitor_mode, t.patience)
+        self.stopper = PhasedEarlyStopping(
+            t.monitor,
+            ckpt.monitor_mode,
+            t.patience,
+            vision_only_epochs=self.schedule.vision_only_epochs,
+        )
         self.start_epoch, self.start_step_in_epoch, self.train_acc = 0, 0, None
+        self.last_epoch = -1  # the last epoch trained to its end
         self.finished: str | None = None
         self.skipped = 0
         self.bad_train_before = 0  # bad training samples seen before a resume
@@ -72,8 +99,11 @@ class Trainer:
         self.state, meta = source.restore(
             step, abstract_state=self.abstract, data_iter=self.train_iter
         )
-        self.stopper.load_state_dict(meta["early_stopping"])
+        self.stopper.multimodal.load_state_dict(meta["early_stopping"])
+        if meta.get("vision_only_pretraining") is not None:
+            self.stopper.load_vision_only_state(meta["vision_only_pretraining"])
         self.start_epoch, self.start_step_in_epoch = meta["epoch"], meta["step_in_epoch"]
+        self.last_epoch = self.start_epoch - 1
         self.train_acc = meta.get("train_accumulator")
         # Another run's end (load_from) or a completed run given more epochs trains on.
         self.finished = meta.get("finished") if source is self.ckpt else None
@@ -126,17 +156,18 @@ class Trainer:
             **self.c.meta(),
             "epoch": epoch,
             "step_in_epoch": step_in_epoch,
-            "early_stopping": self.stopper.state_dict(),
+            "early_stopping": self.stopper.multimodal.state_dict(),
+            "vision_only_pretraining": self.stopper.vision_only_state(),
+            "vision_only_model": self.stopper.is_vision_only(epoch - (step_in_epoch == 0)),
             "frozen": epoch < self.cfg.training.n_warmup_epochs,
             "finished": self.finished,
             "counters": {
                 "skipped_nonfinite_steps": self.skipped,
                 "bad_images_train": self.bad_train,
             },
-            "train_accumulator": None
-            if acc is None
-            else {"matrix": acc.matrix.tolist(), "batch_losses": acc.batch_losses},
+            "train_accumulator": None if acc is None else acc.state_dict(),
             "dermjax_version": dermjax.__version__,
+            "wandb_run_id": self.tracker.wandb_run_id,
         }
 
     def _save(self, kind: str, meta: dict) -> None:
@@ -144,27 +175,51 @@ class Trainer:
         self.ckpt.save(step, state=self.state, data_iter=self.train_iter, meta=meta, kind=kind)
 
     # ---- Evaluation ---------------------------------------------------------------------------
-    def evaluate(self, records: pipeline.Records, split: str) -> dict[str, Any]:
+    def controls(self, epoch: int) -> dict[str, jax.Array]:
+        """The per-epoch values (aux weights, epoch masks) the steps take, on the devices."""
+        return parallel.replicate(self.schedule.controls(epoch), self.c.mesh)
+
+    def _totals(self, start: ClassificationMetrics | None = None) -> dict[str, jax.Array]:
+        """A device-side metrics accumulator (replicated), from `start`'s counts or zeros."""
+        start = start or ClassificationMetrics(self.num_classes)
+        return parallel.replicate(totals_of(start), self.c.mesh)
+
+    def _fetch(self, totals: dict[str, jax.Array]) -> ClassificationMetrics:
+        """The accumulated counts on the host (the one transfer of a pass)."""
+        return host_metrics(self.num_classes, jax.tree.map(parallel.to_host, totals))
+
+    @staticmethod
+    def _shown(batch: dict) -> int:
+        """Valid samples of a host batch for the progress display (this process's part, scaled
+        to the global batch; the metrics count them exactly on the devices)."""
+        return int(batch["valid"].sum()) * jax.process_count()
+
+    def evaluate(
+        self, records: pipeline.Records, split: str, *, epoch: int = 0, vision_only: bool = False
+    ) -> dict[str, Any]:
         """One pass over `records` (every sample once); metrics over the readable samples.
 
+        `epoch` selects the aux weights and epoch masks; `vision_only` the pre-training path.
         Adds `bad_images` (samples skipped as unreadable) and `majority_accuracy` (the train
         split's majority class on the same samples the metrics count).
         """
+        eval_step, controls = self.eval_steps[vision_only], self.controls(epoch)
         loader = self.c.eval_loader(records, split)
-        metrics = ClassificationMetrics(self.num_classes)
+        totals = self._totals()
         progress = Progress(len(records.labels), desc=split, enabled=self.is_main)
         it = iter(loader)
         try:
             for batch in it:
-                batch = parallel.shard_batch(batch, self.c.mesh)
-                out = self.eval_step(self.state, batch)
-                valid = parallel.to_host(batch["valid"])  # global views, also on several hosts
-                labels, preds = parallel.to_host(batch["label"]), parallel.to_host(out["preds"])
-                metrics.update(labels, preds, valid=valid, loss=out["loss"])
-                progress.update(int(valid.sum()))
+                shown = self._shown(batch)
+                out = eval_step(self.state, parallel.shard_batch(batch, self.c.mesh), controls)
+                previous, totals = totals, accumulate(totals, out)
+                # Wait for the step before (no transfer): at most two batches on the devices.
+                jax.block_until_ready(previous)
+                progress.update(shown)
         finally:
             pipeline.close_iterator(it)
         progress.close()
+        metrics = self._fetch(totals)
         result = metrics.compute()
         support = metrics.matrix.sum(axis=1)
         result["bad_images"] = loader.bad_images
@@ -174,9 +229,10 @@ class Trainer:
         return result
 
     # ---- Training -----------------------------------------------------------------------------
-    def _consume(self, pending: tuple, acc: ClassificationMetrics, progress: Progress) -> None:
-        """Reads a finished step's outputs one step late, so the device never waits on the host."""
-        out, batch, step = pending
+    def _consume(self, pending: tuple, progress: Progress) -> None:
+        """Reads a finished step's flag and loss one step late, so the device never waits on the
+        host (its metrics are already accumulated on the devices)."""
+        out, shown, step = pending
         if not bool(out["finite"]):
             if self.cfg.training.on_nonfinite == "error":
                 raise NonFiniteLossError(step, float(out["loss"]))
@@ -186,54 +242,63 @@ class Trainer:
             )
             self.skipped += 1
             return
-        valid = parallel.to_host(batch["valid"])
-        preds = parallel.to_host(out["preds"])
-        acc.update(parallel.to_host(batch["label"]), preds, valid=valid, loss=out["loss"])
-        progress.update(int(valid.sum()), loss=float(out["loss"]))
+        progress.update(shown, loss=float(out["loss"]))
 
     def train_epoch(self, epoch: int, guard: PreemptionGuard) -> dict[str, Any] | None:
         """Trains one epoch; returns its record, or None if preemption stopped it (saved)."""
         cfg = self.cfg
         warm = epoch < cfg.training.n_warmup_epochs
+        vision_only = self.stopper.is_vision_only(epoch)
         lr_backbone, lr_head = epoch_learning_rates(cfg, epoch)
         state = dict(self.state)
         state["opt_backbone"] = optim.set_learning_rate(state["opt_backbone"], lr_backbone)
         state["opt_head"] = optim.set_learning_rate(state["opt_head"], lr_head)
         self.state = state
-        step_fn = self.warmup_step if warm else self.main_step
-        acc = ClassificationMetrics(self.num_classes)
-        first = 0
+        step_fn, controls = self.train_steps[warm, vision_only], self.controls(epoch)
+        first, start = 0, None
         if epoch == self.start_epoch:
             first = self.start_step_in_epoch
             if self.train_acc is not None:
-                acc.matrix[:] = np.asarray(self.train_acc["matrix"])
-                acc.batch_losses = list(self.train_acc["batch_losses"])
+                start = ClassificationMetrics.from_state_dict(self.num_classes, self.train_acc)
+        totals = self._totals(start)
         progress = Progress(
             self.steps_per_epoch * cfg.training.batch_size,
-            desc=f"epoch {epoch + 1}/{cfg.training.num_epochs}" + (" (warm-up)" if warm else ""),
+            desc=f"epoch {epoch + 1}/{cfg.training.num_epochs}"
+            + (" (warm-up)" if warm else "")
+            + (" (vision-only)" if vision_only else ""),
             every_updates=cfg.training.log_every_steps,
             enabled=self.is_main,
         )
         pending = None
         for i in range(first, self.steps_per_epoch):
             global_step = epoch * self.steps_per_epoch + i
-            batch = parallel.shard_batch(next(self.train_iter), self.c.mesh)
+            batch = next(self.train_iter)
+            shown = self._shown(batch)
             key = jax.random.fold_in(self.c.step_key, global_step)
-            self.state, out = step_fn(self.state, batch, key)
+            self.state, out = step_fn(
+                self.state, parallel.shard_batch(batch, self.c.mesh), key, controls
+            )
+            totals = accumulate(totals, out)
             if pending is not None:
-                self._consume(pending, acc, progress)
-            pending = (out, batch, global_step)
+                self._consume(pending, progress)
+            pending = (out, shown, global_step)
             if guard.should_stop(global_step):
-                self._consume(pending, acc, progress)
-                self._save("preempt", self._meta(epoch, i + 1, acc))
+                self._consume(pending, progress)
+                self._save("preempt", self._meta(epoch, i + 1, self._fetch(totals)))
                 return None
         if pending is not None:
-            self._consume(pending, acc, progress)
+            self._consume(pending, progress)
         progress.close()
-        train = acc.compute()
+        train = self._fetch(totals).compute()
+        aux_vision, aux_text = (0.0, 0.0) if vision_only else self.schedule.aux_weights(epoch)
         return {
             "epoch": epoch,
             "frozen_backbone": warm,
+            "stage": self.schedule.stage(epoch, cfg.masking.mask_complete)
+            if not vision_only
+            else "vision_only_pretraining",
+            "aux/vision_weight": aux_vision,
+            "aux/text_weight": aux_text,
             "lr/backbone": lr_backbone,
             "lr/head": lr_head,
             **{f"train/{k}": train[k] for k in SUMMARY_KEYS},
@@ -249,13 +314,19 @@ class Trainer:
                 record = self.train_epoch(epoch, guard)
                 if record is None:
                     return False
+                self.last_epoch = epoch
                 step = int(self.state["step"])
                 improved = stop = False
                 due = (epoch + 1) % cfg.training.validation_interval == 0
+                vision_only = self.stopper.is_vision_only(epoch)
                 if self.c.data.val is not None and due:
-                    val = self.evaluate(self.c.data.val, "val")
+                    val = self.evaluate(
+                        self.c.data.val, "val", epoch=epoch, vision_only=vision_only
+                    )
                     record.update({f"val/{k}": val[k] for k in SUMMARY_KEYS})
                     improved, stop = self.stopper.update(record[cfg.training.monitor], epoch=epoch)
+                    if vision_only and not self.stopper.is_vision_only(epoch + 1):
+                        log.info("vision-only pre-training ends after epoch %d", epoch)
                     self.tracker.log_confusion_matrix(
                         "val", np.asarray(val["confusion_matrix"]), self.c.data.classes, step=step
                     )
@@ -282,18 +353,36 @@ class Trainer:
         return True
 
     def test(self, started_at: float) -> dict[str, Any]:
-        """Evaluates the best checkpoint (or the last state) on val and test; writes summary."""
+        """Evaluates the best checkpoint (or the last state) on val and test; writes summary.
+
+        Without a test split (None or empty) the "test" results are the validation split's,
+        logged and named by the summary's `test_split`. The model is evaluated with the aux
+        weights, epoch masks and forward path (vision-only or not) of the epoch it was saved in.
+        """
         self.ckpt.wait()
         trained_steps = int(self.state["step"])
         best = self.ckpt.best()
+        epoch, vision_only = self.last_epoch, self.stopper.is_vision_only(self.last_epoch)
         if best is not None:
-            self.state, _ = self.ckpt.restore(best, abstract_state=self.abstract, data_iter=None)
+            self.state, meta = self.ckpt.restore(best, abstract_state=self.abstract, data_iter=None)
+            epoch = meta["epoch"] - 1
+            vision_only = meta.get("vision_only_model", False)
+        data = self.c.data
+        test_split = "test" if data.test is not None and len(data.test.labels) else None
+        if test_split is None and data.val is not None:
+            test_split = "val"
+            log.warning("no test split: the final test evaluation uses the validation split")
+        kw = {"epoch": max(epoch, 0), "vision_only": vision_only}
+        evaluated = {}
+        if data.val is not None:
+            evaluated["val"] = self.evaluate(data.val, "val", **kw)
+        if test_split == "test":
+            evaluated["test"] = self.evaluate(data.test, "test", **kw)
+        elif test_split == "val":
+            evaluated["test"] = evaluated["val"]
         results: dict[str, Any] = {}
         bad = {"train": self.bad_train}
-        for split, records in (("val", self.c.data.val), ("test", self.c.data.test)):
-            if records is None:
-                continue
-            m = self.evaluate(records, split)
+        for split, m in evaluated.items():
             results[split] = {k: m[k] for k in SUMMARY_KEYS}
             bad[split] = m["bad_images"]
             if split == "test":
@@ -315,6 +404,7 @@ class Trainer:
             classes=self.c.data.classes,
             best_epoch=self.stopper.best_epoch,
             best_step=best,
+            test_split=test_split,
             trained_steps=trained_steps,
             skipped_nonfinite_steps=self.skipped,
             bad_images=bad,

@@ -1,8 +1,10 @@
-"""Host-side classification metrics with the original's definitions (numpy only).
+"""Classification metrics with the original's definitions, and their on-device accumulator.
 
-Everything is derived from one confusion matrix (rows = true class, columns = predicted class), so
-the jitted eval step may return either predictions (`ClassificationMetrics.update`) or its own
-per-batch confusion matrix (`ClassificationMetrics.update_confusion`).
+Everything is derived from one confusion matrix (rows = true class, columns = predicted class)
+and the sum and count of per-batch mean losses. The loop adds each step's confusion matrix and
+loss on the devices (`totals_of`, `accumulate`: no per-batch transfer) and fetches the totals
+once per pass into a host-side `ClassificationMetrics` (`update_confusion`), which computes the
+metrics with numpy; `ClassificationMetrics.update` takes labels and predictions instead.
 
 Macro-F1 averages over **all** `num_classes`, absent classes counting 0, as the original does;
 sklearn's `f1_score(average="macro")` averages only over labels present in y_true or y_pred.
@@ -12,6 +14,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 
@@ -86,7 +90,8 @@ class ClassificationMetrics:
     def __init__(self, num_classes: int):
         self.num_classes = num_classes
         self.matrix = np.zeros((num_classes, num_classes), np.int64)
-        self.batch_losses: list[float] = []
+        self.loss_sum = 0.0  # sum of the counted batches' mean losses
+        self.loss_batches = 0
 
     def update(
         self, labels: Any, preds: Any, *, valid: Any | None = None, loss: Any | None = None
@@ -99,14 +104,34 @@ class ClassificationMetrics:
             return
         self.update_confusion(confusion_matrix(labels, preds, self.num_classes, valid), loss=loss)
 
-    def update_confusion(self, matrix: Any, *, loss: Any | None = None) -> None:
-        """Adds a batch's confusion matrix computed elsewhere (e.g. on device)."""
+    def update_confusion(self, matrix: Any, *, loss: Any | None = None, batches: int = 1) -> None:
+        """Adds the confusion matrix of `batches` batches computed elsewhere (e.g. on device);
+        `loss` is the sum of their mean losses (one batch: its mean loss)."""
         matrix = np.asarray(matrix)
         if matrix.shape != self.matrix.shape:
             raise ValueError(f"confusion matrix shape {matrix.shape} != {self.matrix.shape}")
         self.matrix += matrix.astype(np.int64)
         if loss is not None:
-            self.batch_losses.append(float(loss))
+            self.loss_sum += float(loss)
+            self.loss_batches += batches
+
+    def state_dict(self) -> dict[str, Any]:
+        """JSON-ready counts (stored in checkpoints of a partial epoch)."""
+        return {
+            "matrix": self.matrix.tolist(),
+            "loss_sum": self.loss_sum,
+            "loss_batches": self.loss_batches,
+        }
+
+    @classmethod
+    def from_state_dict(cls, num_classes: int, state: dict[str, Any]) -> ClassificationMetrics:
+        """Inverse of `state_dict`; also reads the per-batch loss list of older checkpoints."""
+        metrics = cls(num_classes)
+        losses = state.get("batch_losses")
+        loss_sum = sum(losses) if losses is not None else state["loss_sum"]
+        batches = len(losses) if losses is not None else state["loss_batches"]
+        metrics.update_confusion(state["matrix"], loss=loss_sum, batches=batches)
+        return metrics
 
     def compute(self) -> dict[str, Any]:
         """Returns loss, accuracy (0–1), macro_f1, balanced_accuracy, per-class recall, matrix.
@@ -116,7 +141,7 @@ class ClassificationMetrics:
         cm = self.matrix
         recall = per_class_recall(cm)
         return {
-            "loss": float(np.mean(self.batch_losses)) if self.batch_losses else float("nan"),
+            "loss": self.loss_sum / self.loss_batches if self.loss_batches else float("nan"),
             "accuracy": accuracy(cm),
             "macro_f1": macro_f1(cm),
             "balanced_accuracy": balanced_accuracy(cm),
@@ -124,3 +149,35 @@ class ClassificationMetrics:
             "confusion_matrix": cm.tolist(),
             "num_samples": int(cm.sum()),
         }
+
+
+# ---- On the devices ---------------------------------------------------------------------------
+def totals_of(metrics: ClassificationMetrics) -> dict[str, np.ndarray]:
+    """`metrics`' counts as the arrays `accumulate` carries (put them on the devices)."""
+    return {
+        "confusion": metrics.matrix.astype(np.int32),
+        "loss_sum": np.float32(metrics.loss_sum),
+        "batches": np.int32(metrics.loss_batches),
+    }
+
+
+@jax.jit
+def accumulate(totals: dict, out: dict) -> dict:
+    """Adds one step's `confusion` and mean `loss` to `totals`, as `ClassificationMetrics.update`
+    does: a batch without valid rows, or whose train step was not finite, adds nothing."""
+    counted = out["confusion"].sum() > 0
+    if "finite" in out:
+        counted &= out["finite"]
+    return {
+        "confusion": totals["confusion"] + jnp.where(counted, out["confusion"], 0),
+        "loss_sum": totals["loss_sum"] + jnp.where(counted, out["loss"], 0.0),
+        "batches": totals["batches"] + counted.astype(jnp.int32),
+    }
+
+
+def host_metrics(num_classes: int, totals: dict[str, Any]) -> ClassificationMetrics:
+    """`ClassificationMetrics` from fetched totals (the inverse of `totals_of`)."""
+    metrics = ClassificationMetrics(num_classes)
+    loss_sum = float(totals["loss_sum"])
+    metrics.update_confusion(totals["confusion"], loss=loss_sum, batches=int(totals["batches"]))
+    return metrics

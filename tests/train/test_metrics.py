@@ -1,18 +1,24 @@
-"""Metrics follow the original's definitions: macro-F1 over all classes, loss = mean of batch means."""
+"""Metrics follow the original's definitions: macro-F1 over all classes, loss = mean of batch means;
+the on-device accumulator counts what the host-side update counts."""
 
 import json
 import warnings
 
+import jax
 import numpy as np
 import pytest
 from sklearn import metrics as skm
 
 from dermjax.train.metrics import (
     ClassificationMetrics,
+    accumulate,
     balanced_accuracy,
     confusion_matrix,
+    host_metrics,
     macro_f1,
+    totals_of,
 )
+from dermjax.train.step import batch_confusion
 
 
 def test_confusion_matrix_matches_sklearn_and_drops_masked_samples():
@@ -90,3 +96,34 @@ def test_update_confusion_accumulates_like_update():
         a.update(y, p, loss=0.25)
         b.update_confusion(confusion_matrix(y, p, 4), loss=0.25)
     assert a.compute() == b.compute()
+
+
+def test_device_accumulator_counts_like_the_host_update_and_skips_what_it_skips():
+    rng = np.random.default_rng(3)
+    host, totals = ClassificationMetrics(4), totals_of(ClassificationMetrics(4))
+    cases = [(0.5, True, 12), (np.nan, False, 12), (2.0, True, 5), (np.nan, True, 0)]
+    for loss, finite, valid_rows in cases:  # a non-finite step, an all-padding batch: not counted
+        labels, preds = rng.integers(0, 4, (2, 12)).astype(np.int32)
+        labels[valid_rows:] = 7  # padding labels may be out of range
+        valid = np.arange(12) < valid_rows
+        out = {
+            "confusion": batch_confusion(labels, preds, valid, 4),
+            "loss": np.float32(loss),
+            "finite": np.bool_(finite),
+        }
+        totals = accumulate(totals, out)
+        if finite:
+            host.update(labels, preds, valid=valid, loss=loss)
+    device = host_metrics(4, jax.device_get(totals))
+    assert device.loss_batches == 2
+    assert device.compute() == host.compute()
+
+
+def test_state_dict_round_trips_and_reads_the_older_per_batch_losses():
+    m = ClassificationMetrics(3)
+    m.update([0, 1, 2], [0, 2, 2], loss=1.0)
+    m.update([1], [1], loss=2.0)
+    state = json.loads(json.dumps(m.state_dict()))
+    assert ClassificationMetrics.from_state_dict(3, state).compute() == m.compute()
+    older = {"matrix": state["matrix"], "batch_losses": [1.0, 2.0]}
+    assert ClassificationMetrics.from_state_dict(3, older).compute() == m.compute()

@@ -1,5 +1,5 @@
 """The jitted steps: warm-up freezing, the unfreeze rule, frozen BatchNorm statistics, NaN safety,
-bfloat16 compute."""
+bfloat16 compute, the per-batch confusion matrix."""
 
 import types
 
@@ -12,6 +12,7 @@ from flax import nnx
 from dermjax.config import load_config
 from dermjax.experiment import init_training, make_model, step_spec
 from dermjax.train import step as step_module
+from dermjax.train.metrics import confusion_matrix
 from dermjax.train.step import COMPUTE_DTYPES, StepSpec, make_eval_step, make_train_step
 
 SIZE, BATCH, CLASSES, TEXT = 32, 4, 5, 8
@@ -173,7 +174,7 @@ def test_train_step_is_deterministic_for_a_key(steps):
     assert not equal(host(a)["params"], host(c)["params"])
 
 
-def test_eval_step_ignores_padding(steps):
+def test_eval_step_ignores_padding_in_loss_predictions_and_confusion(steps):
     state, evaluate = steps.state, steps.evaluate
     full = batch()
     padded = {k: v.copy() for k, v in full.items()}
@@ -184,6 +185,10 @@ def test_eval_step_ignores_padding(steps):
     masked = evaluate(state, padded)
     np.testing.assert_allclose(masked["loss"], subset["loss"], rtol=1e-5)
     np.testing.assert_array_equal(np.asarray(masked["preds"])[:2], np.asarray(subset["preds"]))
+    # the confusion matrix the loop accumulates on the devices counts the valid rows only
+    expected = confusion_matrix(full["label"][:2], np.asarray(subset["preds"]), CLASSES)
+    np.testing.assert_array_equal(np.asarray(masked["confusion"]), expected)
+    assert masked["confusion"].dtype == jnp.int32
 
 
 def test_compute_dtype_accepts_listed_names_and_jnp_dtypes_only(steps):

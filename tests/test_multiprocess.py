@@ -1,0 +1,124 @@
+"""Two JAX processes (4 CPU devices each, gloo collectives) train like one process on 8 devices.
+
+Each process runs the real command line, `python -m dermjax.main` with --coordinator_address,
+--num_processes and --process_id; the two-process run is killed after its first checkpoint,
+relaunched with the same command, resumes and finishes.
+"""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[1]
+EPOCHS = 3
+STEPS_PER_EPOCH = 4  # 64 training rows of the 160-row demo at batch 16
+
+
+def _command(data_root: Path, workdir: Path) -> list[str]:
+    overrides = {
+        "data.local_root": data_root,
+        "data.demo_size": 160,
+        "data.img_size": "32,32",
+        "training.batch_size": 16,
+        "training.eval_batch_size": 32,
+        "training.num_workers": 0,
+        "training.num_epochs": EPOCHS,
+        "training.n_warmup_epochs": 1,
+        "checkpoint.keep_last": 1,
+    }
+    return [
+        sys.executable,
+        "-m",
+        "dermjax.main",
+        "--config=configs/demo.py",
+        f"--workdir={workdir}",
+        *(f"--config.{k}={v}" for k, v in overrides.items()),
+    ]
+
+
+def _env(devices: int) -> dict[str, str]:
+    return {
+        **os.environ,
+        "JAX_PLATFORMS": "cpu",
+        "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+    }
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launch(data_root: Path, workdir: Path, log: Path) -> list[subprocess.Popen]:
+    """Starts both processes of the two-process run; their output goes to `log`.<id>."""
+    port = _free_port()
+    procs = []
+    for i in range(2):
+        dist = [f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"]
+        out = open(f"{log}.{i}", "a")  # noqa: SIM115 (closed with the process below)
+        procs.append(
+            subprocess.Popen(
+                _command(data_root, workdir) + dist,
+                cwd=REPO,
+                env=_env(4),
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+        )
+        out.close()
+    return procs
+
+
+def _wait(procs: list[subprocess.Popen], log: Path, timeout: float = 900) -> None:
+    for i, p in enumerate(procs):
+        rc = p.wait(timeout=timeout)
+        assert rc == 0, f"process {i} exited with {rc}:\n{Path(f'{log}.{i}').read_text()[-3000:]}"
+
+
+def _epochs(workdir: Path) -> list[dict]:
+    lines = (workdir / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["event"] == "epoch"]
+
+
+def test_two_processes_agree_with_one_process_on_8_devices_and_resume_after_a_kill(tmp_path):
+    data_root = tmp_path / "data"
+    single = tmp_path / "single"
+    subprocess.run(
+        _command(data_root, single), cwd=REPO, env=_env(8), check=True, capture_output=True
+    )
+
+    workdir, log = tmp_path / "two", tmp_path / "two.log"
+    procs = _launch(data_root, workdir, log)
+    first = workdir / "checkpoints" / "periodic" / str(STEPS_PER_EPOCH) / "meta" / "metadata"
+    deadline = time.monotonic() + 600
+    while not first.exists() and time.monotonic() < deadline:
+        assert all(p.poll() is None for p in procs), "a process ended before its first checkpoint"
+        time.sleep(0.2)
+    assert first.exists(), "no checkpoint after the first epoch"
+    for p in procs:
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+    assert not (workdir / "summary.json").exists()
+
+    _wait(_launch(data_root, workdir, log), log)  # the same command again: resumes, finishes
+    summary = json.loads((workdir / "summary.json").read_text())
+    assert summary["trained_steps"] == EPOCHS * STEPS_PER_EPOCH
+    assert "resumed from" in (workdir / "train.log").read_text()
+
+    one, two = _epochs(single), _epochs(workdir)
+    assert [r["epoch"] for r in two] == list(range(EPOCHS))  # no epoch lost or repeated
+    for a, b in zip(one, two, strict=True):
+        for key in ("train/loss", "val/loss"):
+            assert b[key] == pytest.approx(a[key], rel=5e-3), (a["epoch"], key)
+        for key in ("train/accuracy", "val/accuracy"):
+            assert abs(b[key] - a[key]) <= 2 / 64 + 1e-9, (a["epoch"], key)
