@@ -17,23 +17,25 @@ import math
 import numbers
 import os
 import pathlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from ml_collections import config_dict
 
 from dermjax.data.embeddings import TEXT_DTYPES, TEXT_POOLING, EncoderSettings
 from dermjax.data.images import BAD_IMAGE_POLICIES
-from dermjax.data.metadata import DATASETS, DERM1M_SOURCES
+from dermjax.data.metadata import DATASETS, DERM1M_SOURCES, SPLIT_RATIO_KEYS
 from dermjax.errors import ConfigError
 from dermjax.models.fusion import ACTIVATIONS, FUSION_STRATEGIES
 from dermjax.models.layers import POOLING_TYPES
 from dermjax.models.losses import LOSS_FNS, REDUCTIONS
-from dermjax.models.registry import BACKBONES, vit_patch_size
+from dermjax.models.registry import BACKBONES, UNFREEZE_RULES, vit_patch_size
 from dermjax.train.early_stopping import MONITORS
 from dermjax.train.masking import MASK_MODES
 from dermjax.train.optim import OPTIMIZERS
-from dermjax.train.step import COMPUTE_DTYPES, NONFINITE_POLICIES
+from dermjax.train.schedules import SCHEDULE_TYPES
+from dermjax.train.step import COMPUTE_DTYPES, NONFINITE_POLICIES, TEXT_GATINGS
+from dermjax.weights.original import conversion_command, is_original_checkpoint
 
 
 def packaged_config_path(name: str) -> pathlib.Path:
@@ -142,8 +144,8 @@ def _check_data(c: _Checker) -> None:
     )
     c.boolean("data.has_text", optional=True)
     c.number("data.data_fraction", 0.0, 1.0, lo_open=True, optional=True)
-    test = c.number("data.test_size", 0.0, 1.0, lo_open=True)
-    val = c.number("data.val_size", 0.0, 1.0, lo_open=True, optional=True)
+    test = c.number("data.test_size", 0.0, 1.0, hi_open=True)  # 0: no test split
+    val = c.number("data.val_size", 0.0, 1.0, hi_open=True, optional=True)  # 0/None: no val
     if _is_num(test) and _is_num(val) and test + val >= 1.0:
         c.problems.append(f"data.test_size + data.val_size = {test + val}: must be < 1")
     c.seq("data.img_size", lambda x: _is_int(x) and x >= 8, "[height, width], ints >= 8", length=2)
@@ -279,10 +281,117 @@ def _check_rest(c: _Checker) -> None:
         c.problems.append("checkpoint.load_from and checkpoint.init_from: set at most one")
 
 
+def _check_evaluation(c: _Checker) -> None:
+    def name_ok(x: Any) -> bool:
+        return isinstance(x, str) and bool(x)
+
+    c.seq("evaluation.group_columns", name_ok, "None or a list of column names", optional=True)
+    c.check("evaluation.groups_path", name_ok, "None or a file path", True)
+    c.number("evaluation.n_boot", 0, integer=True)
+    c.check(
+        "evaluation.top_k",
+        lambda v: len(v) > 0 and all(_is_int(x) and x >= 1 for x in v) and not isinstance(v, str),
+        "a non-empty list of ints >= 1",
+    )
+    c.boolean("evaluation.after_training")
+
+
+def _check_original_checkpoints(c: _Checker) -> None:
+    """A .pth/.pt checkpoint source is the original's PyTorch file: say how to convert it."""
+    for key in ("load_from", "init_from"):
+        path = c.cfg.checkpoint[key]
+        if is_original_checkpoint(path):
+            c.problems.append(
+                f"checkpoint.{key}={path!r}: a PyTorch checkpoint of the original workflow; "
+                f"convert it once with `{conversion_command(path)}` and set checkpoint.{key} "
+                "to the --out folder"
+            )
+
+
+def _check_split_ratios(c: _Checker) -> None:
+    """data.per_dataset_split_ratios (a missing ratio counts as 0) and training.use_normalization."""
+    c.boolean("training.use_normalization")
+    ratios, field = c.cfg.data.per_dataset_split_ratios, "data.per_dataset_split_ratios"
+    if ratios is None:
+        return
+    if not isinstance(ratios, Mapping) or not ratios:
+        c.problems.append(f"{field}={ratios!r}: expected {{dataset: {{train, val, test}}}}")
+        return
+    for name, r in ratios.items():
+        where = f"{field}.{name}"
+        if name not in DATASETS:
+            c.problems.append(f"{where}: unknown dataset; expected one of {list(DATASETS)}")
+        if not isinstance(r, Mapping) or set(r) - set(SPLIT_RATIO_KEYS):
+            c.problems.append(f"{where}={r!r}: expected a mapping of {list(SPLIT_RATIO_KEYS)}")
+            continue
+        if not all(_is_num(v) and 0 <= v <= 1 for v in r.values()):
+            c.problems.append(f"{where}={dict(r)}: every ratio must be a number in [0, 1]")
+        elif not 0.99 <= sum(r.values()) <= 1.01:
+            c.problems.append(
+                f"{where}={dict(r)}: train + val + test = {sum(r.values()):g} must be 1 (within "
+                "0.01); a missing ratio counts as 0"
+            )
+
+
+def _check_schedules(c: _Checker) -> None:
+    """Vision-only pre-training, aux-loss schedules, epoch masks, zeroing/ablation options."""
+    t, m = "training", "multimodal_classifier"
+    use_aux = c.cfg.multimodal_classifier.use_auxiliary_loss
+    enabled = c.boolean(f"{t}.vision_only_pretraining.enabled")
+    epochs = c.number(f"{t}.vision_only_pretraining.epochs", 0, integer=True)
+    if enabled is True and _is_int(epochs) and epochs > 0 and not use_aux:
+        c.problems.append(
+            f"{t}.vision_only_pretraining: it trains the aux vision head; set "
+            f"{m}.use_auxiliary_loss=true or disable it"
+        )
+    for modality in ("vision", "text"):
+        p = f"{t}.auxiliary_loss_schedule.{modality}"
+        keys = ("schedule_type", "start_epoch", "end_epoch", "start_weight", "end_weight")
+        missing = [k for k in keys if c.get(f"{p}.{k}") is None]
+        if missing and len(missing) < len(keys):
+            c.problems.append(f"{p}: set all of {list(keys)} or none (missing {missing})")
+        c.choice(f"{p}.schedule_type", SCHEDULE_TYPES, optional=True)
+        for k in ("start_epoch", "end_epoch"):
+            c.number(f"{p}.{k}", 0, integer=True, optional=True)
+        for k in ("start_weight", "end_weight"):
+            c.number(f"{p}.{k}", 0.0, optional=True)
+    c.boolean("masking.epoch_schedule.enabled")
+    for modality in ("vision", "text"):
+        c.seq(
+            f"masking.epoch_schedule.{modality}.mask_epochs",
+            lambda r: len(r) == 2 and all(map(_is_int, r)) and 0 <= r[0] <= r[1],
+            "a list of [start, end) epoch pairs with 0 <= start <= end",
+        )
+    c.boolean("masking.random_mask.in_eval")
+    c.boolean(f"{m}.zero_masked_projections")
+    if c.boolean(f"{m}.ablation_routing") is True and not use_aux:
+        c.problems.append(
+            f"{m}.ablation_routing=True: one-modality batches use the aux heads; set "
+            f"{m}.use_auxiliary_loss=true"
+        )
+    c.choice(f"{m}.text_content_gating", TEXT_GATINGS)
+
+
+def _check_unfreeze_rule(c: _Checker) -> None:
+    """vision_model.unfreeze_rule: what unfreeze_layers counts (conv_count: resnet50/101 only)."""
+    c.choice("vision_model.unfreeze_rule", UNFREEZE_RULES)
+
+
+def _check_sharding(c: _Checker) -> None:
+    """training.shard_params: parameters and optimizer states split over the devices."""
+    c.boolean("training.shard_params")
+
+
 def _problems(cfg: config_dict.ConfigDict) -> list[str]:
     c = _Checker(cfg)
     for section in (_check_data, _check_training, _check_augmentation, _check_models, _check_rest):
         section(c)
+    _check_split_ratios(c)
+    _check_evaluation(c)
+    _check_original_checkpoints(c)
+    _check_schedules(c)
+    _check_unfreeze_rule(c)
+    _check_sharding(c)
     return c.problems
 
 

@@ -26,6 +26,7 @@ from dermjax.config import (
     data_paths,
     encoder_settings,
 )
+from dermjax.configs import default
 from dermjax.data import cache as prepared
 from dermjax.data import demo, embeddings, fs, images, metadata, pipeline, stats
 from dermjax.data.augment import AugmentSpec
@@ -36,6 +37,7 @@ from dermjax.models.fusion import MultimodalClassifier
 from dermjax.models.losses import LossSpec
 from dermjax.train import optim
 from dermjax.train.masking import MaskSpec
+from dermjax.train.schedules import EpochSchedule, WeightSchedule
 from dermjax.train.step import ModelParts, StepSpec, split_model
 
 log = logging.getLogger(__name__)
@@ -63,9 +65,9 @@ class PreparedData:
     class_weights: np.ndarray
     train: pipeline.Records
     val: pipeline.Records | None
-    test: pipeline.Records
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
+    test: pipeline.Records | None
+    mean: tuple[float, float, float] | None  # None: training.use_normalization is false
+    std: tuple[float, float, float] | None
     text_dim: int
     majority_class: int
     encoder_spec: dict
@@ -93,14 +95,36 @@ def selected_metadata(cfg: config_dict.ConfigDict) -> tuple[DataPaths, pd.DataFr
     return paths, meta
 
 
+def split_metadata(
+    cfg: config_dict.ConfigDict, meta: pd.DataFrame
+) -> tuple[pd.DataFrame, pd.DataFrame | None, pd.DataFrame | None]:
+    """(train, val, test) rows, each dataset on its own when data.per_dataset_split_ratios is set.
+
+    That split ignores data.test_size and data.val_size, as the original's does (a warning says
+    so when they differ from the defaults). A split of size 0 is None.
+    """
+    d = cfg.data
+    if d.per_dataset_split_ratios is None:
+        return metadata.stratified_split(
+            meta, test_size=d.test_size, val_size=d.val_size, seed=d.seed
+        )
+    defaults = default.get_config().data
+    if (d.test_size, d.val_size) != (defaults.test_size, defaults.val_size):
+        log.warning(
+            "data.test_size=%s and data.val_size=%s are ignored: data.per_dataset_split_ratios "
+            "sets the splits",
+            d.test_size,
+            d.val_size,
+        )
+    return metadata.per_dataset_split(meta, d.per_dataset_split_ratios, seed=d.seed)
+
+
 def load_data(cfg: config_dict.ConfigDict, run_dir: str) -> PreparedData:
     """Metadata filtered and split as the original, text joined, normalisation statistics."""
     d = cfg.data
     paths, meta = selected_metadata(cfg)
     classes = metadata.class_list(meta)
-    train_df, val_df, test_df = metadata.stratified_split(
-        meta, test_size=d.test_size, val_size=d.val_size, seed=d.seed
-    )
+    train_df, val_df, test_df = split_metadata(cfg, meta)
     weights = np.asarray(metadata.class_weights(train_df, classes), np.float32)
     emb = text_embeddings(cfg, meta, paths.embeddings)
     class_to_idx = {c: i for i, c in enumerate(classes)}
@@ -113,7 +137,11 @@ def load_data(cfg: config_dict.ConfigDict, run_dir: str) -> PreparedData:
         )
 
     train, val, test = records(train_df), records(val_df), records(test_df)
-    if cfg.training.compute_stats:
+    if not cfg.training.use_normalization:  # no Normalize anywhere: images stay in [0, 1]
+        mean = std = None
+        if cfg.training.compute_stats:
+            log.info("training.use_normalization is false: training.compute_stats is ignored")
+    elif cfg.training.compute_stats:
         mean, std = stats.compute_stats(
             train.paths,
             tuple(d.img_size),
@@ -127,7 +155,7 @@ def load_data(cfg: config_dict.ConfigDict, run_dir: str) -> PreparedData:
         len(classes),
         len(train.labels),
         0 if val is None else len(val.labels),
-        len(test.labels),
+        0 if test is None else len(test.labels),
         train.text.shape[1],
     )
     return PreparedData(
@@ -137,8 +165,8 @@ def load_data(cfg: config_dict.ConfigDict, run_dir: str) -> PreparedData:
         train=train,
         val=val,
         test=test,
-        mean=tuple(float(x) for x in mean),
-        std=tuple(float(x) for x in std),
+        mean=None if mean is None else tuple(float(x) for x in mean),
+        std=None if std is None else tuple(float(x) for x in std),
         text_dim=int(train.text.shape[1]),
         majority_class=int(np.bincount(train.labels, minlength=len(classes)).argmax()),
         encoder_spec=emb.attrs.get("encoder_spec") or encoder_settings(cfg).as_dict(),
@@ -192,14 +220,23 @@ def _arguments_of(fn: Any, section: config_dict.ConfigDict) -> dict[str, Any]:
 
 
 def make_model(
-    cfg: config_dict.ConfigDict, *, num_classes: int, text_dim: int, rngs: nnx.Rngs
+    cfg: config_dict.ConfigDict,
+    *,
+    num_classes: int,
+    text_dim: int,
+    rngs: nnx.Rngs,
+    weights_from_checkpoint: bool = False,
 ) -> DermClassifier:
-    """Backbone (converted torchvision weights when `pretrained`) + the fusion head."""
+    """Backbone (converted torchvision weights when `pretrained`) + the fusion head.
+
+    `weights_from_checkpoint`: a checkpoint will overwrite the weights (resume, init_from), so
+    the pretrained file is neither needed nor read.
+    """
     v, m = cfg.vision_model, cfg.multimodal_classifier
     head = _arguments_of(MultimodalClassifier.__init__, m)
     return build_model(
         backbone=v.name,
-        pretrained=v.pretrained,
+        pretrained=v.pretrained and not weights_from_checkpoint,
         weights_path=v.weights_path,
         pooling_type=v.pooling_type,
         img_size=tuple(cfg.data.img_size),
@@ -239,7 +276,7 @@ def init_training(cfg: config_dict.ConfigDict, model: DermClassifier):
     parameters `vision_model.unfreeze_layers` leaves trainable.
     """
     v = cfg.vision_model
-    labels = registry.param_labels(model.backbone, v.name, v.unfreeze_layers)
+    labels = registry.param_labels(model.backbone, v.name, v.unfreeze_layers, rule=v.unfreeze_rule)
     labels = nnx.to_pure_dict(labels) if isinstance(labels, nnx.State) else labels
     parts, params, batch_stats = split_model(
         model, _frozen_prefixes(labels), update_frozen_bn_stats=cfg.training.update_frozen_bn_stats
@@ -271,9 +308,39 @@ def step_spec(cfg: config_dict.ConfigDict, data_class_weights, mean, std) -> Ste
             **{k: m[k] for k in inspect.signature(LossSpec.create).parameters if k in m},
             data_class_weights=data_class_weights,
         ),
-        mean=tuple(mean),
-        std=tuple(std),
+        mean=(0.0, 0.0, 0.0) if mean is None else tuple(mean),  # None: no Normalize, and
+        std=(1.0, 1.0, 1.0) if std is None else tuple(std),  # (x - 0) / 1 is exactly x
         compute_dtype=compute_dtype(cfg),
+        epoch_masking=bool(k.epoch_schedule.enabled),
+        random_mask_in_eval=bool(k.random_mask.in_eval),
+        text_gating=m.text_content_gating,
+    )
+
+
+def epoch_schedule(cfg: config_dict.ConfigDict) -> EpochSchedule:
+    """Aux-weight schedules, epoch masks and the vision-only phase, evaluated per epoch.
+
+    A modality without a configured schedule keeps a constant weight: auxiliary_<m>_loss_weight,
+    else auxiliary_loss_weight, else 0.3.
+    """
+    m, t, es = cfg.multimodal_classifier, cfg.training, cfg.masking.epoch_schedule
+    weights = {}
+    for modality in ("vision", "text"):
+        section = t.auxiliary_loss_schedule[modality]
+        if section.schedule_type is None:
+            w = m[f"auxiliary_{modality}_loss_weight"]
+            w = m.auxiliary_loss_weight if w is None else w
+            weights[modality] = WeightSchedule.constant(0.3 if w is None else w)
+        else:
+            weights[modality] = WeightSchedule(**section.to_dict())
+    vo = t.vision_only_pretraining
+    return EpochSchedule(
+        aux_vision=weights["vision"],
+        aux_text=weights["text"],
+        vision_only_epochs=vo.epochs if vo.enabled else 0,
+        epoch_masking=es.enabled,
+        vision_mask_epochs=es.vision.mask_epochs,
+        text_mask_epochs=es.text.mask_epochs,
     )
 
 
@@ -347,21 +414,32 @@ class Components:
             "classes": d.classes,
             "class_to_idx": d.class_to_idx,
             "train_rows": len(d.train.labels),
-            "normalization_mean": list(d.mean),
-            "normalization_std": list(d.std),
+            "normalization_mean": None if d.mean is None else list(d.mean),
+            "normalization_std": None if d.std is None else list(d.std),
             "img_size": list(self.cfg.data.img_size),
             "encoder": d.encoder_spec,
             "config": self.cfg.to_dict(),
         }
 
 
-def compose(cfg: config_dict.ConfigDict, run_dir: str) -> Components:
-    """Reads the data and builds mesh, model, train state and step spec for one run."""
+def compose(
+    cfg: config_dict.ConfigDict, run_dir: str, *, weights_from_checkpoint: bool = False
+) -> Components:
+    """Reads the data and builds mesh, model, train state and step spec for one run.
+
+    `weights_from_checkpoint`: the run restores its weights from a checkpoint (see make_model).
+    """
     data = load_data(cfg, run_dir)
     mesh = parallel.make_mesh()
     keys = rng_streams(cfg.data.seed)
     rngs = nnx.Rngs(params=keys["params"], dropout=keys["dropout"])
-    model = make_model(cfg, num_classes=len(data.classes), text_dim=data.text_dim, rngs=rngs)
+    model = make_model(
+        cfg,
+        num_classes=len(data.classes),
+        text_dim=data.text_dim,
+        rngs=rngs,
+        weights_from_checkpoint=weights_from_checkpoint,
+    )
     parts, state, tx_backbone, tx_head = init_training(cfg, model)
     return Components(
         cfg=cfg,
@@ -369,7 +447,7 @@ def compose(cfg: config_dict.ConfigDict, run_dir: str) -> Components:
         data=data,
         mesh=mesh,
         parts=parts,
-        state=parallel.replicate(state, mesh),
+        state=parallel.place_state(state, mesh, shard_params=cfg.training.shard_params),
         spec=step_spec(cfg, data.class_weights, data.mean, data.std),
         tx_backbone=tx_backbone,
         tx_head=tx_head,

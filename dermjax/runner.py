@@ -30,7 +30,7 @@ from typing import Any
 import jax
 from ml_collections import config_dict
 
-from dermjax.errors import RunFolderError
+from dermjax.errors import RunFolderError, UserError
 from dermjax.experiment import compose
 from dermjax.tracking import Tracker
 from dermjax.train.checkpoint import Checkpointer, CheckpointReader, resolve_load_from
@@ -60,6 +60,8 @@ RESUMABLE_CHANGES = (
     "data.on_bad_image",
     "output",
     "checkpoint",
+    "evaluation",
+    "training.shard_params",
 )
 
 
@@ -248,7 +250,8 @@ def _resume_point(cfg, folders: RunFolders, ckpt: Checkpointer) -> ResumePoint |
 
 def _run_locked(cfg, folders: RunFolders, ckpt: Checkpointer, start: float) -> dict[str, Any]:
     resume = _resume_point(cfg, folders, ckpt)
-    if resume is not None and resume.source is ckpt:
+    own_resume = resume is not None and resume.source is ckpt  # this run folder's own checkpoint
+    if own_resume:
         summary = finished_summary(folders, resume.meta, resume.saved_step, cfg.training.num_epochs)
         if summary is not None:
             how = resume.meta["finished"].replace("_", "-")
@@ -259,15 +262,21 @@ def _run_locked(cfg, folders: RunFolders, ckpt: Checkpointer, start: float) -> d
                 resume.meta["epoch"],
                 os.path.join(folders.run_dir, "summary.json"),
             )
+            if not os.path.exists(
+                os.path.join(folders.run_dir, "evaluation", "test", "report.html")
+            ):
+                _evaluate_after_training(cfg, folders)  # the run ended before its report
             return {**summary, "already_finished": True}
-    components = compose(cfg, folders.run_dir)
+    from_checkpoint = resume is not None or bool(cfg.checkpoint.init_from)
+    components = compose(cfg, folders.run_dir, weights_from_checkpoint=from_checkpoint)
     tracker = Tracker(
         folders.run_dir,
         experiment_name=cfg.output.experiment_name,
         config_dict=cfg.to_dict(),
         wandb_project=cfg.output.wandb_project,
         enabled=jax.process_index() == 0,
-        resume_step=resume.saved_step if resume is not None and resume.source is ckpt else None,
+        resume_step=resume.saved_step if own_resume else None,
+        wandb_run_id=resume.meta.get("wandb_run_id") if own_resume else None,
     )
     trainer = Trainer(components, ckpt, tracker)
     try:
@@ -277,6 +286,22 @@ def _run_locked(cfg, folders: RunFolders, ckpt: Checkpointer, start: float) -> d
             trainer.init_weights(cfg.checkpoint.init_from)
         if not trainer.train():
             return {"preempted": True, "step": int(trainer.state["step"])}
-        return trainer.test(start)
+        summary = trainer.test(start)
     finally:
         trainer.close()
+    _evaluate_after_training(cfg, folders)  # after close(): the input workers have stopped
+    return summary
+
+
+def _evaluate_after_training(cfg, folders: RunFolders) -> None:
+    """The test split's evaluation report (evaluation.after_training), once per finished run."""
+    if not cfg.evaluation.after_training:
+        return
+    from dermjax.evaluation.run import evaluate_run  # matplotlib etc. only when asked for
+
+    try:
+        out = evaluate_run(folders.run_dir, folders.checkpoint_dir)
+    except UserError as e:  # the run itself is complete and saved: report, do not fail it
+        log.warning("no evaluation report: %s", e)
+        return
+    log.info("evaluation report: %s", os.path.join(out, "report.html"))

@@ -1,8 +1,11 @@
 """Run tracking: `metrics.jsonl` and `summary.json` in the workdir, optional wandb, console progress.
 
 The JSONL file is the source of truth (one JSON object per `log` call); wandb mirrors it when a
-project is configured, as the original did with `wandb.init(project, name, config)`. wandb is
-imported lazily and is optional: if it is missing or fails to start, one warning is issued and the
+project is configured, as the original did with `wandb.init(project, name, config)`. One
+experiment is one wandb run: its id is generated on the first start, stored in every checkpoint's
+meta (`wandb_run_id`) and passed back on resume, so a resumed run continues the same wandb run
+(`resume="allow"`) instead of opening a duplicate, and steps already logged are not sent again
+(the JSONL records after the checkpoint are dropped, see `_start_lines`). wandb is imported lazily and is optional: if it is missing or fails to start, one warning is issued and the
 run continues with JSONL only. Workdirs may be fsspec URLs (e.g. ``gs://``); there, the JSONL file
 is rewritten whole on each `log`, which is cheap at one line per epoch event.
 """
@@ -14,6 +17,7 @@ import math
 import os
 import sys
 import time
+import uuid
 import warnings
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
@@ -61,6 +65,7 @@ class Tracker:
         wandb_dir: str | None = None,
         enabled: bool = True,
         resume_step: int | None = None,
+        wandb_run_id: str | None = None,
     ):
         self.workdir = str(workdir).rstrip("/")
         self.experiment_name = experiment_name
@@ -71,6 +76,10 @@ class Tracker:
         self._run: Any = None
         self._wandb_failed = False
         self._last_step = 0
+        # Generated here, not by wandb, so that the checkpoint meta can carry it.
+        self.wandb_run_id = (
+            (wandb_run_id or uuid.uuid4().hex[:12]) if wandb_project and enabled else None
+        )
         if not enabled:
             return
         fs, root = fsspec.core.url_to_fs(self.workdir)
@@ -123,7 +132,12 @@ class Tracker:
             import wandb  # optional dependency, imported only when asked for
 
             self._run = wandb.init(
-                project=project, name=self.experiment_name, config=config, dir=wandb_dir
+                project=project,
+                name=self.experiment_name,
+                config=config,
+                dir=wandb_dir,
+                id=self.wandb_run_id,
+                resume="allow",
             )
         except Exception as e:  # missing package, bad credentials, no network, ...
             self._wandb_warning(f"wandb could not start ({type(e).__name__}: {e})")

@@ -175,3 +175,20 @@ def test_val_size_none_trains_without_validation_and_keeps_the_last_epoch(tmp_pa
     epochs = [r for r in records if r["event"] == "epoch"]
     assert [r["epoch"] for r in epochs] == [0, 1]
     assert not any(key.startswith("val/") for r in epochs for key in r)
+
+
+def test_a_continued_run_reuses_its_wandb_run_id(tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    monkeypatch.delenv("WANDB_DIR", raising=False)  # wandb files then live in the run folder
+    overrides = {"training.num_epochs": 1, "output.wandb_project": "dermjax-test"}
+    run(tiny_demo_config(tmp_path / "data", **overrides), str(tmp_path / "run"))
+    overrides["training.num_epochs"] = 2  # a resumable change: the run continues
+    run(tiny_demo_config(tmp_path / "data", **overrides), str(tmp_path / "run"))
+    metas = [
+        json.loads(p.read_text()) for p in (tmp_path / "run").glob("checkpoints/*/*/meta/metadata")
+    ]
+    ids = {m["wandb_run_id"] for m in metas}
+    assert len(ids) == 1 and None not in ids
+    (run_id,) = ids
+    runs = sorted(p.name for p in (tmp_path / "run" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2 and all(name.endswith(f"-{run_id}") for name in runs)

@@ -51,14 +51,19 @@ def get_config() -> config_dict.ConfigDict:
         True, bool
     )  # true: only rows with text; false: only rows without; None: no filter
     d.data_fraction = _P(float)  # fraction of rows kept, stratified, seed 42; None keeps all
-    d.test_size = 0.1  # fraction held out for test (stratified by label)
+    d.test_size = 0.1  # fraction held out for test (stratified by label); 0: no test split
     d.val_size = _opt(
         0.1, float
-    )  # fraction of the whole held out for validation; None: none, the last epoch is kept
+    )  # fraction of the whole held out for validation; None or 0: none, last epoch kept
+    d.per_dataset_split_ratios = _P(
+        dict
+    )  # {dataset: {train, val, test}}: split each dataset on its own; test_size/val_size unused
     d.img_size = (224, 224)  # image (height, width) fed to the backbone
     d.seed = 42  # seed for splits, shuffling, augmentation, init and masking
     d.on_bad_image = "skip"  # dermjax: skip (count, log, list in workdir) or error
-    d.cache_dir = _P(str)  # dermjax: prepared-image cache folder; None: <dataset>/cache
+    d.cache_dir = _P(
+        str
+    )  # dermjax: prepared-image cache folder (local or gs://); None: <dataset>/cache
     d.use_cache = True  # dermjax: read the prepared cache when one matches the data
     d.demo = False  # dermjax: generate the synthetic demo dataset under local_root if absent
     d.demo_size = 1200  # dermjax: rows of the synthetic demo dataset
@@ -73,16 +78,29 @@ def get_config() -> config_dict.ConfigDict:
     t.validation_interval = 1  # validate every N epochs
     t.n_warmup_epochs = 3  # epochs with the whole backbone frozen (head only)
     t.compute_stats = False  # true: mean/std from training images; false: ImageNet statistics
+    t.use_normalization = True  # false: no Normalize, images stay in [0, 1]; compute_stats unused
     t.weighted_sampling = False  # sample inversely to class frequency (with replacement)
     t.monitor = "val/accuracy"  # dermjax: early-stopping/best metric (unused when val_size is None)
     t.update_frozen_bn_stats = True  # dermjax: frozen BatchNorm layers still update statistics
     t.on_nonfinite = "error"  # dermjax: on a NaN/inf loss stop with an error, or skip the batch
     t.dtype = "float32"  # dermjax: compute dtype (bfloat16 = mixed precision, f32 params)
     t.log_every_steps = 10  # dermjax: progress line every N steps
+    t.shard_params = False  # dermjax: split params + optimizer states over devices (FSDP)
     t.scheduler = s = config_dict.ConfigDict()
     s.use_cosine_annealing = True  # cosine LR per epoch after warm-up (T_max = num_epochs)
     s.vision_eta_min = 1e-7  # minimum backbone learning rate
     s.multimodal_classifier_eta_min = 1e-7  # minimum head learning rate
+    t.vision_only_pretraining = vo = config_dict.ConfigDict()
+    vo.enabled = False  # first train backbone -> vision projection -> aux vision head alone
+    vo.epochs = 0  # epochs e < this are vision-only (needs use_auxiliary_loss)
+    t.auxiliary_loss_schedule = als = config_dict.ConfigDict()
+    for modality in ("vision", "text"):  # all five None: constant auxiliary_<m>_loss_weight
+        ws = als[modality] = config_dict.ConfigDict()
+        ws.schedule_type = _P(str)  # constant, linear, exponential, cosine or step
+        ws.start_epoch = _P(int)  # epochs before this: weight 0 (aux term off)
+        ws.end_epoch = _P(int)  # from this epoch on: end_weight
+        ws.start_weight = _P(float)  # weight at start_epoch
+        ws.end_weight = _P(float)  # weight reached at end_epoch
 
     c.augmentation = a = config_dict.ConfigDict()
     a.brightness_jitter = _opt(0.1, float)  # brightness factor range [1-x, 1+x]; None off
@@ -102,6 +120,7 @@ def get_config() -> config_dict.ConfigDict:
     v.weights_path = _P(str)  # dermjax: converted weights file; None: $DERMJAX_WEIGHTS_DIR/<name>
     v.pooling_type = "avg"  # CNN pooling: avg, max or concat (ignored by ViTs)
     v.unfreeze_layers = -1  # -1 all trainable, 0 all frozen, N last N units trainable
+    v.unfreeze_rule = "children"  # what N counts: children (700cca3) or conv_count (resnet)
 
     c.multimodal_classifier = m = config_dict.ConfigDict()
     m.projection_dim = 256  # common projection size of both modalities
@@ -126,6 +145,10 @@ def get_config() -> config_dict.ConfigDict:
     m.alpha = _P(object)  # focal alpha: float or per-class list; None: class weights or 1.0
     m.gamma = 2.0  # focal gamma
     m.reduction = "mean"  # loss reduction (mean only, as every original config)
+    m.zero_masked_projections = False  # zero a masked sample's projection (before L2)
+    m.ablation_routing = False  # one-modality batch: projection -> its aux head (needs aux loss)
+    m.text_content_gating = "content"  # dermjax: text-less samples count as text-masked: content
+    # (always) or aux_weight (only while the text aux weight > 0, as the original)
 
     c.masking = k = config_dict.ConfigDict()
     k.mask_complete = _P(str)  # None, "image" or "text": mask that modality everywhere
@@ -133,6 +156,12 @@ def get_config() -> config_dict.ConfigDict:
     r.enabled = False  # random modality dropout in training
     r.image_prob = 0.0  # per-sample probability of masking the image
     r.text_prob = 0.0  # per-sample probability of masking the text
+    r.in_eval = False  # dermjax: also mask randomly in val/test (the original's later behaviour)
+    k.epoch_schedule = es = config_dict.ConfigDict()
+    es.enabled = False  # mask whole modalities in the epochs below (over mask_complete/random)
+    for modality in ("vision", "text"):
+        es[modality] = config_dict.ConfigDict()
+        es[modality].mask_epochs = ()  # [[start, end), ...] absolute epochs with it masked
 
     c.encoder = e = config_dict.ConfigDict()
     e.embedding_filename = _P(
@@ -169,6 +198,13 @@ def get_config() -> config_dict.ConfigDict:
     p.load_from = _P(str)  # resume from a checkpoint step folder or a workdir (its latest)
     p.init_from = _P(str)  # dermjax: initialise weights only from a checkpoint (fine-tuning)
     p.auto_resume = True  # dermjax: resume from the workdir's latest checkpoint if present
+
+    c.evaluation = ev = config_dict.ConfigDict()  # dermjax: python -m dermjax.evaluate
+    ev.group_columns = _P(tuple)  # metadata columns to break down by; None: dataset, skin type
+    ev.groups_path = _P(str)  # table joined on image_id for group columns (e.g. DDI skin_tone)
+    ev.n_boot = 1000  # bootstrap resamples for the group intervals (0: none)
+    ev.top_k = (1, 3, 5)  # top-k accuracies reported and top-k columns of predictions.parquet
+    ev.after_training = True  # evaluate the test split into <run>/evaluation/test after training
 
     c.lock()
     return c

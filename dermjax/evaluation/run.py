@@ -133,6 +133,12 @@ def evaluate_model(
         raise UserError(f"no image of the {split} split could be read (see the warnings above)")
     labels = records.labels[readable]
     probs = {mode: softmax64(values[readable]) for mode, values in logits.items()}
+    broken = ~np.isfinite(probs[model.default_mode]).all(axis=1)
+    if broken.any():
+        raise UserError(
+            f"the model's outputs are NaN or infinite for {int(broken.sum())} of {len(broken)} "
+            f"{split} samples: its weights are not finite, so there is nothing to evaluate"
+        )
     rows_ok = rows[readable].reset_index(drop=True)
     side = groups.load_group_table(ev.groups_path) if ev.groups_path else None
     columns = None if ev.group_columns is None else list(ev.group_columns)

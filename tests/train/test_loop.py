@@ -21,6 +21,7 @@ def tiny_demo_config(root, **overrides):
     cfg.training.num_epochs = 3
     cfg.training.n_warmup_epochs = 1
     cfg.checkpoint.keep_last = 1
+    cfg.evaluation.after_training = False  # tests/test_evaluate.py covers the report
     for key, value in overrides.items():
         node = cfg
         *parents, leaf = key.split(".")
