@@ -136,3 +136,19 @@ def test_missing_data_is_one_error_line_before_the_model_is_built(evaluated, tmp
         f"error: metadata CSV {missing} does not exist; set data.metadata_path (or "
         "data.dataset and data.local_root) to an existing file"
     ]
+
+
+@pytest.mark.slow
+def test_a_run_without_a_test_split_is_evaluated_on_validation_and_says_so(evaluated, tmp_path):
+    workdir, out = evaluated[0], tmp_path / "out"
+    args = [
+        f"--checkpoint={workdir}",
+        "--config.data.test_size=0.0",  # as the original's final configs: no test split
+        "--config.evaluation.n_boot=20",
+        f"--out={out}",
+    ]
+    status, _, err = run_cli(evaluate.run, args)
+    assert status == 0, err
+    assert "evaluating its validation split instead" in err
+    assert json.loads((out / "evaluation.json").read_text())["split"] == "val"
+    assert "val split" in (out / "report.html").read_text()

@@ -39,8 +39,12 @@ log = logging.getLogger(__name__)
 SPLITS = ("test", "val")
 
 
-def split_rows(model: Checkpoint, split: str) -> tuple[pd.DataFrame, pipeline.Records]:
-    """(metadata rows, Records) of `split` ("test" or "val"), selected and split as training did."""
+def split_rows(model: Checkpoint, split: str) -> tuple[str, pd.DataFrame, pipeline.Records]:
+    """(split used, metadata rows, Records) of `split` ("test" or "val"), split as training did.
+
+    A run without a test split is evaluated on its validation split, as training's final
+    evaluation is; the split used is returned so that every output names it.
+    """
     if split not in SPLITS:
         raise UserError(f"--split={split}: use one of {list(SPLITS)}")
     cfg = model.cfg
@@ -64,7 +68,7 @@ def split_rows(model: Checkpoint, split: str) -> tuple[pd.DataFrame, pipeline.Re
     frame = {"test": test, "val": val}[split]
     if frame is None and split == "test" and val is not None:
         log.warning("the run has no test split: evaluating its validation split instead")
-        frame = val
+        frame, split = val, "val"
     if frame is None:
         raise DataError(
             f"--split={split}: the run has no such split (see data.val_size, "
@@ -75,7 +79,7 @@ def split_rows(model: Checkpoint, split: str) -> tuple[pd.DataFrame, pipeline.Re
     records = embeddings.build_records(
         frame, img_prefix=paths.img_prefix, class_to_idx=class_to_idx, emb_df=emb
     )
-    return frame.reset_index(drop=True), records
+    return split, frame.reset_index(drop=True), records
 
 
 def predictions_frame(
@@ -216,10 +220,10 @@ def evaluate_checkpoint(
     evaluation). `metrics_jsonl` defaults to the run folder's, for the training curves.
     """
     ckpt = open_checkpoint(checkpoint, overrides=overrides)
-    out_dir = out_dir or default_out_dir(ckpt, split)
     if metrics_jsonl is None and ckpt.ref.run_dir is not None:
         metrics_jsonl = os.path.join(ckpt.ref.run_dir, "metrics.jsonl")
-    rows, records = split_rows(ckpt, split)  # data problems show before the model is built
+    split, rows, records = split_rows(ckpt, split)  # data problems show before the model
+    out_dir = out_dir or default_out_dir(ckpt, split)
     model = load_model(ckpt)
     evaluation, predictions = evaluate_model(model, split, rows, records)
     if jax.process_index() == 0:
