@@ -92,8 +92,9 @@ class Tracker:
             with fsspec.open(self.metrics_path, "w", encoding="utf-8") as f:
                 f.writelines(line + "\n" for line in lines)
         if wandb_project:
-            if wandb_dir is None and "WANDB_DIR" not in os.environ and not _is_remote(self.workdir):
-                wandb_dir = self.workdir
+            if wandb_dir is None:  # always explicit: wandb keeps the first run's settings
+                local = None if _is_remote(self.workdir) else self.workdir
+                wandb_dir = os.environ.get("WANDB_DIR") or local
             self._start_wandb(wandb_project, wandb_dir, to_jsonable(config_dict))
 
     def _start_lines(self, fs: Any, path: str, resume_step: int | None) -> list[str] | None:

@@ -29,8 +29,8 @@ def tiny_run(base):
 def run_cli(entry, args: list[str]) -> tuple[int, str, str]:
     """Runs a `python -m dermjax.X` entry in this process: (exit status, stdout, stderr)."""
     out, err = io.StringIO(), io.StringIO()
-    saved_argv, root = sys.argv, logging.getLogger()
-    saved_logging = (root.level, list(root.handlers))
+    saved_argv, root, absl_logger = sys.argv, logging.getLogger(), logging.getLogger("absl")
+    saved_logging = (root.level, list(root.handlers), absl_logger.level)
     sys.argv = ["dermjax", *args]
     flags.FLAGS.unparse_flags()
     try:
@@ -44,6 +44,7 @@ def run_cli(entry, args: list[str]) -> tuple[int, str, str]:
         sys.argv = saved_argv
         root.setLevel(saved_logging[0])
         root.handlers[:] = saved_logging[1]
+        absl_logger.setLevel(saved_logging[2])  # the entry quiets absl process-wide
         if not flags.FLAGS.is_parsed():
             flags.FLAGS.mark_as_parsed()
     return exit_info.value.code or 0, out.getvalue(), err.getvalue()

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import logging
 import os
 from collections.abc import Callable
 from typing import Any
@@ -44,11 +45,12 @@ import grain
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
-from absl import logging
 from etils import epath
 from orbax.checkpoint import checkpoint_managers as ocm
 
 from dermjax.errors import UserError
+
+log = logging.getLogger(__name__)
 
 KIND_SUBDIR = {"periodic": "periodic", "best": "best", "preempt": "last", "final": "last"}
 _RESTORE_PRIORITY = {"last": 2, "periodic": 1, "best": 0}  # among copies of one step
@@ -137,7 +139,7 @@ def _candidates(
 def _unreadable(failures: list[str], directory: str, sub: str, s: int, e: Exception) -> None:
     reason = f"{sub}/{s}: {_first_line(e)}"
     failures.append(reason)
-    logging.warning("Checkpoint %s/%s cannot be read: %s", directory, sub, reason)
+    log.warning("Checkpoint %s/%s cannot be read: %s", directory, sub, reason)
 
 
 def _check_fits(structure: Any, target: Any, *, partial: bool, where: str) -> None:
@@ -185,7 +187,7 @@ def _restore_first_readable(
             _unreadable(failures, directory, sub, s, e)
             continue
         if failures:
-            logging.warning(
+            log.warning(
                 "Restored step %d from %s/%s; newer copies were unreadable: %s",
                 s,
                 directory,
@@ -278,7 +280,7 @@ class CheckpointReader:
                 if _item_dir(self._managers[sub], s, "data").exists():
                     items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
                 else:
-                    logging.warning(
+                    log.warning(
                         "Checkpoint %s/%s/%d holds no data-iterator state; the iterator keeps "
                         "its current position.",
                         self.directory,
@@ -293,7 +295,7 @@ class CheckpointReader:
         meta = dict(restored["meta"])
         saved_mode = meta.get("monitor_mode")
         if None not in (saved_mode, self.monitor_mode) and saved_mode != self.monitor_mode:
-            logging.warning(
+            log.warning(
                 "Checkpoint was saved with monitor_mode=%r, this run uses %r: its best metric "
                 "is compared in the other direction.",
                 saved_mode,
@@ -408,7 +410,7 @@ class Checkpointer(CheckpointReader):
         if not stale:
             return
         self.wait()
-        logging.warning(
+        log.warning(
             "Saving step %d under %s: removing checkpoints it supersedes (the run resumed from an "
             "earlier step): %s",
             step,
