@@ -332,6 +332,7 @@ def run_step(args: argparse.Namespace) -> dict:
     process on this device (torch runs first and frees its cache before jax starts)."""
     import jax
 
+    from dermjax.models import cpu_conv
     from dermjax.train import bench
 
     rows = []
@@ -347,11 +348,12 @@ def run_step(args: argparse.Namespace) -> dict:
             if t is not None:
                 row["torch_eager"], row["torch_compile"] = t.pop("eager"), t.pop("compile")
                 row["torch"] = t
-        row["dermjax"] = d = bench.step_rate(
-            name, args.size, args.batch_size, args.dtype, args.steps, args.windows,
-            tuple(args.phases), augment=args.augment, profile_dir=args.profile,
-            profile_steps=args.profile_steps,
-        )  # fmt: skip
+        with cpu_conv.conv_algorithm(args.conv):
+            row["dermjax"] = d = bench.step_rate(
+                name, args.size, args.batch_size, args.dtype, args.steps, args.windows,
+                tuple(args.phases), augment=args.augment, profile_dir=args.profile,
+                profile_steps=args.profile_steps,
+            )  # fmt: skip
         row["ratio_to_torch_eager"] = _ratio(d.get("main_img_s"), row.get("torch_eager"))
         row["ratio_to_torch_compile"] = _ratio(d.get("main_img_s"), row.get("torch_compile"))
         print(json.dumps(row), flush=True)
@@ -365,7 +367,7 @@ def run_step(args: argparse.Namespace) -> dict:
         "settings": {
             "batch": args.batch_size, "size": args.size, "dtype": args.dtype, "steps": args.steps,
             "windows": args.windows, "augment": args.augment, "compile_mode": args.compile_mode,
-            "compile_backend": args.compile_backend,
+            "compile_backend": args.compile_backend, "conv": args.conv,
         },
         "work": STEP_WORK[args.augment],
         "rows": rows,
@@ -466,6 +468,10 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--phases", nargs="+", default=["main"], choices=["main", "warmup"])
     p.add_argument("--profile", metavar="DIR", help="write jax/torch profiles of a few steps")
     p.add_argument("--profile-steps", type=int, default=5)
+    p.add_argument(
+        "--conv", default="auto", choices=["auto", "xla", "matmul"],
+        help="dermjax's convolutions: auto (reformulated on CPU where XLA:CPU is slow), xla, matmul",
+    )  # fmt: skip
     p.add_argument("--out", required=True, help="JSON file to write")
     p.set_defaults(run=run_step)
     p = sub.add_parser("e2e", help="loader + train step img/s, from the cache and from raw JPEGs")

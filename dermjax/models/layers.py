@@ -17,6 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from dermjax.models import cpu_conv
+
 Dtype = Any
 Initializer = Callable[..., jax.Array]
 
@@ -64,7 +66,8 @@ def conv(
     rngs: nnx.Rngs,
     dtype: Dtype = jnp.float32,
 ) -> nnx.Conv:
-    """torch.nn.Conv2d equivalent (square kernel, symmetric explicit padding) in NHWC."""
+    """torch.nn.Conv2d equivalent (square kernel, symmetric explicit padding) in NHWC; on CPU the
+    slow cases of XLA's convolution are reformulated (`cpu_conv`)."""
     fan_in = in_features // groups * kernel_size * kernel_size
     return nnx.Conv(
         in_features,
@@ -78,6 +81,7 @@ def conv(
         bias_init=bias_init or torch_bias_init(fan_in),
         dtype=dtype,
         param_dtype=param_dtype(dtype),
+        conv_general_dilated=cpu_conv.conv_general_dilated,
         rngs=rngs,
     )
 

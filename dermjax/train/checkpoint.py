@@ -57,6 +57,17 @@ _RESTORE_PRIORITY = {"last": 2, "periodic": 1, "best": 0}  # among copies of one
 _MAX_LISTED_DIFFERENCES = 5
 
 
+class _DropReadOnlyNotice(logging.Filter):
+    """orbax warns "Given directory is read only" for every manager opened read-only: six lines
+    per restore that only restate what was asked for."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Given directory is read only")
+
+
+logging.getLogger("absl").addFilter(_DropReadOnlyNotice())
+
+
 class CheckpointError(UserError):
     """A checkpoint is missing, unreadable, or does not fit the model it is restored into."""
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from dermjax.models import create_backbone, feature_dim
+from dermjax.models import cpu_conv, create_backbone, feature_dim
 from tests.models import parity
 
 
@@ -70,11 +70,24 @@ def test_bfloat16_computes_convolutions_in_bf16_with_float32_params_stats_and_ou
     assert {v.dtype for v in variables} == {jnp.dtype(jnp.float32)}
     graphdef, state = nnx.split(model)
     x = jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32)
-    jaxpr = jax.make_jaxpr(lambda s, x: nnx.merge(graphdef, s)(x))(state, x)
-    convs = [e for e in jaxpr.eqns if e.primitive.name == "conv_general_dilated"]
-    assert len(convs) == 53
-    assert all(v.aval.dtype == jnp.bfloat16 for e in convs for v in e.invars)
-    assert jaxpr.out_avals[0].dtype == jnp.float32
+    # XLA's convolutions, and the CPU reformulation's matmuls (one per convolution at this size).
+    for algorithm, primitive in (("xla", "conv_general_dilated"), ("matmul", "dot_general")):
+        with cpu_conv.conv_algorithm(algorithm):
+            jaxpr = jax.make_jaxpr(lambda s, x: nnx.merge(graphdef, s)(x))(state, x)
+        ops = [e for e in _equations(jaxpr.jaxpr) if e.primitive.name == primitive]
+        assert len(ops) == 53, algorithm
+        assert all(v.aval.dtype == jnp.bfloat16 for e in ops for v in e.invars), algorithm
+        assert jaxpr.out_avals[0].dtype == jnp.float32
+
+
+def _equations(jaxpr):
+    """Every equation of a jaxpr, nested ones (einsum's inner jit) included."""
+    for eqn in jaxpr.eqns:
+        yield eqn
+        for param in eqn.params.values():
+            inner = getattr(param, "jaxpr", param)
+            if hasattr(inner, "eqns"):
+                yield from _equations(inner)
 
 
 def test_unknown_pooling_type_fails_at_construction():
