@@ -166,18 +166,10 @@ def augment_rate(size: int, batch: int) -> float | None:
     try:
         import jax
 
-        from dermjax.data.augment import AugmentSpec, augment, normalize
+        from dermjax.data.augment import augment, normalize
+        from dermjax.train.bench import AUGMENT as spec
     except ImportError:
         return None
-    spec = AugmentSpec(
-        horizontal_flip_prob=0.5,
-        rotation_degrees=25.0,
-        scale=(0.9, 1.1),
-        brightness=0.1,
-        contrast=0.1,
-        saturation=0.1,
-        hue=0.01,
-    )
     x = jax.device_put(
         np.random.default_rng(0).integers(0, 255, (batch, size, size, 3), dtype=np.uint8)
     )

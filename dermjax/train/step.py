@@ -172,6 +172,19 @@ def _forward(graph, params, stats, rngs, key, images, text, valid=(), *, vision_
     return outputs, nnx.to_pure_dict(nnx.state(model, nnx.BatchStat))
 
 
+def _objective(spec, outputs, label, sample_valid, valid, controls):
+    """The loss and its logged terms: the criterion alone without modality masks (`valid` empty:
+    the vision-only phase), else the main + auxiliary total."""
+    if not valid:
+        loss = spec.loss.criterion(outputs["logits"], label, sample_valid)
+        return loss, {"loss/main": loss}
+    vision_valid, text_valid, _ = valid
+    return total_loss(
+        outputs, label, spec.loss, sample_valid=sample_valid, vision_valid=vision_valid,
+        text_valid=text_valid, aux_weights=controls["aux_weights"],
+    )  # fmt: skip
+
+
 def _keep_untrained(new: Any, old: Any, trained: Any) -> Any:
     """`new` with every per-parameter leaf outside `trained` (a bool tree) taken from `old`.
 
@@ -246,34 +259,22 @@ def make_train_step(
         images = normalize(augment(k_aug, batch["image"], spec.augment), spec.mean, spec.std)
         text = batch["text"]
         sample_valid = batch["valid"].astype(bool)
+        valid = ()
         if not vision_only:
             images, text, vision_valid, text_valid = mask_inputs(
                 k_mask, images, text, batch, spec, controls, training=True
             )
+            valid = (vision_valid, text_valid, sample_valid)
         images = images.astype(spec.compute_dtype)
         params = state["params"]
 
         def loss_fn(trainable):
             full = {**params, "head": trainable} if warmup else trainable
-            if vision_only:
-                outputs, new_stats = _forward(
-                    graph, full, state["batch_stats"], rngs, k_drop, images, text, vision_only=True
-                )
-                loss = spec.loss.criterion(outputs["logits"], batch["label"], sample_valid)
-                return loss, (outputs["logits"], {"loss/main": loss}, new_stats)
-            valid = (vision_valid, text_valid, sample_valid)
             outputs, new_stats = _forward(
-                graph, full, state["batch_stats"], rngs, k_drop, images, text, valid
-            )
-            loss, terms = total_loss(
-                outputs,
-                batch["label"],
-                spec.loss,
-                sample_valid=sample_valid,
-                vision_valid=vision_valid,
-                text_valid=text_valid,
-                aux_weights=controls["aux_weights"],
-            )
+                graph, full, state["batch_stats"], rngs, k_drop, images, text, valid,
+                vision_only=vision_only,
+            )  # fmt: skip
+            loss, terms = _objective(spec, outputs, batch["label"], sample_valid, valid, controls)
             return loss, (outputs["logits"], terms, new_stats)
 
         trainable = params["head"] if warmup else params
@@ -353,19 +354,7 @@ def make_eval_step(
             valid,
             vision_only=vision_only,
         )
-        if vision_only:
-            loss = spec.loss.criterion(outputs["logits"], batch["label"], sample_valid)
-            terms = {"loss/main": loss}
-        else:
-            loss, terms = total_loss(
-                outputs,
-                batch["label"],
-                spec.loss,
-                sample_valid=sample_valid,
-                vision_valid=vision_valid,
-                text_valid=text_valid,
-                aux_weights=controls["aux_weights"],
-            )
+        loss, terms = _objective(spec, outputs, batch["label"], sample_valid, valid, controls)
         return _outputs(loss, outputs["logits"], batch, sample_valid, terms)
 
     jitted = jax.jit(step)
