@@ -35,7 +35,10 @@ def tiny_demo_config(root, **overrides):
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("demo")
-    cfg = tiny_demo_config(root / "data")
+    # 480 images and a head learning rate of 0.01: with the 160-image default the 18-image test
+    # split lands on the majority baseline or one image above it, whatever the code does.
+    overrides = {"data.demo_size": 480, "optimizer.multimodal_classifier.learning_rate": 0.01}
+    cfg = tiny_demo_config(root / "data", **overrides)
     workdir = root / "run"
     summary = run(cfg, str(workdir))
     return cfg, workdir, summary
@@ -55,7 +58,9 @@ def test_summary_has_val_test_and_baseline(demo_run):
 
 def test_the_run_learns_more_than_the_majority_baseline(demo_run):
     _, _, summary = demo_run
-    assert summary["test"]["accuracy"] > summary["baseline"]["majority_accuracy"]
+    # Measured 0.56 against 0.24 on 72 test images; 1.5x leaves room for numerics, not for a
+    # run that does not learn.
+    assert summary["test"]["accuracy"] > 1.5 * summary["baseline"]["majority_accuracy"]
 
 
 def test_summary_reports_bad_images_for_every_split(demo_run):  # clean demo data: none
