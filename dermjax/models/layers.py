@@ -1,9 +1,11 @@
 """Small building blocks shared by the torchvision-exact backbones.
 
-Dtype convention (all families): `dtype` is the compute dtype of convolutions and matmuls.
-Parameters are float32 (float64 when `dtype` is float64, for parity tests), BatchNorm normalises
-and keeps its statistics in at least float32, and features/logits leave the model in at least
-float32 (`stat_dtype`). Padding is always explicit and symmetric, as in torch.
+Dtype convention (all families): `dtype` is the compute dtype of convolutions and matmuls and
+of the activations between layers (in bfloat16 mode a BatchNorm output is bfloat16, as under
+torch autocast, so the backward pass saves and reads half the bytes). Parameters are float32
+(float64 when `dtype` is float64, for parity tests), BatchNorm normalises and keeps its
+statistics in at least float32, and features/logits leave the model in at least float32
+(`stat_dtype`). Padding is always explicit and symmetric, as in torch.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from dermjax.models import cpu_conv
+from dermjax.models import cpu_conv, normalize
 
 Dtype = Any
 Initializer = Callable[..., jax.Array]
@@ -117,7 +119,8 @@ class BatchNorm(nnx.BatchNorm):
     `jit` with a sharded batch XLA inserts the cross-device sums and n is the global count. With
     n = 1 (where torch raises) the running variance takes the biased value 0. Normalisation runs
     in at least float32 and the result is cast to `dtype`; running statistics are float32
-    (float64 when `param_dtype` is float64).
+    (float64 when `param_dtype` is float64). Train mode goes through `normalize.normalize`, whose
+    backward pass keeps only the input (see that module).
     """
 
     def __init__(
@@ -146,28 +149,26 @@ class BatchNorm(nnx.BatchNorm):
     def __call__(self, x: jax.Array, use_running_average: bool | None = None) -> jax.Array:
         if use_running_average is None:
             use_running_average = self.use_running_average
-        compute = stat_dtype(jnp.promote_types(x.dtype, self.dtype))
-        x32 = x.astype(compute)
+        scale, bias = self.scale[...], self.bias[...]
         if use_running_average:
-            mean, var = self.mean[...].astype(compute), self.var[...].astype(compute)
-        else:
-            axes = tuple(range(x.ndim - 1))
-            mean = jnp.mean(x32, axis=axes)
-            var = jnp.mean(jnp.square(x32 - mean), axis=axes)
-            count = math.prod(x.shape[:-1])
-            unbiased = var * (count / (count - 1)) if count > 1 else var
-            keep = self.momentum
-            new_mean = keep * self.mean[...] + (1 - keep) * mean
-            new_var = keep * self.var[...] + (1 - keep) * unbiased
-            self.mean[...] = jax.lax.stop_gradient(new_mean).astype(self.mean.dtype)
-            self.var[...] = jax.lax.stop_gradient(new_var).astype(self.var.dtype)
-        mul = jax.lax.rsqrt(var + self.epsilon)
-        if self.scale is not None:
-            mul = mul * self.scale[...].astype(compute)
-        y = (x32 - mean) * mul
-        if self.bias is not None:
-            y = y + self.bias[...].astype(compute)
-        return y.astype(self.dtype)
+            compute = stat_dtype(jnp.promote_types(x.dtype, self.dtype))
+            mul = jax.lax.rsqrt(self.var[...].astype(compute) + self.epsilon)
+            mul = mul * scale.astype(compute)
+            y = (x.astype(compute) - self.mean[...].astype(compute)) * mul
+            return (y + bias.astype(compute)).astype(self.dtype)
+        axes = tuple(range(x.ndim - 1))
+        y, mean, var = normalize.normalize(x, scale, bias, axes, self.epsilon, self.dtype)
+        self._update_running(mean.reshape(-1), var.reshape(-1), math.prod(x.shape[:-1]))
+        return y
+
+    def _update_running(self, mean: jax.Array, var: jax.Array, count: int) -> None:
+        """Running averages of the batch mean and the unbiased batch variance (not trained)."""
+        unbiased = var * (count / (count - 1)) if count > 1 else var
+        keep = self.momentum
+        new_mean = keep * self.mean[...] + (1 - keep) * mean
+        new_var = keep * self.var[...] + (1 - keep) * unbiased
+        self.mean[...] = jax.lax.stop_gradient(new_mean).astype(self.mean.dtype)
+        self.var[...] = jax.lax.stop_gradient(new_var).astype(self.var.dtype)
 
 
 def batch_norm(
@@ -175,12 +176,12 @@ def batch_norm(
 ) -> BatchNorm:
     """torch.nn.BatchNorm2d(eps, momentum=0.1) for a backbone of compute dtype `dtype`.
 
-    Normalisation, its output and the running statistics use at least float32.
+    Normalisation and the running statistics use at least float32; the output is `dtype`.
     """
     return BatchNorm(
         num_features,
         epsilon=epsilon,
-        dtype=stat_dtype(dtype),
+        dtype=dtype,
         param_dtype=param_dtype(dtype),
         rngs=rngs,
     )

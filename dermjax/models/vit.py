@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from dermjax.models import layers
+from dermjax.models import layers, normalize
 from dermjax.models.layers import Dtype
 
 LAYER_NORM_EPS = 1e-6
@@ -28,13 +28,14 @@ _ZEROS = nnx.initializers.zeros_init()
 _XAVIER = nnx.initializers.xavier_uniform()
 
 
-def _layer_norm(dim: int, *, rngs: nnx.Rngs, dtype: Dtype) -> nnx.LayerNorm:
-    """LayerNorm(eps=1e-6) with statistics and output in at least float32."""
-    return nnx.LayerNorm(
+def _layer_norm(dim: int, *, rngs: nnx.Rngs, dtype: Dtype) -> normalize.LayerNorm:
+    """LayerNorm(eps=1e-6): statistics and normalisation in at least float32, output in the
+    compute dtype (the next matmul's input), backward through `normalize`."""
+    return normalize.LayerNorm(
         dim,
         epsilon=LAYER_NORM_EPS,
         use_fast_variance=False,
-        dtype=layers.stat_dtype(dtype),
+        dtype=dtype,
         param_dtype=layers.param_dtype(dtype),
         rngs=rngs,
     )

@@ -116,7 +116,8 @@ def test_output_dtype_follows_dtype_and_a_single_value_keeps_the_variance_finite
     assert head(jnp.ones((4, 3), jnp.bfloat16)).dtype == jnp.bfloat16
     assert head.var[...].dtype == jnp.float32
     backbone = batch_norm(3, rngs=nnx.Rngs(0), dtype=jnp.bfloat16)
-    assert backbone(jnp.ones((2, 2, 2, 3), jnp.bfloat16)).dtype == jnp.float32
+    assert backbone(jnp.ones((2, 2, 2, 3), jnp.bfloat16)).dtype == jnp.bfloat16
+    assert backbone.var[...].dtype == jnp.float32
     single = BatchNorm(3, rngs=nnx.Rngs(0))
     single(jnp.ones((1, 3)))  # torch raises here; the running variance decays towards 0
     np.testing.assert_allclose(np.asarray(single.var[...]), 0.9)

@@ -80,6 +80,29 @@ def test_bfloat16_computes_convolutions_in_bf16_with_float32_params_stats_and_ou
         assert jaxpr.out_avals[0].dtype == jnp.float32
 
 
+def test_bfloat16_backward_saves_activations_in_bf16_only():
+    """What jax.vjp keeps for the backward pass of a train-mode bf16 ResNet-50: the activations
+    between layers in bf16 (plus ReLU masks), no float32 array with a batch dimension."""
+    model = nnx.eval_shape(
+        lambda: create_backbone("resnet50", rngs=nnx.Rngs(0), dtype=jnp.bfloat16)
+    )
+    model.train()
+    graph, params, rest = nnx.split(model, nnx.Param, ...)
+    x = jax.ShapeDtypeStruct((3, 64, 64, 3), jnp.bfloat16)
+
+    def saved(params, rest, x):
+        def forward(params, x):
+            m = nnx.merge(graph, params, jax.tree.map(lambda v: v, rest))
+            return m(x), nnx.state(m, nnx.BatchStat)
+
+        return jax.vjp(forward, params, x, has_aux=True)[1]
+
+    leaves = jax.tree.leaves(jax.eval_shape(saved, params, rest, x))
+    batched = [a for a in leaves if a.ndim == 4 and a.shape[0] == 3]
+    assert len(batched) > 100
+    assert {a.dtype for a in batched} <= {jnp.dtype(jnp.bfloat16), jnp.dtype(bool)}
+
+
 def _equations(jaxpr):
     """Every equation of a jaxpr, nested ones (einsum's inner jit) included."""
     for eqn in jaxpr.eqns:
