@@ -398,12 +398,15 @@ class Components:
             **self.loader_kwargs("train"),
         )
 
-    def eval_loader(self, records: pipeline.Records, split: str) -> pipeline.Loader:
+    def eval_loader(
+        self, records: pipeline.Records, split: str, *, repeat: bool = False
+    ) -> pipeline.Loader:
         t = self.cfg.training
         return pipeline.eval_loader(
             records,
             batch_size=t.eval_batch_size or t.batch_size,
             cache=self.caches.get(images.EXACT),
+            repeat=repeat,
             **self.loader_kwargs(split),
         )
 

@@ -318,12 +318,15 @@ class _TrainBatch:
 
 
 class _EvalBatch:
+    """Batch number -> local batch in record order; numbers past one pass wrap around."""
+
     def __init__(self, maker, n, batch_size, local, shard_index):
         self.maker, self.n, self.batch_size = maker, n, batch_size
+        self.steps = -(-n // batch_size)
         self.offset = shard_index * local + np.arange(local)
 
     def __call__(self, i: int, _: int) -> dict[str, np.ndarray]:
-        positions = i * self.batch_size + self.offset
+        positions = (i % self.steps) * self.batch_size + self.offset
         return self.maker(np.where(positions < self.n, positions, -1), 0, positions)
 
 
@@ -468,16 +471,52 @@ def eval_loader(
     shard_count: int = 1,
     read_threads: int = 1,
     draft: bool = True,
+    repeat: bool = False,
 ) -> Loader:
     """One pass over `records` in order, exact H x W resize; each `iter()` starts a new pass.
 
     The last batch is padded to full size with zero images, `valid=False` and `index=-1`.
     `split` ("val", "test", ...) names the records in warnings and `bad_image_log` lines.
+    `repeat=True`: the iterator runs pass after pass (read it through `EvalStream`).
     """
     local = _local_batch(batch_size, shard_index, shard_count)
     steps = -(-len(records) // batch_size)
     log = _BadImageLog(bad_image_log, split)
     maker = _BatchMaker(records, img_size, images.EXACT, False, 0, on_bad_image, log, cache, draft)
     fn = _EvalBatch(maker, len(records), batch_size, local, shard_index)
-    ds = grain.MapDataset.range(steps).map_with_index(fn)
+    ds = grain.MapDataset.range(steps)
+    ds = (ds.repeat(None) if repeat else ds).map_with_index(fn)
     return _finish(ds, records, split, steps, local, num_workers, prefetch_factor, read_threads)
+
+
+class EvalStream:
+    """Pass after pass over one eval split from one long-lived iterator of a `repeat=True` eval
+    loader, so its worker processes start once per run, not once per epoch (seconds each time).
+
+    `next_pass()` yields exactly one pass. A pass left unfinished (an error, a `break`) closes
+    the iterator, and the next pass starts a fresh one at the first batch. `bad_images` is the
+    count of the last finished pass. Bad files are warned about and logged once per stream.
+    """
+
+    def __init__(self, loader: Loader, records: Records):
+        self.loader, self.records = loader, records
+        self.bad_images = 0
+        self._it: LoaderIterator | None = None
+
+    def next_pass(self) -> Iterator[dict[str, np.ndarray]]:
+        if self._it is None:
+            self._it = iter(self.loader)
+        before, finished = self.loader.bad_images, False
+        try:
+            for _ in range(self.loader.steps_per_epoch):
+                yield next(self._it)
+            finished = True
+        finally:
+            if not finished:
+                self.close()
+        self.bad_images = self.loader.bad_images - before
+
+    def close(self) -> None:
+        """Stops the workers; a later `next_pass()` starts new ones. Safe to call again."""
+        close_iterator(self._it)
+        self._it = None

@@ -75,6 +75,7 @@ class Trainer:
         self.train_loader = c.train_loader()
         self.steps_per_epoch = self.train_loader.steps_per_epoch
         self.train_iter = iter(self.train_loader)
+        self.eval_streams: dict[str, pipeline.EvalStream] = {}
         t = self.cfg.training
         self.stopper = PhasedEarlyStopping(
             t.monitor,
@@ -204,12 +205,12 @@ class Trainer:
         split's majority class on the same samples the metrics count).
         """
         eval_step, controls = self.eval_steps[vision_only], self.controls(epoch)
-        loader = self.c.eval_loader(records, split)
+        stream = self._eval_stream(records, split)
         totals = self._totals()
         progress = Progress(len(records.labels), desc=split, enabled=self.is_main)
-        it = iter(loader)
+        batches = stream.next_pass()
         try:
-            for batch in it:
+            for batch in batches:
                 shown = self._shown(batch)
                 out = eval_step(self.state, parallel.shard_batch(batch, self.c.mesh), controls)
                 previous, totals = totals, accumulate(totals, out)
@@ -217,16 +218,31 @@ class Trainer:
                 jax.block_until_ready(previous)
                 progress.update(shown)
         finally:
-            pipeline.close_iterator(it)
+            batches.close()
         progress.close()
         metrics = self._fetch(totals)
         result = metrics.compute()
         support = metrics.matrix.sum(axis=1)
-        result["bad_images"] = loader.bad_images
+        result["bad_images"] = stream.bad_images
         result["majority_accuracy"] = float(
             support[self.c.data.majority_class] / max(1, support.sum())
         )
         return result
+
+    def _eval_stream(self, records: pipeline.Records, split: str) -> pipeline.EvalStream:
+        """The split's long-lived eval stream (its loader workers start once per run)."""
+        stream = self.eval_streams.get(split)
+        if stream is None or stream.records is not records:
+            if stream is not None:
+                stream.close()
+            stream = pipeline.EvalStream(self.c.eval_loader(records, split, repeat=True), records)
+            self.eval_streams[split] = stream
+        return stream
+
+    def _close_eval_streams(self) -> None:
+        for stream in self.eval_streams.values():
+            stream.close()
+        self.eval_streams.clear()
 
     # ---- Training -----------------------------------------------------------------------------
     def _consume(self, pending: tuple, progress: Progress) -> None:
@@ -380,6 +396,7 @@ class Trainer:
             evaluated["test"] = self.evaluate(data.test, "test", **kw)
         elif test_split == "val":
             evaluated["test"] = evaluated["val"]
+        self._close_eval_streams()
         results: dict[str, Any] = {}
         bad = {"train": self.bad_train}
         for split, m in evaluated.items():
@@ -416,5 +433,6 @@ class Trainer:
     def close(self) -> None:
         """Stops the input workers, completes checkpoint writes and closes the trackers."""
         pipeline.close_iterator(self.train_iter)
+        self._close_eval_streams()
         self.ckpt.wait()
         self.tracker.close()

@@ -137,6 +137,58 @@ def test_eval_sees_every_sample_once_and_masks_the_padding(records):
     assert len(list(loader)) == 3  # a second pass starts over
 
 
+def _stream(records, **kwargs):
+    kwargs = {"batch_size": 4, "img_size": SIZE, "split": "val", "repeat": True, **kwargs}
+    return pipeline.EvalStream(pipeline.eval_loader(records, **kwargs), records)
+
+
+def test_eval_stream_gives_identical_passes_from_one_worker_iterator(records):
+    stream = _stream(records, num_workers=1)
+    try:
+        passes, iterators = [], []
+        for _ in range(3):
+            passes.append(list(stream.next_pass()))
+            iterators.append(set(stream.loader.iterators))
+        assert iterators[0] == iterators[1] == iterators[2] and len(iterators[0]) == 1
+        for batches in passes:
+            assert len(batches) == 3
+            index = np.concatenate([b["index"] for b in batches])
+            np.testing.assert_array_equal(index, [*range(10), -1, -1])
+            for a, b in zip(batches, passes[0], strict=True):
+                np.testing.assert_array_equal(a["image"], b["image"])
+    finally:
+        stream.close()
+    (it,) = iterators[0]
+    with pytest.raises(ValueError, match="closed"):
+        it.get_state()  # close() stopped the workers
+
+
+def test_an_unfinished_eval_pass_restarts_the_stream_at_the_first_batch(records):
+    stream = _stream(records)
+    batches = stream.next_pass()
+    first = next(batches)
+    (old,) = stream.loader.iterators
+    batches.close()  # the consumer stops early (a break, an error)
+    with pytest.raises(ValueError, match="closed"):
+        old.get_state()
+    again = list(stream.next_pass())
+    np.testing.assert_array_equal(again[0]["index"], first["index"])
+    assert len(again) == 3
+    stream.close()
+    stream.close()  # safe twice
+
+
+def test_eval_stream_counts_bad_images_per_pass_and_logs_them_once(with_bad_files, tmp_path):
+    log = tmp_path / "bad_images.txt"
+    stream = _stream(with_bad_files, bad_image_log=str(log))
+    for _ in range(2):
+        valid = np.concatenate([b["valid"] for b in stream.next_pass()])
+        np.testing.assert_array_equal(valid, [True, False, True, True, False, True, False, False])
+        assert stream.bad_images == 2
+    stream.close()
+    assert len(log.read_text().splitlines()) == 2
+
+
 def test_processes_split_each_global_batch_into_contiguous_slices(records):
     whole = take(train(records, batch_size=4), 4)
     parts = [take(train(records, batch_size=4, shard_index=p, shard_count=2), 4) for p in (0, 1)]

@@ -5,6 +5,7 @@ import json
 import pytest
 
 from dermjax.config import load_config, validate
+from dermjax.data import pipeline
 from dermjax.experiment import epoch_learning_rates
 from dermjax.runner import run
 
@@ -40,12 +41,27 @@ def demo_run(tmp_path_factory):
     overrides = {"data.demo_size": 480, "optimizer.multimodal_classifier.learning_rate": 0.01}
     cfg = tiny_demo_config(root / "data", **overrides)
     workdir = root / "run"
-    summary = run(cfg, str(workdir))
-    return cfg, workdir, summary
+    built, real = [], pipeline.eval_loader
+
+    def counting_eval_loader(records, **kwargs):
+        built.append(kwargs["split"])
+        return real(records, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(pipeline, "eval_loader", counting_eval_loader)
+        summary = run(cfg, str(workdir))
+    return cfg, workdir, summary, built
+
+
+def test_each_eval_split_gets_one_loader_for_the_whole_run(demo_run):
+    """Validation runs every epoch from one long-lived stream: its workers start once."""
+    cfg, _, summary, built = demo_run
+    assert cfg.training.num_epochs == 3 and summary["test"]["accuracy"] > 0
+    assert sorted(built) == ["test", "val"]
 
 
 def test_summary_has_val_test_and_baseline(demo_run):
-    _, workdir, summary = demo_run
+    _, workdir, summary, _ = demo_run
     on_disk = json.loads((workdir / "summary.json").read_text())
     for split in ("val", "test"):
         for key in ("accuracy", "macro_f1", "loss"):
@@ -57,19 +73,19 @@ def test_summary_has_val_test_and_baseline(demo_run):
 
 
 def test_the_run_learns_more_than_the_majority_baseline(demo_run):
-    _, _, summary = demo_run
+    _, _, summary, _ = demo_run
     # Measured 0.56 against 0.24 on 72 test images; 1.5x leaves room for numerics, not for a
     # run that does not learn.
     assert summary["test"]["accuracy"] > 1.5 * summary["baseline"]["majority_accuracy"]
 
 
 def test_summary_reports_bad_images_for_every_split(demo_run):  # clean demo data: none
-    _, _, summary = demo_run
+    _, _, summary, _ = demo_run
     assert summary["bad_images"] == {"train": 0, "val": 0, "test": 0}
 
 
 def test_metrics_jsonl_has_every_epoch_with_the_original_learning_rates(demo_run):
-    cfg, workdir, _ = demo_run
+    cfg, workdir, _, _ = demo_run
     lines = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     epochs = [r for r in lines if r["event"] == "epoch"]
     assert [r["epoch"] for r in epochs] == [0, 1, 2]
@@ -88,7 +104,7 @@ def test_metrics_jsonl_has_every_epoch_with_the_original_learning_rates(demo_run
 
 
 def test_checkpoints_keep_last_plus_best(demo_run):
-    _, workdir, summary = demo_run
+    _, workdir, summary, _ = demo_run
     ckpt = workdir / "checkpoints"
     periodic = sorted(p.name for p in (ckpt / "periodic").iterdir() if p.name.isdigit())
     assert len(periodic) == 1  # keep_last=1
