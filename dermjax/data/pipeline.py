@@ -126,7 +126,7 @@ class Loader:
     """An iterable of batches of one split; `iter(loader)` gives a `LoaderIterator`.
 
     Train loaders are infinite and `steps_per_epoch` batches make one epoch; eval loaders stop
-    after `steps_per_epoch` batches. `bad_images` counts the samples masked as bad images in the
+    after `steps_per_epoch` batches (`repeat=True` ones run on, one pass every that many). `bad_images` counts the samples masked as bad images in the
     batches this loader's iterators delivered so far (for an eval loader after one pass: the
     split's unreadable images). Close each iterator when done (`it.close()`), or all of them
     with `loader.close()`.
@@ -320,9 +320,8 @@ class _TrainBatch:
 class _EvalBatch:
     """Batch number -> local batch in record order; numbers past one pass wrap around."""
 
-    def __init__(self, maker, n, batch_size, local, shard_index):
-        self.maker, self.n, self.batch_size = maker, n, batch_size
-        self.steps = -(-n // batch_size)
+    def __init__(self, maker, n, batch_size, steps, local, shard_index):
+        self.maker, self.n, self.batch_size, self.steps = maker, n, batch_size, steps
         self.offset = shard_index * local + np.arange(local)
 
     def __call__(self, i: int, _: int) -> dict[str, np.ndarray]:
@@ -483,7 +482,7 @@ def eval_loader(
     steps = -(-len(records) // batch_size)
     log = _BadImageLog(bad_image_log, split)
     maker = _BatchMaker(records, img_size, images.EXACT, False, 0, on_bad_image, log, cache, draft)
-    fn = _EvalBatch(maker, len(records), batch_size, local, shard_index)
+    fn = _EvalBatch(maker, len(records), batch_size, steps, local, shard_index)
     ds = grain.MapDataset.range(steps)
     ds = (ds.repeat(None) if repeat else ds).map_with_index(fn)
     return _finish(ds, records, split, steps, local, num_workers, prefetch_factor, read_threads)
