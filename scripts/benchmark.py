@@ -327,29 +327,7 @@ def run_step(args: argparse.Namespace) -> dict:
     from dermjax.models import cpu_conv
     from dermjax.train import bench
 
-    rows = []
-    for name in args.models:
-        row: dict = {"model": name}
-        if args.torch:
-            t = bench.torch_step_rates(
-                name, args.size, args.batch_size, args.dtype, args.steps, args.windows,
-                augment=args.augment, compile_mode=args.compile_mode,
-                compile_backend=args.compile_backend, profile_dir=args.profile,
-                profile_steps=args.profile_steps,
-            )  # fmt: skip
-            if t is not None:
-                row["torch_eager"], row["torch_compile"] = t.pop("eager"), t.pop("compile")
-                row["torch"] = t
-        with cpu_conv.conv_algorithm(args.conv):
-            row["dermjax"] = d = bench.step_rate(
-                name, args.size, args.batch_size, args.dtype, args.steps, args.windows,
-                tuple(args.phases), augment=args.augment, profile_dir=args.profile,
-                profile_steps=args.profile_steps,
-            )  # fmt: skip
-        row["ratio_to_torch_eager"] = _ratio(d.get("main_img_s"), row.get("torch_eager"))
-        row["ratio_to_torch_compile"] = _ratio(d.get("main_img_s"), row.get("torch_compile"))
-        print(json.dumps(row), flush=True)
-        rows.append(row)
+    rows: list[dict] = []
     result = {
         "argv": sys.argv,
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
@@ -364,6 +342,30 @@ def run_step(args: argparse.Namespace) -> dict:
         "work": STEP_WORK[args.augment],
         "rows": rows,
     }  # fmt: skip
+    for name in args.models:
+        row: dict = {"model": name}
+        rows.append(row)
+        if args.torch:
+            t = bench.torch_step_rates(
+                name, args.size, args.batch_size, args.dtype, args.steps, args.windows,
+                augment=args.augment, compile_mode=args.compile_mode,
+                compile_backend=args.compile_backend, profile_dir=args.profile,
+                profile_steps=args.profile_steps,
+            )  # fmt: skip
+            if t is not None:
+                row["torch_eager"], row["torch_compile"] = t.pop("eager"), t.pop("compile")
+                row["torch"] = t
+            _write_json(args.out, {"command": args.command, **result})  # kept if jax is cut off
+        with cpu_conv.conv_algorithm(args.conv):
+            row["dermjax"] = d = bench.step_rate(
+                name, args.size, args.batch_size, args.dtype, args.steps, args.windows,
+                tuple(args.phases), augment=args.augment, profile_dir=args.profile,
+                profile_steps=args.profile_steps,
+            )  # fmt: skip
+        row["ratio_to_torch_eager"] = _ratio(d.get("main_img_s"), row.get("torch_eager"))
+        row["ratio_to_torch_compile"] = _ratio(d.get("main_img_s"), row.get("torch_compile"))
+        print(json.dumps(row), flush=True)
+        _write_json(args.out, {"command": args.command, **result})
     print_step_table(result)
     return result
 
@@ -382,13 +384,14 @@ def print_step_table(result: dict) -> None:
     print("| " + " | ".join(head) + " |")
     notes = []
     for r in result["rows"]:
-        d, e, c = r["dermjax"], r.get("torch_eager"), r.get("torch_compile")
+        # A row cut off by the time box (gpu_session.sh) has torch's figures only.
+        d, e, c = r.get("dermjax") or {}, r.get("torch_eager"), r.get("torch_compile")
         if c and "error" in c:
             notes.append(f"* {r['model']} torch.compile: {c['error']}")
         peaks = "/".join(_gib((x or {}).get("peak_bytes")) for x in (d, e, c))
         mfu = "-" if d.get("mfu") is None else f"{d['mfu']:.0%}"
         cells = (r["model"], d.get("main_img_s", "-"), _cell(e, "img_s"), _cell(c, "img_s"),
-                 r["ratio_to_torch_eager"] or "-", r["ratio_to_torch_compile"] or "-",
+                 r.get("ratio_to_torch_eager") or "-", r.get("ratio_to_torch_compile") or "-",
                  d.get("main_compile_s", "-"), _cell(c, "compile_s"), peaks,
                  d.get("gflop_per_image") or "-", mfu)  # fmt: skip
         print("| " + " | ".join(str(x) for x in cells) + " |")
@@ -480,9 +483,13 @@ def main(argv: list[str] | None = None) -> dict:
     # jax and torch share the card in `step --torch`: jax must not pre-allocate 75% of it.
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     result = {"command": args.command, **args.run(args)}
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=1)
+    _write_json(args.out, result)
     return result
+
+
+def _write_json(path: str, result: dict) -> None:
+    with open(path, "w") as f:
+        json.dump(result, f, indent=1)
 
 
 if __name__ == "__main__":
