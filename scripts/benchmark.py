@@ -12,6 +12,17 @@ quality 90) to a temp dir and measures, on the same files and machine, images pe
   (d) the on-device augmentation (`dermjax.data.augment.augment` + normalize) on this machine's
       default jax backend.
 Each figure is the median of `--repeats` runs; the headline figures are single-process.
+
+  python scripts/benchmark.py step --models resnet50 --augment --torch --out step.json
+
+`step` times the jitted train step per backbone on a device-resident batch (img/s, compile
+seconds, XLA's FLOPs, MFU, peak memory, `--profile DIR` for jax and torch traces); `--torch` adds
+PyTorch's same step, eager and torch.compile, in the same process (dermjax/train/bench_torch.py).
+
+  python scripts/benchmark.py e2e --model resnet50 --images 2048 --workers 16 --out e2e.json
+
+`e2e` feeds that step from the grain loader, from the prepared cache and from raw JPEGs, and
+reports each as a fraction of the step alone.
 """
 
 from __future__ import annotations
@@ -325,7 +336,7 @@ def run_step(args: argparse.Namespace) -> dict:
     import jax
 
     from dermjax.models import cpu_conv
-    from dermjax.train import bench
+    from dermjax.train import bench, bench_torch
 
     rows: list[dict] = []
     result = {
@@ -346,7 +357,7 @@ def run_step(args: argparse.Namespace) -> dict:
         row: dict = {"model": name}
         rows.append(row)
         if args.torch:
-            t = bench.torch_step_rates(
+            t = bench_torch.torch_step_rates(
                 name, args.size, args.batch_size, args.dtype, args.steps, args.windows,
                 augment=args.augment, compile_mode=args.compile_mode,
                 compile_backend=args.compile_backend, profile_dir=args.profile,

@@ -13,12 +13,12 @@ import benchmark  # noqa: E402
 def test_failed_torch_compile_is_reported_in_row_and_table(capsys):
     import torch
 
-    from dermjax.train import bench
+    from dermjax.train import bench_torch
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        torch_rows = bench.torch_step_rates(
+        torch_rows = bench_torch.torch_step_rates(
             "efficientnet_b0", 32, 2, "float32", 1, 1, compile_backend="no_such_backend"
         )
     finally:
