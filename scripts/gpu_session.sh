@@ -121,6 +121,8 @@ for path in sorted(glob.glob(os.path.join(out, "step_*.json")), key=os.path.getm
     benchmark.print_step_table(result)
     for row in result["rows"]:
         profile = (row.get("dermjax") or {}).get("profile") or {}
+        if "error" in profile:
+            print(f"  {row['model']} jax profile failed: {profile['error']}")
         for what in ("kinds", "ops"):
             for op in (profile.get(what) or [])[:6]:
                 print(f"  {row['model']} jax top {what}: {op['share']:.1%} {op['ms']} ms "

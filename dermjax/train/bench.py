@@ -227,9 +227,14 @@ def step_rate(
             result["xla_step_bytes"] = cost["xla_step_bytes"]
             if profile_dir:
                 trace_dir = os.path.join(profile_dir, f"jax_{name}")
-                with jax.profiler.trace(trace_dir):
-                    state = run(state, profile_steps)
-                result["profile"] = {"trace_dir": trace_dir, **(xplane_top_ops(trace_dir) or {})}
+                try:
+                    with jax.profiler.trace(trace_dir):
+                        state = run(state, profile_steps)
+                except Exception as error:  # a failed profile must not cost the figures above
+                    result["profile"] = {"error": f"{type(error).__name__}: {error}"[:300]}
+                else:
+                    summary = xplane_top_ops(trace_dir) or {}
+                    result["profile"] = {"trace_dir": trace_dir, **summary}
     stats = device.memory_stats() or {}
     result["peak_bytes"] = stats.get("peak_bytes_in_use")
     result["device"] = str(device.device_kind)
@@ -264,8 +269,13 @@ def xplane_top_ops(trace_dir: str, top: int = 15) -> dict | None:
                 ops.append((name, event.duration_ns))
     return {
         "ops": _largest(ops, top),
-        "kinds": _largest([(re.sub(r"\.\d+$", "", name), ns) for name, ns in ops], top),
+        "kinds": _largest([(op_kind(name), ns) for name, ns in ops], top),
     }
+
+
+def op_kind(name: str) -> str:
+    """An HLO op's kind: its name less the ".N" that numbers its instances ("fusion.12")."""
+    return re.sub(r"\.\d+$", "", name)
 
 
 def _largest(events: list[tuple[str, int]], top: int) -> list[dict]:

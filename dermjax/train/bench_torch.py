@@ -183,7 +183,12 @@ def torch_step_rates(
         entry["peak_bytes"] = torch.cuda.max_memory_allocated() if cuda else None
         if profile_dir:
             path = os.path.join(profile_dir, f"torch_{name}_{variant}.txt")
-            entry["profile"] = _torch_profile(torch, lambda f=fn: run(f, profile_steps), cuda, path)
+            try:
+                entry["profile"] = _torch_profile(
+                    torch, lambda f=fn: run(f, profile_steps), cuda, path
+                )
+            except Exception as error:  # a failed profile must not cost the figures above
+                entry["profile_error"] = _first_line(error)
         result[variant] = entry
     if cuda:
         torch.cuda.empty_cache()
