@@ -97,7 +97,8 @@ def linear(
     rngs: nnx.Rngs,
     dtype: Dtype = jnp.float32,
 ) -> nnx.Linear:
-    """torch.nn.Linear equivalent (kernel stored transposed, (in, out))."""
+    """torch.nn.Linear equivalent (kernel stored transposed, (in, out)); on CPU, inputs with more
+    than two axes multiply as 2-D rows (`cpu_conv.dot_general`)."""
     return nnx.Linear(
         in_features,
         out_features,
@@ -105,6 +106,7 @@ def linear(
         bias_init=bias_init or torch_bias_init(in_features),
         dtype=dtype,
         param_dtype=param_dtype(dtype),
+        dot_general=cpu_conv.dot_general,
         rngs=rngs,
     )
 

@@ -88,3 +88,32 @@ def test_auto_keeps_xla_where_xla_is_fast_and_reformulates_its_slow_cases():
 def test_unknown_algorithm_is_refused():
     with pytest.raises(ValueError, match="expected one of"), cpu_conv.conv_algorithm("fft"):
         pass
+
+
+def _dot_operand_ranks(fn, *args) -> list[int]:
+    jaxpr = jax.make_jaxpr(fn)(*args)
+    return [e.invars[0].aval.ndim for e in jaxpr.eqns if e.primitive.name == "dot_general"]
+
+
+def test_dense_dot_on_tokens_runs_on_2d_rows_and_equals_xla_in_float64():
+    rng = np.random.default_rng(0)
+    with jax.enable_x64(True):
+        x = jnp.asarray(rng.normal(size=(2, 5, 4)))
+        w = jnp.asarray(rng.normal(size=(4, 3)))
+        dims = (((2,), (0,)), ((), ()))
+
+        def run(fn):
+            y, vjp = jax.vjp(lambda x, w: fn(x, w, dims), x, w)
+            return (y, *vjp(jnp.cos(y)))
+
+        ours, xla = run(cpu_conv.dot_general), run(lax.dot_general)
+        for a, b in zip(ours, xla, strict=True):
+            assert a.shape == b.shape
+            np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
+        assert _dot_operand_ranks(lambda x, w: cpu_conv.dot_general(x, w, dims), x, w) == [2]
+        with cpu_conv.conv_algorithm("xla"):
+            assert _dot_operand_ranks(lambda x, w: cpu_conv.dot_general(x, w, dims), x, w) == [3]
+        # A batched product is not a dense layer's: passed to XLA as it is.
+        batched = (((2,), (1,)), ((0,), (0,)))
+        y = jnp.asarray(rng.normal(size=(2, 4, 3)))
+        assert _dot_operand_ranks(lambda x, y: cpu_conv.dot_general(x, y, batched), x, y) == [3]
