@@ -22,7 +22,7 @@ from typing import Any
 
 from ml_collections import config_dict
 
-from dermjax.data.embeddings import TEXT_DTYPES, TEXT_POOLING, EncoderSettings
+from dermjax.data.encoders import TEXT_DTYPES, TEXT_POOLING, EncoderSettings
 from dermjax.data.images import BAD_IMAGE_POLICIES
 from dermjax.data.metadata import DATASETS, DERM1M_SOURCES, SPLIT_RATIO_KEYS
 from dermjax.errors import ConfigError

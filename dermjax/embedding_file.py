@@ -23,7 +23,7 @@ from ml_collections import config_dict
 
 from dermjax import parallel
 from dermjax.config import encoder_settings, load_config, packaged_config_path
-from dermjax.data import embeddings, fs, metadata
+from dermjax.data import embeddings, encoders, fs, metadata
 from dermjax.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -31,11 +31,11 @@ log = logging.getLogger(__name__)
 
 def text_encoder(
     cfg: config_dict.ConfigDict, mesh: jax.sharding.Mesh | None = None
-) -> embeddings.TextEncoder:
+) -> encoders.TextEncoder:
     """The configured text encoder: the built-in hashing one for `hash`, else `dermjax.text`'s."""
     e = cfg.encoder
-    if e.model_name == embeddings.HASH_MODEL:
-        return embeddings.HashingTextEncoder(dim=embeddings.HASH_DIM)
+    if e.model_name == encoders.HASH_MODEL:
+        return encoders.HashingTextEncoder(dim=encoders.HASH_DIM)
     try:
         from dermjax import text  # lazy: transformers is only needed to compute embeddings
     except ImportError as err:
@@ -108,12 +108,12 @@ def _check_embeddings(
     differences = []
     if stored_settings is not None:
         differences += embeddings.spec_differences(stored_settings, settings.as_dict())
-    is_hash = settings.model_name == embeddings.HASH_MODEL
+    is_hash = settings.model_name == encoders.HASH_MODEL
     if is_hash and stored_spec is not None:
-        hash_spec = embeddings.HashingTextEncoder(dim=embeddings.HASH_DIM).spec
+        hash_spec = encoders.HashingTextEncoder(dim=encoders.HASH_DIM).spec
         differences += embeddings.spec_differences(stored_spec, hash_spec)
     dim = next((len(v) for v in emb[embeddings.EMBEDDING_COL] if v is not None), None)
-    wanted = embeddings.HASH_DIM if is_hash else cfg.encoder.output_dim
+    wanted = encoders.HASH_DIM if is_hash else cfg.encoder.output_dim
     if (
         None not in (dim, wanted)
         and dim != wanted

@@ -111,12 +111,12 @@ def test_dropouts_must_be_below_one():
 
 
 def test_option_lists_come_from_the_modules_that_implement_them():
-    from dermjax.data import embeddings, images, metadata
+    from dermjax.data import encoders, images, metadata
     from dermjax.models import fusion, layers, losses, registry
     from dermjax.train import early_stopping, masking, optim, step
 
     for module, names in [
-        (embeddings, ["TEXT_POOLING"]),
+        (encoders, ["TEXT_DTYPES", "TEXT_POOLING"]),
         (images, ["BAD_IMAGE_POLICIES"]),
         (metadata, ["DATASETS", "DERM1M_SOURCES"]),
         (fusion, ["ACTIVATIONS", "FUSION_STRATEGIES"]),

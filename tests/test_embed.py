@@ -15,12 +15,8 @@ import pytest
 
 from dermjax.config import data_paths, encoder_settings, load_config, validate
 from dermjax.data import embeddings as emb_mod
-from dermjax.data.embeddings import (
-    EncoderMismatchError,
-    EncoderSettings,
-    compute_embeddings,
-    read_embeddings,
-)
+from dermjax.data.embeddings import EncoderMismatchError, compute_embeddings, read_embeddings
+from dermjax.data.encoders import QWEN_INSTRUCTION, EncoderSettings, HashingTextEncoder
 from dermjax.embedding_file import text_embeddings
 from dermjax.errors import ConfigError, DataError
 from dermjax.experiment import load_data, selected_metadata
@@ -118,7 +114,7 @@ def test_derived_file_names_differ_per_encoder():
         "all-MiniLM-L6-v2_256_mean.parquet"
     )
     assert name("hash") == "hash256.parquet"
-    qwen = dict(pooling_type="last_token", instruction=emb_mod.QWEN_INSTRUCTION)
+    qwen = dict(pooling_type="last_token", instruction=QWEN_INSTRUCTION)
     assert name("Qwen/Qwen3-Embedding-8B", **qwen) == "Qwen3-Embedding-8B_256_last_token.parquet"
     names = {
         name(),
@@ -186,7 +182,7 @@ def test_a_file_of_another_encoder_is_an_error_with_the_command_that_fixes_it(tm
 def test_a_file_lacking_ids_with_text_is_an_error_with_the_resume_command(tmp_path):
     path = str(tmp_path / "hash256.parquet")
     cfg = _cfg(tmp_path, path)
-    encoder = emb_mod.HashingTextEncoder(dim=256)
+    encoder = HashingTextEncoder(dim=256)
     compute_embeddings(_meta(["a", None]), path, encoder, progress=False)
     with pytest.raises(DataError, match=r"lacks 2 of the 3 selected rows with text.*--resume`"):
         text_embeddings(cfg, _meta(["a", "b", "c", None, ""]), path)
@@ -239,7 +235,7 @@ def test_embed_command_writes_the_file_the_demo_then_trains_on(tmp_path):
     data = load_data(cfg, str(tmp_path))
     assert data.text_dim == 256 and data.train.has_text.any()
     # An incomplete file: the error's command completes it, and the data then loads.
-    compute_embeddings(meta.iloc[:10], str(tmp_path / "part.parquet"), emb_mod.HashingTextEncoder())
+    compute_embeddings(meta.iloc[:10], str(tmp_path / "part.parquet"), HashingTextEncoder())
     os.replace(tmp_path / "part.parquet", paths.embeddings)
     with pytest.raises(DataError) as info:
         load_data(cfg, str(tmp_path))

@@ -13,7 +13,7 @@ Any field is overridable: --config.training.batch_size=64 --config.vision_model.
 
 from ml_collections import config_dict
 
-from dermjax.data.embeddings import QWEN_INSTRUCTION
+from dermjax.data.encoders import QWEN_INSTRUCTION
 from dermjax.data.metadata import DERM1M_SOURCES
 
 _P = config_dict.placeholder

@@ -29,7 +29,7 @@ from ml_collections import config_dict
 from dermjax import experiment, parallel
 from dermjax.cli import apply_overrides
 from dermjax.config import load_config, validate
-from dermjax.data import embeddings, fs, images, pipeline
+from dermjax.data import embeddings, encoders, fs, images, pipeline
 from dermjax.data.augment import prepare_eval
 from dermjax.embedding_file import text_encoder
 from dermjax.errors import DataError
@@ -357,7 +357,7 @@ def text_vector(model: LoadedModel, text: str) -> np.ndarray:
     """`text` embedded by the checkpoint's text encoder (the hashing one works offline)."""
     spec = dict(model.meta.get("encoder") or {})
     if spec.get("name") == "hashing":
-        encoder: Any = embeddings.HashingTextEncoder(
+        encoder: Any = encoders.HashingTextEncoder(
             dim=spec["dim"], ngram=tuple(spec["ngram"]), seed=spec["seed"]
         )
     else:

@@ -9,7 +9,8 @@ import pytest
 from PIL import Image
 
 from dermjax.data import demo
-from dermjax.data.embeddings import HashingTextEncoder, read_embeddings
+from dermjax.data.embeddings import read_embeddings
+from dermjax.data.encoders import HashingTextEncoder
 from dermjax.data.metadata import DERM1M_SOURCES, load_metadata
 
 N = 40

@@ -1,4 +1,4 @@
-"""Embeddings parquet layout, the hashing encoder, ensure/extend rules and the 1:1 text join."""
+"""Embeddings parquet layout, ensure/extend rules and the 1:1 text join."""
 
 import os
 
@@ -10,13 +10,13 @@ import pytest
 
 from dermjax.data.embeddings import (
     EncoderMismatchError,
-    HashingTextEncoder,
     build_records,
     ensure_embeddings,
     join_text,
     read_embeddings,
     write_embeddings,
 )
+from dermjax.data.encoders import HashingTextEncoder
 from dermjax.errors import DataError
 
 
@@ -73,26 +73,6 @@ def test_reads_files_written_like_the_original(tmp_path):
     assert back.attrs["encoder_spec"] is None
     assert back["embedding"][1].dtype == np.float32
     np.testing.assert_array_equal(back["embedding"][1], [2.0, -1.0])
-
-
-def test_hashing_encoder_is_deterministic_raw_and_case_insensitive():
-    texts = ["Itchy red rash on the elbows", "itchy RED rash on the elbows", "scaly"]
-    first = HashingTextEncoder(dim=64).encode(texts)
-    again = HashingTextEncoder(dim=64).encode(texts)
-    assert first.dtype == np.float32 and first.shape == (3, 64)
-    np.testing.assert_array_equal(first, again)
-    np.testing.assert_array_equal(first[0], first[1])
-    assert not np.array_equal(first, HashingTextEncoder(dim=64, seed=1).encode(texts))
-    # 6 unigrams + 5 bigrams of signed counts; no L2 normalisation.
-    wide = HashingTextEncoder(dim=1 << 16).encode(texts[:1])
-    assert np.abs(wide).sum() == 11
-    assert set(np.unique(wide)) <= {-1.0, 0.0, 1.0}
-
-
-def test_hashing_encoder_ngram_range_is_inclusive():
-    unigrams = HashingTextEncoder(dim=1 << 16, ngram=(1, 1)).encode(["a b c"])
-    trigrams = HashingTextEncoder(dim=1 << 16, ngram=(1, 3)).encode(["a b c"])
-    assert (np.abs(unigrams).sum(), np.abs(trigrams).sum()) == (3, 6)
 
 
 def test_join_missing_text_as_nan_empty_or_absent_row_gives_zeros():
