@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
-# The one script a session with a lent GPU runs (issue 16). It installs what the image lacks,
-# then runs, one process per model, the same-process step benchmark (dermjax vs torch eager vs
-# torch.compile, batch 256, 224 px, bf16, the full step with on-device augmentation on both
-# sides): resnet50, efficientnet_b0, vit_b_16 with jax and torch profiles, then the end-to-end
-# benchmark (grain loader + step), then resnet101, densenet121, vit_l_16. JSON, logs and profiles
-# go under $OUT; a summary table is printed at the end. Every job is time-boxed and skipped once
-# the overall budget (BUDGET_S, default 480 s) is spent.
+# The one script a session with a lent GPU runs (issue 16). It installs what the image lacks from
+# the carried wheels (scripts/gpu_wheels.py; that machine reaches no package index), then runs,
+# one process per model, the same-process step benchmark (dermjax vs torch eager vs torch.compile,
+# batch 256, 224 px, bf16, the full step with on-device augmentation on both sides): resnet50,
+# efficientnet_b0, vit_b_16 with jax and torch profiles, then the end-to-end benchmark (grain
+# loader + step), then resnet101, densenet121, vit_l_16. JSON, logs and profiles go under $OUT;
+# a summary table is printed at the end. Every job is time-boxed and skipped once the overall
+# budget (BUDGET_S, default 480 s) is spent.
 #
-#   OUT=/tmp/out bash scripts/gpu_session.sh
+#   python scripts/gpu_wheels.py download                  # here, once: .whl/ (~6 MB)
+#   OUT=/tmp/out bash scripts/gpu_session.sh                # there, with carry=[".whl"]
 #
 # Compilation caches live in $CACHE_DIR (default bench_out/, git-ignored), so a rerun on the same
 # machine compiles faster: compare compile seconds of first runs only (status.txt says whether
@@ -17,9 +19,10 @@ set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
 OUT="${OUT:?set OUT to the output folder}"
 BUDGET_S="${BUDGET_S:-480}"
-PY="${PYTHON:-python}"
+PY="${PYTHON:-python3}"
 CACHE_DIR="${CACHE_DIR:-$PWD/bench_out}"
 SMOKE="${SMOKE:-0}"
+SITE="${SITE:-/tmp/site}"
 mkdir -p "$OUT/logs" "$OUT/profiles" "$CACHE_DIR"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export JAX_COMPILATION_CACHE_DIR="$CACHE_DIR/jax_cache"
@@ -43,23 +46,15 @@ log() { echo "[$(date +%H:%M:%S) +${SECONDS}s] $*"; }
 
 # ---- Environment ---------------------------------------------------------------------------
 if [[ "$SMOKE" != 1 ]]; then
-  missing=()
-  for module in grain array_record ml_collections wandb gcsfs optax flax; do
-    "$PY" -c "import $module" 2>/dev/null || missing+=("$module")
-  done
-  if ((${#missing[@]})); then
-    log "installing ${missing[*]}"
-    "$PY" -m pip install -q "${missing[@]}" || log "pip install failed: ${missing[*]}"
-  fi
-  if ! "$PY" -c "import jax, sys; sys.exit(jax.default_backend() != 'gpu')" 2>/dev/null; then
-    log "jax has no GPU backend; trying jax[cuda13]"
-    "$PY" -m pip install -q "jax[cuda13]" || log "pip install jax[cuda13] failed"
-  fi
+  # The GPU machine reaches no package index: what its image lacks travels as wheels in .whl/
+  # (`python scripts/gpu_wheels.py download` here; the device call carries .whl).
+  "$PY" scripts/gpu_wheels.py install --wheels .whl --target "$SITE" || log "wheel install failed"
+  export PYTHONPATH="$SITE:$PYTHONPATH"
 fi
 {
   "$PY" -c "import jax, torch; print(jax.__version__, jax.devices(), torch.__version__, torch.cuda.is_available())"
   nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,power.limit --format=csv
-  "$PY" -m pip list 2>/dev/null | grep -iE '^(jax|jaxlib|jax-cuda|flax|optax|torch|grain|nvidia-cudnn)'
+  "$PY" -m pip list 2>/dev/null | grep -iE '^(jax|jaxlib|jax-cuda|flax|optax|orbax|torch|grain|array.record|ml.collections|fairlearn|nvidia-cudnn)'
 } >"$OUT/env.txt" 2>&1
 cat "$OUT/env.txt"
 if [[ "$SMOKE" != 1 ]] && ! "$PY" -c "import jax, sys; sys.exit(jax.default_backend() != 'gpu')"; then

@@ -28,12 +28,30 @@ def test_gpu_session_script_is_shellcheck_clean():
     assert proc.returncode == 0, proc.stdout
 
 
+# The GPU image has neither, and no wheel of them travels (scripts/gpu_wheels.py).
+NOT_ON_THE_GPU_IMAGE = ("wandb", "gcsfs", "modal")
+BLOCKER = f"""import sys
+
+class Blocker:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in {NOT_ON_THE_GPU_IMAGE!r}:
+            raise ImportError("not on the GPU image: " + name)
+
+sys.meta_path.insert(0, Blocker())
+"""
+
+
 @pytest.mark.slow
 def test_smoke_rehearsal_runs_every_job_and_prints_the_summary(tmp_path):
-    out = tmp_path / "out"
+    """Also without the optional packages the GPU image lacks (imports of them fail)."""
+    out, blocker = tmp_path / "out", tmp_path / "blocker"
+    blocker.mkdir()
+    (blocker / "sitecustomize.py").write_text(BLOCKER)
     env = {**os.environ, "SMOKE": "1", "OUT": str(out), "CACHE_DIR": str(tmp_path / "cache")}
-    env |= {"PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
+    env |= {"PYTHON": sys.executable, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(blocker)}
     env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"
+    probe = subprocess.run([sys.executable, "-c", "import wandb"], env=env, capture_output=True)
+    assert b"not on the GPU image: wandb" in probe.stderr  # the blocker is in force
     proc = subprocess.run(
         ["bash", str(SCRIPT)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
     )
