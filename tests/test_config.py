@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from dermjax import config
+from dermjax import config_rules
 from dermjax.config import ConfigError, data_paths, load_config, validate, validate_for_run
 from dermjax.errors import ConfigError as BaseConfigError
 
@@ -129,7 +129,7 @@ def test_option_lists_come_from_the_modules_that_implement_them():
         (step, ["COMPUTE_DTYPES", "NONFINITE_POLICIES"]),
     ]:
         for name in names:
-            assert getattr(config, name) is getattr(module, name), name
+            assert getattr(config_rules, name) is getattr(module, name), name
     assert load_config("default").data.derm1m_sources == metadata.DERM1M_SOURCES
 
 
