@@ -48,7 +48,10 @@ log() { echo "[$(date +%H:%M:%S) +${SECONDS}s] $*"; }
 if [[ "$SMOKE" != 1 ]]; then
   # The GPU machine reaches no package index: what its image lacks travels as wheels in .whl/
   # (`python scripts/gpu_wheels.py download` here; the device call carries .whl).
-  "$PY" scripts/gpu_wheels.py install --wheels .whl --target "$SITE" || log "wheel install failed"
+  if ! "$PY" scripts/gpu_wheels.py install --wheels .whl --target "$SITE"; then
+    log "wheel install failed: nothing can run without them; stopping"
+    exit 2
+  fi
   export PYTHONPATH="$SITE:$PYTHONPATH"
 fi
 {

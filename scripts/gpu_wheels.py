@@ -82,11 +82,19 @@ def pins() -> list[str]:
 
 
 def download(dest: str) -> None:
-    """Fetches `pins()` as CPython 3.12 manylinux wheels into `dest`."""
+    """Fetches `pins()` as CPython 3.12 manylinux wheels into `dest`, first removing carried
+    distributions' wheels already there (two versions of one would stop the install)."""
+    wanted = pins()
+    carried = {_normal(name) for name in CARRIED}
+    if os.path.isdir(dest):
+        for file in os.listdir(dest):
+            match = _WHEEL.match(file)
+            if match and _normal(match["name"]) in carried:
+                os.remove(os.path.join(dest, file))
     platforms = [arg for p in PLATFORMS for arg in ("--platform", p)]
     command = [
         sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-        "--python-version", "3.12", "--implementation", "cp", *platforms, "-d", dest, *pins(),
+        "--python-version", "3.12", "--implementation", "cp", *platforms, "-d", dest, *wanted,
     ]  # fmt: skip
     subprocess.run(command, check=True)
     print(f"{dest}: {', '.join(sorted(os.listdir(dest)))}")

@@ -60,6 +60,19 @@ def test_pins_name_this_environments_versions_of_every_carried_distribution():
     assert "grain==" + str(gpu_wheels.installed_version("grain")) in pins
 
 
+def test_download_replaces_old_carried_wheels_and_asks_pip_for_cp312_pins(tmp_path, monkeypatch):
+    stale, other = "grain-0.0.1-py3-none-any.whl", "unrelated-1.0-py3-none-any.whl"
+    for name in (stale, other):
+        (tmp_path / name).write_bytes(b"")
+    commands = []
+    monkeypatch.setattr(gpu_wheels.subprocess, "run", lambda cmd, check: commands.append(cmd))
+    gpu_wheels.download(str(tmp_path))
+    assert sorted(os.listdir(tmp_path)) == [other]  # two grain versions would stop the install
+    (command,) = commands
+    assert command[command.index("--python-version") + 1] == "3.12"
+    assert command[-len(gpu_wheels.CARRIED) :] == gpu_wheels.pins()
+
+
 @pytest.mark.slow
 def test_install_puts_selected_wheels_on_a_target_that_imports_offline(tmp_path):
     wheels, target = tmp_path / "whl", tmp_path / "site"
