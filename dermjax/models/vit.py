@@ -13,6 +13,8 @@ torchvision's `interpolate_embeddings` (bicubic, align_corners=True).
 
 from __future__ import annotations
 
+import functools
+import logging
 import math
 
 import jax
@@ -24,6 +26,7 @@ from dermjax.models import layers, normalize
 from dermjax.models.layers import Dtype
 
 LAYER_NORM_EPS = 1e-6
+_LOG = logging.getLogger(__name__)
 _ZEROS = nnx.initializers.zeros_init()
 _XAVIER = nnx.initializers.xavier_uniform()
 
@@ -69,17 +72,27 @@ def _attention(query: jax.Array, key: jax.Array, value: jax.Array) -> jax.Array:
     """softmax(q k^T / sqrt(d)) v on (batch, tokens, heads, head_dim) arrays.
 
     On GPU in bf16/fp16 this is cuDNN's fused flash attention (jax 0.10 picks plain XLA unless
-    asked). XLA's version takes its softmax in float32, so float64 (parity tests) uses the same
-    formula written out.
+    asked). Where JAX refuses it while tracing (no cuDNN, an unsupported cuDNN version or shape)
+    the model runs XLA's attention instead and logs why once, rather than failing the run. XLA's
+    version takes its softmax in float32, so float64 (parity tests) uses the same formula
+    written out.
     """
     if query.dtype == jnp.float64:
         logits = jnp.einsum("bqhd,bkhd->bhqk", query, key) / math.sqrt(query.shape[-1])
         return jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(logits, axis=-1), value)
     half = query.dtype in (jnp.bfloat16, jnp.float16)
-    fused = half and jax.default_backend() == "gpu"
-    return jax.nn.dot_product_attention(
-        query, key, value, implementation="cudnn" if fused else "xla"
-    )
+    if half and jax.default_backend() == "gpu":
+        try:
+            return jax.nn.dot_product_attention(query, key, value, implementation="cudnn")
+        except (RuntimeError, ValueError, NotImplementedError) as err:
+            _warn_cudnn_refused(f"{type(err).__name__}: {err}")
+    return jax.nn.dot_product_attention(query, key, value, implementation="xla")
+
+
+@functools.cache
+def _warn_cudnn_refused(reason: str) -> None:
+    """Logs, once per distinct reason, that attention fell back from cuDNN to XLA."""
+    _LOG.warning("cuDNN attention unavailable (%s); using XLA attention", reason)
 
 
 class EncoderBlock(nnx.Module):

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from dermjax.models import BACKBONES, create_backbone, is_vit, unit_count
+from dermjax.models import BACKBONES, create_backbone, is_vit, unit_count, vit
 from dermjax.models.registry import backbone_spec
 from dermjax.models.vit import resize_pos_embedding, trainable_prefixes, unfreeze_units
 from tests.models import parity
@@ -211,3 +211,23 @@ def test_bfloat16_keeps_float32_params_and_agrees_with_float32(b32: tuple) -> No
     assert out.dtype == np.float32
     assert np.linalg.norm(out - ref) <= 0.1 * np.linalg.norm(ref)
     assert np.mean(out.argmax(-1) == ref.argmax(-1)) >= 0.75
+
+
+def test_gpu_attention_falls_back_to_xla_when_cudnn_is_refused(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # On this CPU JAX refuses cuDNN while tracing ("cuDNN is not detected"), as it would on a
+    # GPU with an unsupported cuDNN: the model must compute XLA's attention and say why.
+    monkeypatch.setattr(vit.jax, "default_backend", lambda: "gpu")
+    vit._warn_cudnn_refused.cache_clear()
+    q, k, v = (
+        jax.random.normal(key, (2, 5, 3, 8), jnp.bfloat16)
+        for key in jax.random.split(jax.random.key(0), 3)
+    )
+    with caplog.at_level("WARNING", logger=vit.__name__):
+        got = vit._attention(q, k, v)
+        vit._attention(q, k, v)
+    want = jax.nn.dot_product_attention(q, k, v, implementation="xla")
+    np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
+    refused = [r for r in caplog.records if "cuDNN attention unavailable" in r.getMessage()]
+    assert len(refused) == 1, "the reason is logged once, not per call"
