@@ -50,7 +50,7 @@ from dermjax.data import stats  # noqa: E402
 from dermjax.errors import ConfigError, UserError  # noqa: E402
 from dermjax.models import registry  # noqa: E402
 from dermjax.train.checkpoint import Checkpointer  # noqa: E402
-from dermjax.weights import original  # noqa: E402
+from dermjax.weights import original, original_reference  # noqa: E402
 
 log = logging.getLogger("convert_original_checkpoint")
 
@@ -213,7 +213,7 @@ def convert(
         )
     )
     original.load_into(model, ckpt, backbone=v.name, structure=structure)
-    reference = original.torch_reference(
+    reference = original_reference.torch_reference(
         ckpt,
         backbone=v.name,
         pooling_type=v.pooling_type,
@@ -222,7 +222,7 @@ def convert(
         final_activation=m.final_activation,
         use_l2_normalization=m.use_l2_normalization,
     )
-    check = original.compare_logits(
+    check = original_reference.compare_logits(
         model, reference, image_size=tuple(cfg.data.img_size), text_dim=structure.text_dim
     )
     log.info("max|logit diff| %.3g (tolerance %.3g)", check["max_abs_diff"], check["tolerance"])

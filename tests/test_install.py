@@ -3,8 +3,10 @@
 import os
 import pathlib
 import shutil
+import site
 import subprocess
 import sys
+import sysconfig
 
 import pytest
 
@@ -23,17 +25,32 @@ def _ignore(folder: str, names: list[str]) -> set[str]:
     return top | _NOT_SOURCE(folder, names)
 
 
+def _site_dirs() -> list[str]:
+    """This interpreter's package folders (a .pth line adds a folder but runs no .pth in it, so
+    an editable dermjax here stays out of the venv)."""
+    paths = sysconfig.get_paths()
+    return list(dict.fromkeys([*site.getsitepackages(), paths["purelib"], paths["platlib"]]))
+
+
+def _site_packages(python: str) -> pathlib.Path:
+    """The venv's own site-packages folder."""
+    code = "import sysconfig; print(sysconfig.get_paths()['purelib'])"
+    out = subprocess.run([python, "-c", code], check=True, capture_output=True, text=True)
+    return pathlib.Path(out.stdout.strip())
+
+
 @pytest.mark.slow
 def test_non_editable_install_runs_the_demo_from_another_folder(tmp_path):
     # Build from a copy so the build leaves nothing in the source tree.
     src = tmp_path / "src"
     shutil.copytree(ROOT, src, symlinks=True, ignore=_ignore)
     venv = tmp_path / "venv"
-    # Without its own pip and setuptools, the venv builds with the system's (offline, current).
-    subprocess.run(
-        [sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", venv], check=True
-    )
+    # The venv gets no pip or packages of its own: this environment's site-packages (pip,
+    # setuptools, dependencies) follow its own through a .pth file. `--system-site-packages`
+    # would give the base interpreter's instead when the tests run in a venv, as in CI.
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", venv], check=True)
     python = str(venv / "bin" / "python")
+    (_site_packages(python) / "parent-env.pth").write_text("\n".join(_site_dirs()) + "\n")
     subprocess.run(
         [python, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", str(src)],
         check=True,
@@ -48,7 +65,7 @@ def test_non_editable_install_runs_the_demo_from_another_folder(tmp_path):
             [python, *args], cwd=elsewhere, env=env, capture_output=True, text=True, timeout=600
         )
 
-    # The system site-packages hold an editable dermjax: the venv's copy must be the one used.
+    # This environment holds an editable dermjax: the venv's copy must be the one used.
     where = run("-c", _MODULE_FILES)
     assert where.returncode == 0, where.stderr
     files = [pathlib.Path(line).resolve() for line in where.stdout.split()]

@@ -24,7 +24,7 @@ from dermjax.config import validate
 from dermjax.configs import default
 from dermjax.errors import ConfigError, UserError
 from dermjax.train.checkpoint import CheckpointReader, restore_weights_only
-from dermjax.weights import original
+from dermjax.weights import original, original_reference
 from tests.models import parity
 
 torch = pytest.importorskip("torch")
@@ -267,7 +267,7 @@ def assert_same_outputs(cfg, out, vision, head):
     1e-4 * max(1, max|logit|)); returns the meta and abstract train state of `restore`."""
     net, meta, abstract = restore(cfg, out)
     size = tuple(cfg.data.img_size)
-    check = original.compare_logits(
+    check = original_reference.compare_logits(
         net, torch_model(vision, head), image_size=size, text_dim=TEXT_DIM, seed=3
     )
     assert check["ok"], check
@@ -304,7 +304,7 @@ def test_resnet50_concat_mlp_converts_with_adamw_moments_and_resumes(script, tmp
     assert not (tmp_path / "refused").exists()
     cfg.multimodal_classifier.class_weights = tuple(h["class_weights"])
     with monkeypatch.context() as patch:
-        patch.setattr(original, "RELATIVE_TOLERANCE", -1.0)  # no difference can pass
+        patch.setattr(original_reference, "RELATIVE_TOLERANCE", -1.0)  # no difference can pass
         with pytest.raises(UserError, match="nothing written"):
             script.convert(path, cfg, tmp_path / "out")
     assert not (tmp_path / "out").exists()
