@@ -20,7 +20,7 @@ import logging
 from absl import flags
 from ml_collections import config_flags
 
-from dermjax import embedding_file, experiment, parallel
+from dermjax import embedding_file, experiment_data, parallel
 from dermjax.cli import run_main
 from dermjax.config import encoder_settings, packaged_config_path, validate
 from dermjax.data import embeddings, fs
@@ -54,7 +54,7 @@ def main(argv: list[str]) -> None:
     validate(cfg)
     parallel.maybe_initialize_distributed()
     _setup_logging()
-    paths, meta = experiment.selected_metadata(cfg)
+    paths, meta = experiment_data.selected_metadata(cfg)
     out = _OUT.value or paths.embeddings
     if out is None:
         raise DataError("no embeddings file to write: pass --out FILE or set data.dataset")

@@ -1,8 +1,9 @@
 """From a validated config to the parts of a run: data, model, train state, steps and loaders.
 
-This is the only module (with `dermjax.runner`, which drives a run) that reads the config:
-models, weights, data and the train steps take explicit arguments. `compose(cfg, run_dir)`
-reads the data and builds everything the epoch loop works with (`Components`).
+This module and `dermjax.experiment_data` (the data side) are the only ones, with
+`dermjax.runner`, which drives a run, that read the config: models, weights, data and the train
+steps take explicit arguments. `compose(cfg, run_dir)` reads the data and builds everything the
+epoch loop works with (`Components`).
 """
 
 from __future__ import annotations
@@ -15,22 +16,12 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
-import pandas as pd
 from flax import nnx
 from ml_collections import config_dict
 
-from dermjax import parallel
-from dermjax.config import (
-    DataPaths,
-    data_paths,
-    encoder_settings,
-)
-from dermjax.configs import default
+from dermjax import experiment_data, parallel
 from dermjax.data import cache as prepared
-from dermjax.data import demo, embeddings, fs, images, metadata, pipeline, stats
-from dermjax.data.augment import AugmentSpec
-from dermjax.embedding_file import text_embeddings
+from dermjax.data import images, pipeline
 from dermjax.models import registry
 from dermjax.models.classifier import DermClassifier, build_model
 from dermjax.models.fusion import MultimodalClassifier
@@ -53,159 +44,6 @@ def rng_streams(seed: int) -> dict[str, jax.Array]:
     return {
         name: jax.random.fold_in(root, i) for i, name in enumerate(("params", "dropout", "steps"))
     }
-
-
-# ---- Data -------------------------------------------------------------------------------------
-@dataclasses.dataclass
-class PreparedData:
-    """Everything a run needs from the data side, before any loader is built."""
-
-    paths: DataPaths
-    classes: list[str]
-    class_weights: np.ndarray
-    train: pipeline.Records
-    val: pipeline.Records | None
-    test: pipeline.Records | None
-    mean: tuple[float, float, float] | None  # None: training.use_normalization is false
-    std: tuple[float, float, float] | None
-    text_dim: int
-    majority_class: int
-    encoder_spec: dict
-
-    @property
-    def class_to_idx(self) -> dict[str, int]:
-        return {c: i for i, c in enumerate(self.classes)}
-
-
-def selected_metadata(cfg: config_dict.ConfigDict) -> tuple[DataPaths, pd.DataFrame]:
-    """The data paths and the metadata rows the config selects (demo data made if asked)."""
-    d = cfg.data
-    if d.demo:
-        demo.ensure_demo_data(os.path.join(d.local_root, d.dataset), seed=d.seed, n=d.demo_size)
-    paths = data_paths(cfg)
-    meta = metadata.load_metadata(
-        metadata.read_metadata_csv(paths.metadata, fs.storage_options(paths.metadata)),
-        min_samples_per_label=d.min_samples_per_label,
-        datasets=d.datasets,
-        derm1m_sources=d.derm1m_sources,
-        has_text=d.has_text,
-        data_fraction=d.data_fraction,
-        source=paths.metadata,
-    )
-    return paths, meta
-
-
-def split_metadata(
-    cfg: config_dict.ConfigDict, meta: pd.DataFrame
-) -> tuple[pd.DataFrame, pd.DataFrame | None, pd.DataFrame | None]:
-    """(train, val, test) rows, each dataset on its own when data.per_dataset_split_ratios is set.
-
-    That split ignores data.test_size and data.val_size, as the original's does (a warning says
-    so when they differ from the defaults). A split of size 0 is None.
-    """
-    d = cfg.data
-    if d.per_dataset_split_ratios is None:
-        return metadata.stratified_split(
-            meta, test_size=d.test_size, val_size=d.val_size, seed=d.seed
-        )
-    defaults = default.get_config().data
-    if (d.test_size, d.val_size) != (defaults.test_size, defaults.val_size):
-        log.warning(
-            "data.test_size=%s and data.val_size=%s are ignored: data.per_dataset_split_ratios "
-            "sets the splits",
-            d.test_size,
-            d.val_size,
-        )
-    return metadata.per_dataset_split(meta, d.per_dataset_split_ratios, seed=d.seed)
-
-
-def load_data(cfg: config_dict.ConfigDict, run_dir: str) -> PreparedData:
-    """Metadata filtered and split as the original, text joined, normalisation statistics."""
-    d = cfg.data
-    paths, meta = selected_metadata(cfg)
-    classes = metadata.class_list(meta)
-    train_df, val_df, test_df = split_metadata(cfg, meta)
-    weights = np.asarray(metadata.class_weights(train_df, classes), np.float32)
-    emb = text_embeddings(cfg, meta, paths.embeddings)
-    class_to_idx = {c: i for i, c in enumerate(classes)}
-
-    def records(df: pd.DataFrame | None) -> pipeline.Records | None:
-        if df is None:
-            return None
-        return embeddings.build_records(
-            df, img_prefix=paths.img_prefix, class_to_idx=class_to_idx, emb_df=emb
-        )
-
-    train, val, test = records(train_df), records(val_df), records(test_df)
-    if not cfg.training.use_normalization:  # no Normalize anywhere: images stay in [0, 1]
-        mean = std = None
-        if cfg.training.compute_stats:
-            log.info("training.use_normalization is false: training.compute_stats is ignored")
-    elif cfg.training.compute_stats:
-        mean, std = stats.compute_stats(
-            train.paths,
-            tuple(d.img_size),
-            num_workers=cfg.training.num_workers,
-            cache_file=os.path.join(run_dir, "normalization_stats.json"),
-        )
-    else:
-        mean, std = stats.IMAGENET_MEAN, stats.IMAGENET_STD
-    log.info(
-        "data: %d classes; train %d, val %d, test %d rows; text dim %d",
-        len(classes),
-        len(train.labels),
-        0 if val is None else len(val.labels),
-        0 if test is None else len(test.labels),
-        train.text.shape[1],
-    )
-    return PreparedData(
-        paths=paths,
-        classes=classes,
-        class_weights=weights,
-        train=train,
-        val=val,
-        test=test,
-        mean=None if mean is None else tuple(float(x) for x in mean),
-        std=None if std is None else tuple(float(x) for x in std),
-        text_dim=int(train.text.shape[1]),
-        majority_class=int(np.bincount(train.labels, minlength=len(classes)).argmax()),
-        encoder_spec=emb.attrs.get("encoder_spec") or encoder_settings(cfg).as_dict(),
-    )
-
-
-def augment_spec(cfg: config_dict.ConfigDict) -> AugmentSpec:
-    return AugmentSpec.create(**cfg.augmentation.to_dict())
-
-
-def cache_plan(cfg: config_dict.ConfigDict, data: PreparedData) -> dict[str, tuple[str, list[str]]]:
-    """{rule: (cache folder, paths)} of the prepared caches this config's loaders read.
-
-    Training reads the train split at its resize rule (shorter side + crop when geometric
-    augmentation is on, else exact); evaluation reads val and test resized exactly.
-    """
-    h, w = cfg.data.img_size
-    train_rule = images.train_rule(augment_spec(cfg).geometric)
-    plan: dict[str, list[str]] = {train_rule: list(data.train.paths)}
-    for records in (data.val, data.test):
-        if records is not None:
-            plan.setdefault(images.EXACT, []).extend(records.paths)
-    return {
-        rule: (os.path.join(data.paths.cache_dir, f"{rule}_{h}x{w}"), paths)
-        for rule, paths in plan.items()
-    }
-
-
-def open_caches(cfg: config_dict.ConfigDict, data: PreparedData) -> dict[str, prepared.Cache]:
-    """The prepared caches that match this run's data, by resize rule."""
-    if not cfg.data.use_cache:
-        return {}
-    caches = {}
-    for rule, (directory, paths) in cache_plan(cfg, data).items():
-        found = prepared.open_cache(directory, paths, cfg.data.img_size, rule)
-        if found is not None:
-            log.info("using prepared cache at %s", directory)
-            caches[rule] = found
-    return caches
 
 
 # ---- Model, optimizers, steps -----------------------------------------------------------------
@@ -297,7 +135,7 @@ def step_spec(cfg: config_dict.ConfigDict, data_class_weights, mean, std) -> Ste
     """The static description of what the steps compute, from config."""
     m, k = cfg.multimodal_classifier, cfg.masking
     return StepSpec(
-        augment=augment_spec(cfg),
+        augment=experiment_data.augment_spec(cfg),
         mask=MaskSpec(
             mask_complete=k.mask_complete,
             random_enabled=k.random_mask.enabled,
@@ -363,7 +201,7 @@ class Components:
 
     cfg: config_dict.ConfigDict
     run_dir: str
-    data: PreparedData
+    data: experiment_data.PreparedData
     mesh: jax.sharding.Mesh
     parts: ModelParts
     state: dict
@@ -432,7 +270,7 @@ def compose(
 
     `weights_from_checkpoint`: the run restores its weights from a checkpoint (see make_model).
     """
-    data = load_data(cfg, run_dir)
+    data = experiment_data.load_data(cfg, run_dir)
     mesh = parallel.make_mesh()
     keys = rng_streams(cfg.data.seed)
     rngs = nnx.Rngs(params=keys["params"], dropout=keys["dropout"])
@@ -454,6 +292,6 @@ def compose(
         spec=step_spec(cfg, data.class_weights, data.mean, data.std),
         tx_backbone=tx_backbone,
         tx_head=tx_head,
-        caches=open_caches(cfg, data),
+        caches=experiment_data.open_caches(cfg, data),
         step_key=keys["steps"],
     )

@@ -36,7 +36,7 @@ def main(argv: list[str]) -> None:
     validate(cfg)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     from dermjax.data.cache import build_cache
-    from dermjax.experiment import cache_plan, load_data
+    from dermjax.experiment_data import cache_plan, load_data
 
     cfg.training.compute_stats = False  # statistics belong to the training run, not the cache
     with tempfile.TemporaryDirectory() as scratch:

@@ -19,7 +19,7 @@ from dermjax.data.embeddings import EncoderMismatchError, compute_embeddings, re
 from dermjax.data.encoders import QWEN_INSTRUCTION, EncoderSettings, HashingTextEncoder
 from dermjax.embedding_file import text_embeddings
 from dermjax.errors import ConfigError, DataError
-from dermjax.experiment import load_data, selected_metadata
+from dermjax.experiment_data import load_data, selected_metadata
 
 SETTINGS = {"model_name": "fake"}
 

@@ -13,7 +13,7 @@ from absl import flags
 
 from dermjax import evaluate
 from dermjax.data import metadata
-from dermjax.experiment import selected_metadata
+from dermjax.experiment_data import selected_metadata
 from dermjax.runner import run
 from tests.train.test_loop import tiny_demo_config
 

@@ -6,7 +6,7 @@ import sys
 
 from dermjax.config import load_config
 from dermjax.data import cache, images
-from dermjax.experiment import cache_plan, load_data
+from dermjax.experiment_data import cache_plan, load_data
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from dermjax.errors import RunFolderError
-from dermjax.experiment import load_data, rng_streams
+from dermjax.experiment import rng_streams
+from dermjax.experiment_data import load_data
 from dermjax.runner import config_changes, run, run_folders
 from dermjax.train.runlock import RunLock
 from tests.train.test_loop import tiny_demo_config

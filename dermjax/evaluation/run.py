@@ -19,7 +19,7 @@ import jax
 import numpy as np
 import pandas as pd
 
-from dermjax import experiment
+from dermjax import experiment_data
 from dermjax.data import embeddings, metadata, pipeline
 from dermjax.data.metadata import IMG_ID_COL
 from dermjax.embedding_file import text_embeddings
@@ -48,14 +48,14 @@ def split_rows(model: Checkpoint, split: str) -> tuple[str, pd.DataFrame, pipeli
     if split not in SPLITS:
         raise UserError(f"--split={split}: use one of {list(SPLITS)}")
     cfg = model.cfg
-    paths, meta = experiment.selected_metadata(cfg)
+    paths, meta = experiment_data.selected_metadata(cfg)
     found = metadata.class_list(meta)
     if found != model.classes:
         raise DataError(
             f"the data at {paths.metadata} gives classes {found}, the checkpoint was trained on "
             f"{model.classes}: point --config.data.* at the run's data"
         )
-    train, val, test = experiment.split_metadata(cfg, meta)
+    train, val, test = experiment_data.split_metadata(cfg, meta)
     stored = model.meta.get("train_rows")
     if stored is not None and stored != len(train):
         log.warning(

@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import pandas as pd
 import pytest
 
-from dermjax import experiment
+from dermjax import experiment, experiment_data
 from dermjax.config import ConfigError, load_config, validate
 
 # Every key of the later original, in the shape of its modal_template.yaml / final configs.
@@ -171,14 +171,14 @@ def _frame() -> pd.DataFrame:
 
 def test_per_dataset_ratios_choose_the_split_and_warn_that_sizes_are_ignored(tmp_path, caplog):
     cfg = _load(tmp_path, LATER)
-    with caplog.at_level(logging.WARNING, logger="dermjax.experiment"):
-        train, val, test = experiment.split_metadata(cfg, _frame())
+    with caplog.at_level(logging.WARNING, logger="dermjax.experiment_data"):
+        train, val, test = experiment_data.split_metadata(cfg, _frame())
     assert "data.test_size=0.2 and data.val_size=0.1 are ignored" in caplog.text
     # isic 0.7/0.2/0.1: 27/9/4 (ceil(36 * (0.2 / 0.9)) is 9 in floating point, as in sklearn);
     # ddi 0.3/0.4/0.3: 11/17/12
     assert (len(train), len(val), len(test)) == (27 + 11, 9 + 17, 4 + 12)
     cfg.data.per_dataset_split_ratios = None
-    train, val, test = experiment.split_metadata(cfg, _frame())
+    train, val, test = experiment_data.split_metadata(cfg, _frame())
     assert (len(train), len(val), len(test)) == (56, 8, 16)
 
 
@@ -190,7 +190,7 @@ def test_without_normalization_no_statistics_reach_the_steps_or_the_checkpoint(t
         d: {"train": 0.5, "val": 0.5, "test": 0.0} for d in datasets
     }
     cfg.training.use_normalization, cfg.training.compute_stats = False, True  # stats ignored
-    data = experiment.load_data(cfg, str(tmp_path))
+    data = experiment_data.load_data(cfg, str(tmp_path))
     assert data.mean is None and data.std is None
     assert data.test is None and len(data.val.labels) > 0  # test 0 everywhere: no test split
     meta = experiment.Components.meta(SimpleNamespace(data=data, cfg=cfg))

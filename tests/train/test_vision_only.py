@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from dermjax import experiment
+from dermjax import experiment_data
 from dermjax.data.augment import AugmentSpec
 from dermjax.models import registry
 from dermjax.models.classifier import DermClassifier
@@ -147,9 +147,9 @@ def test_run_with_vision_only_phase_and_no_test_split(tmp_path, monkeypatch):
     monkeypatch.setitem(
         registry._SPECS, "resnet50", dataclasses.replace(spec, variant={"depths": (1, 1, 1, 1)})
     )
-    real_load = experiment.load_data
+    real_load = experiment_data.load_data
     monkeypatch.setattr(
-        experiment, "load_data", lambda *a: dataclasses.replace(real_load(*a), test=None)
+        experiment_data, "load_data", lambda *a: dataclasses.replace(real_load(*a), test=None)
     )
     heads, trainers = [], []
     real_epoch = Trainer.train_epoch
