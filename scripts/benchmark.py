@@ -233,6 +233,11 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--out", required=True, help="JSON file to write")
     p.set_defaults(run=run_e2e)
     args = parser.parse_args(argv)
+    out_dir = os.path.dirname(os.path.abspath(args.out))
+    if not os.path.isdir(out_dir):  # found before minutes of measuring, not after
+        parser.error(
+            f"--out {args.out}: folder {out_dir} does not exist; create it or pick another"
+        )
     # jax and torch share the card in `step --torch`: jax must not pre-allocate 75% of it.
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     result = {"command": args.command, **args.run(args)}

@@ -5,6 +5,8 @@ import json
 import pathlib
 import sys
 
+import pytest
+
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2] / "scripts"))
 
 import bench_pipeline
@@ -39,3 +41,13 @@ def test_pipeline_subcommand_measures_all_paths_and_writes_json(tmp_path, capsys
     assert saved["images"]["count"] == 4 and result["settings"]["workers"] == [0]
     table = capsys.readouterr().out
     assert "(a) original-style CPU" in table and "raw / original" in table
+
+
+def test_missing_output_folder_is_refused_before_measuring(tmp_path, capsys):
+    missing = tmp_path / "no" / "such" / "out.json"
+    with pytest.raises(SystemExit) as exit_info:
+        benchmark.main(["pipeline", "--images", "4", "--out", str(missing)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"--out {missing}" in err and "does not exist" in err
+    assert not any(tmp_path.iterdir())  # nothing generated or measured
