@@ -74,7 +74,8 @@ def _versions() -> dict:
 
 def run_step(args: argparse.Namespace) -> dict:
     """dermjax's train step, and with --torch PyTorch's same step, eager and torch.compile, in this
-    process on this device (torch runs first and frees its cache before jax starts)."""
+    process on this device, in the order `--first` names. The JSON is rewritten after each side,
+    so a time box that cuts the second side off keeps the first side's figures."""
     import jax
 
     from dermjax.models import cpu_conv
@@ -90,31 +91,45 @@ def run_step(args: argparse.Namespace) -> dict:
         "settings": {
             "batch": args.batch_size, "size": args.size, "dtype": args.dtype, "steps": args.steps,
             "windows": args.windows, "augment": args.augment, "compile_mode": args.compile_mode,
-            "compile_backend": args.compile_backend, "conv": args.conv,
+            "compile_backend": args.compile_backend, "conv": args.conv, "first": args.first,
         },
         "work": STEP_WORK[args.augment],
         "rows": rows,
     }  # fmt: skip
-    for name in args.models:
-        row: dict = {"model": name}
-        rows.append(row)
-        if args.torch:
+
+    def measure_torch(row: dict) -> None:
+        try:
             t = bench_torch.torch_step_rates(
-                name, args.size, args.batch_size, args.dtype, args.steps, args.windows,
+                row["model"], args.size, args.batch_size, args.dtype, args.steps, args.windows,
                 augment=args.augment, compile_mode=args.compile_mode,
                 compile_backend=args.compile_backend, profile_dir=args.profile,
                 profile_steps=args.profile_steps,
             )  # fmt: skip
-            if t is not None:
-                row["torch_eager"], row["torch_compile"] = t.pop("eager"), t.pop("compile")
-                row["torch"] = t
-            _write_json(args.out, {"command": args.command, **result})  # kept if jax is cut off
+        except Exception as error:  # e.g. out of memory next to jax's pool: reported, not fatal
+            row["torch_error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:300]}"
+            return
+        if t is not None:
+            row["torch_eager"], row["torch_compile"] = t.pop("eager"), t.pop("compile")
+            row["torch"] = t
+
+    def measure_dermjax(row: dict) -> None:
         with cpu_conv.conv_algorithm(args.conv):
-            row["dermjax"] = d = bench.step_rate(
-                name, args.size, args.batch_size, args.dtype, args.steps, args.windows,
+            row["dermjax"] = bench.step_rate(
+                row["model"], args.size, args.batch_size, args.dtype, args.steps, args.windows,
                 tuple(args.phases), augment=args.augment, profile_dir=args.profile,
                 profile_steps=args.profile_steps,
             )  # fmt: skip
+
+    sides = [measure_dermjax]
+    if args.torch:
+        sides.insert(0 if args.first == "torch" else 1, measure_torch)
+    for name in args.models:
+        row: dict = {"model": name}
+        rows.append(row)
+        for measure in sides:
+            measure(row)
+            _write_json(args.out, {"command": args.command, **result})
+        d = row["dermjax"]
         row["ratio_to_torch_eager"] = _ratio(d.get("main_img_s"), row.get("torch_eager"))
         row["ratio_to_torch_compile"] = _ratio(d.get("main_img_s"), row.get("torch_compile"))
         print(json.dumps(row), flush=True)
@@ -139,6 +154,8 @@ def print_step_table(result: dict) -> None:
     for r in result["rows"]:
         # A row cut off by the time box (gpu_session.sh) has torch's figures only.
         d, e, c = r.get("dermjax") or {}, r.get("torch_eager"), r.get("torch_compile")
+        if "torch_error" in r:
+            notes.append(f"* {r['model']} torch: {r['torch_error']}")
         if c and "error" in c:
             notes.append(f"* {r['model']} torch.compile: {c['error']}")
         peaks = "/".join(_gib((x or {}).get("peak_bytes")) for x in (d, e, c))
@@ -213,6 +230,13 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--compile-mode", default="default", help="torch.compile mode (inductor)")
     p.add_argument("--compile-backend", default="inductor", help="torch.compile backend")
     p.add_argument("--augment", action="store_true", help="on-device augmentation, both sides")
+    p.add_argument(
+        "--first", default="torch", choices=["torch", "dermjax"],
+        help="side measured first with --torch. torch: it empties its memory cache before jax "
+        "starts, so jax may use the whole card. dermjax: jax keeps its memory pool, so torch gets "
+        "what jax left (fine when both fit); its figures survive a time box that torch.compile's "
+        "compile would otherwise use up",
+    )  # fmt: skip
     p.add_argument("--phases", nargs="+", default=["main"], choices=["main", "warmup"])
     p.add_argument("--profile", metavar="DIR", help="write jax/torch profiles of a few steps")
     p.add_argument("--profile-steps", type=int, default=5)

@@ -61,6 +61,7 @@ def test_smoke_rehearsal_runs_every_job_and_prints_the_summary(tmp_path):
 
     step = json.loads((out / "step_resnet50.json").read_text())
     assert step["settings"]["augment"] is True  # the goals are for the full step
+    assert step["settings"]["first"] == "dermjax"  # its figures survive a long torch.compile
     assert step["settings"]["batch"] == 2 and step["settings"]["size"] == 32
     assert step["versions"]["jax"] and step["versions"]["torch"] and step["device"]
     (row,) = step["rows"]
