@@ -1,4 +1,4 @@
-"""Two JAX processes (4 CPU devices each, gloo collectives) train like one process on 8 devices.
+"""Two JAX processes (2 CPU devices each, gloo collectives) train like one process on 4 devices.
 
 Each process runs the real command line, `python -m dermjax.main` with --coordinator_address,
 --num_processes and --process_id; the two-process run is killed after its first checkpoint,
@@ -70,7 +70,7 @@ def _launch(data_root: Path, workdir: Path, log: Path) -> list[subprocess.Popen]
             subprocess.Popen(
                 _command(data_root, workdir) + dist,
                 cwd=REPO,
-                env=_env(4),
+                env=_env(2),
                 stdout=out,
                 stderr=subprocess.STDOUT,
             )
@@ -90,11 +90,11 @@ def _epochs(workdir: Path) -> list[dict]:
     return [r for r in map(json.loads, lines) if r["event"] == "epoch"]
 
 
-def test_two_processes_agree_with_one_process_on_8_devices_and_resume_after_a_kill(tmp_path):
+def test_two_processes_agree_with_one_process_on_4_devices_and_resume_after_a_kill(tmp_path):
     data_root = tmp_path / "data"
     single = tmp_path / "single"
     subprocess.run(
-        _command(data_root, single), cwd=REPO, env=_env(8), check=True, capture_output=True
+        _command(data_root, single), cwd=REPO, env=_env(4), check=True, capture_output=True
     )
 
     workdir, log = tmp_path / "two", tmp_path / "two.log"
