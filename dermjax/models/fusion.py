@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from dermjax.models import initializers
 from dermjax.models.layers import BatchNorm
 
 _ACTIVATION_FNS: dict[str, Callable[[jax.Array], jax.Array]] = {
@@ -37,10 +38,7 @@ def torch_linear(
 ) -> nnx.Linear:
     """`nnx.Linear` with `torch.nn.Linear`'s default init: weight and bias ~ U(+-1/sqrt(in))."""
     bound = 1.0 / math.sqrt(in_dim)
-
-    def init(key: jax.Array, shape: Sequence[int], dtype: Any = jnp.float32) -> jax.Array:
-        return jax.random.uniform(key, shape, dtype, -bound, bound)
-
+    init = initializers.uniform(-bound, bound)
     return nnx.Linear(in_dim, out_dim, kernel_init=init, bias_init=init, dtype=dtype, rngs=rngs)
 
 

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from dermjax.models import cpu_conv, normalize
+from dermjax.models import cpu_conv, initializers, normalize
 
 Dtype = Any
 Initializer = Callable[..., jax.Array]
@@ -27,21 +27,17 @@ Initializer = Callable[..., jax.Array]
 POOLING_TYPES = ("avg", "max", "concat")
 
 # torch's default Conv2d/Linear weight init, kaiming_uniform(a=sqrt(5)) = U(±1/sqrt(fan_in)).
-torch_default_init = nnx.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
+torch_default_init = initializers.variance_scaling(1 / 3, "fan_in", "uniform")
 # torch kaiming_normal_(mode="fan_out", nonlinearity="relu"), untruncated (ResNet, VGG, EffNet).
-kaiming_normal_fan_out = nnx.initializers.variance_scaling(2.0, "fan_out", "normal")
+kaiming_normal_fan_out = initializers.variance_scaling(2.0, "fan_out", "normal")
 # torch kaiming_normal_() defaults: fan_in, relu gain (DenseNet).
-kaiming_normal_fan_in = nnx.initializers.variance_scaling(2.0, "fan_in", "normal")
+kaiming_normal_fan_in = initializers.variance_scaling(2.0, "fan_in", "normal")
 
 
 def torch_bias_init(fan_in: int) -> Initializer:
     """torch's default bias init for Conv2d/Linear: U(±1/sqrt(fan_in))."""
     bound = 1 / math.sqrt(fan_in) if fan_in > 0 else 0.0
-
-    def init(key: jax.Array, shape: tuple[int, ...], dtype: Dtype = jnp.float32) -> jax.Array:
-        return jax.random.uniform(key, shape, dtype, -bound, bound)
-
-    return init
+    return initializers.uniform(-bound, bound)
 
 
 def param_dtype(dtype: Dtype) -> Dtype:

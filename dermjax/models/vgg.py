@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from dermjax.models import layers
+from dermjax.models import initializers, layers
 from dermjax.models.layers import Dtype
 
 CONFIG_D = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M")
@@ -67,7 +67,7 @@ class VGG(nnx.Module):
     @staticmethod
     def _classifier(channels: int, num_classes: int, rngs: nnx.Rngs, dtype: Dtype) -> nnx.List:
         kw = {
-            "kernel_init": nnx.initializers.normal(0.01),
+            "kernel_init": initializers.normal(0.01),
             "bias_init": nnx.initializers.zeros_init(),
             "rngs": rngs,
             "dtype": dtype,

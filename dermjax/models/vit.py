@@ -22,13 +22,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from dermjax.models import layers, normalize
+from dermjax.models import initializers, layers, normalize
 from dermjax.models.layers import Dtype
 
 LAYER_NORM_EPS = 1e-6
 _LOG = logging.getLogger(__name__)
 _ZEROS = nnx.initializers.zeros_init()
-_XAVIER = nnx.initializers.xavier_uniform()
+_XAVIER = initializers.xavier_uniform()
 
 
 def _layer_norm(dim: int, *, rngs: nnx.Rngs, dtype: Dtype) -> normalize.LayerNorm:
@@ -109,7 +109,7 @@ class EncoderBlock(nnx.Module):
         dtype: Dtype,
     ):
         kw = {"rngs": rngs, "dtype": dtype}
-        mlp_init = {"kernel_init": _XAVIER, "bias_init": nnx.initializers.normal(1e-6)}
+        mlp_init = {"kernel_init": _XAVIER, "bias_init": initializers.normal(1e-6)}
         self.ln_1 = _layer_norm(dim, **kw)
         self.self_attention = MultiheadAttention(dim, num_heads, **kw)
         self.dropout = nnx.Dropout(dropout, rngs=rngs)
@@ -159,7 +159,7 @@ class Encoder(nnx.Module):
         dtype: Dtype,
     ):
         kw = {"rngs": rngs, "dtype": dtype}
-        init = nnx.initializers.normal(0.02)
+        init = initializers.normal(0.02)
         self.pos_embedding = nnx.Param(
             init(rngs.params(), (1, seq_length, dim), layers.param_dtype(dtype))
         )
@@ -224,7 +224,7 @@ class VisionTransformer(nnx.Module):
             patch_size,
             stride=patch_size,
             bias=True,
-            kernel_init=nnx.initializers.normal(math.sqrt(1 / (3 * patch_size * patch_size))),
+            kernel_init=initializers.normal(math.sqrt(1 / (3 * patch_size * patch_size))),
             bias_init=_ZEROS,
             **kw,
         )
