@@ -18,7 +18,7 @@ import jax
 from absl import flags
 from ml_collections import config_flags
 
-from dermjax import parallel, runner
+from dermjax import compile_cache, parallel, runner
 from dermjax.cli import run_main
 from dermjax.config import data_paths, packaged_config_path, validate_for_run
 
@@ -57,6 +57,7 @@ def _print_plan(cfg) -> None:
         "checkpoints": folders.checkpoint_dir,
         "load_from": cfg.checkpoint.load_from,
         "init_from": cfg.checkpoint.init_from,
+        "compilation cache": compile_cache.resolve(cfg.training.compilation_cache_dir),
     }
     for name, value in rows.items():
         if value is not None:
@@ -89,6 +90,7 @@ def main(argv: list[str]) -> None:
         _print_plan(cfg)
         return
     setup_logging()
+    compile_cache.enable(cfg.training.compilation_cache_dir)
     summary = runner.run(cfg, _WORKDIR.value)
     if summary.get("preempted"):
         folders = runner.run_folders(cfg, _WORKDIR.value)

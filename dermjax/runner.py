@@ -48,6 +48,7 @@ RESUMABLE_CHANGES = (
     "training.prefetch_factor",
     "training.eval_batch_size",
     "training.log_every_steps",
+    "training.compilation_cache_dir",
     "training.on_nonfinite",
     "data.use_local",
     "data.local_root",

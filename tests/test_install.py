@@ -10,6 +10,8 @@ import sysconfig
 
 import pytest
 
+from dermjax import compile_cache
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 _NOT_SOURCE_TOP = {".git", ".venv", "build", "workdirs", "data", "weights", "wandb", "bench_out"}
 _NOT_SOURCE = shutil.ignore_patterns("*.egg-info", "__pycache__", ".pytest_cache", ".ruff_cache")
@@ -40,7 +42,7 @@ def _site_packages(python: str) -> pathlib.Path:
 
 
 @pytest.mark.slow
-def test_non_editable_install_runs_the_demo_from_another_folder(tmp_path):
+def test_non_editable_install_runs_the_demo_from_another_folder_caching_its_compiles(tmp_path):
     # Build from a copy so the build leaves nothing in the source tree.
     src = tmp_path / "src"
     shutil.copytree(ROOT, src, symlinks=True, ignore=_ignore)
@@ -58,7 +60,9 @@ def test_non_editable_install_runs_the_demo_from_another_folder(tmp_path):
     )
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    # No test-wide compilation cache: the default ("auto") must pick the user cache folder.
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", compile_cache.ENV)}
+    env["XDG_CACHE_HOME"] = str(tmp_path / "user-cache")
 
     def run(*args: str) -> subprocess.CompletedProcess:
         return subprocess.run(
@@ -84,3 +88,6 @@ def test_non_editable_install_runs_the_demo_from_another_folder(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (tmp_path / "run" / "summary.json").is_file()
     assert list(elsewhere.iterdir()) == []  # nothing written relative to the current folder
+    cached = tmp_path / "user-cache" / "dermjax" / "jax"
+    assert f"compilation cache: {cached}" in proc.stderr
+    assert any(cached.iterdir())  # the compiled train/eval steps, for the next run
