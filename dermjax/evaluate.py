@@ -60,11 +60,13 @@ def main(argv: list[str], overrides: list[tuple[str, str]]) -> None:
     if not _CHECKPOINT.value:
         raise UserError("--checkpoint=RUN_OR_CHECKPOINT_DIR is required")
     setup_logging()
-    from dermjax.evaluation.run import evaluate_checkpoint  # after flags: jax loads here
+    from dermjax import compile_cache  # after flags: jax loads here
+    from dermjax.evaluation.inference import open_checkpoint
+    from dermjax.evaluation.run import evaluate_checkpoint
 
-    out_dir, ev = evaluate_checkpoint(
-        _CHECKPOINT.value, split=_SPLIT.value, out_dir=_OUT.value, overrides=overrides
-    )
+    ckpt = open_checkpoint(_CHECKPOINT.value, overrides=overrides)
+    compile_cache.enable(ckpt.cfg.training.compilation_cache_dir)
+    out_dir, ev = evaluate_checkpoint(ckpt, split=_SPLIT.value, out_dir=_OUT.value)
     ref = ev["checkpoint"]
     print(f"{ref['kind']} checkpoint, step {ref['step']}, of {ref['directory']}")
     print(_line(f"{ev['split']} ({ev['mode'].replace('_', ' ')})", ev["overall"]))

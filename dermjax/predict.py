@@ -66,9 +66,12 @@ def main(argv: list[str], overrides: list[tuple[str, str]]) -> None:
         raise UserError("no image given: python -m dermjax.predict --checkpoint=DIR IMAGE ...")
     logging.getLogger().setLevel(logging.WARNING)
     logging.getLogger("absl").setLevel(logging.ERROR)  # orbax: "directory is read only"
-    from dermjax.evaluation import inference  # after flags: jax loads here
+    from dermjax import compile_cache  # after flags: jax loads here
+    from dermjax.evaluation import inference
 
-    model = inference.load_model(inference.open_checkpoint(_CHECKPOINT.value, overrides=overrides))
+    ckpt = inference.open_checkpoint(_CHECKPOINT.value, overrides=overrides)
+    compile_cache.enable(ckpt.cfg.training.compilation_cache_dir)
+    model = inference.load_model(ckpt)
     mode, note = choose_mode(model.default_mode, _TEXT.value is not None)
     vector = None if _TEXT.value is None else inference.text_vector(model, _TEXT.value)
     arrays, errors = inference.load_images(paths, model.img_size)

@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from dermjax import predict
+from dermjax import compile_cache, evaluate, predict
 from dermjax.evaluation import inference
 from dermjax.evaluation.run import evaluate_checkpoint
 from tests.test_evaluate import run_cli, tiny_run
@@ -81,6 +81,24 @@ def test_predict_with_text_uses_it_and_prints_json(evaluated_run, model):
     (image,), _ = inference.load_images([texted["path"]], model.img_size)
     image_only = inference.predict_images(model, [image], None, "image_only")[0]
     assert not np.allclose(image_only, texted[[f"prob_{c}" for c in model.classes]].to_numpy(float))
+
+
+@pytest.mark.slow
+def test_predict_and_evaluate_use_the_checkpoints_compilation_cache_setting(
+    evaluated_run, monkeypatch, tmp_path
+):
+    workdir, rows = evaluated_run
+    used = []
+    monkeypatch.setattr(compile_cache, "enable", used.append)
+    status, _, err = run_cli(predict.run, [f"--checkpoint={workdir}", rows["path"].iloc[0]])
+    assert status == 0, err
+    assert used == ["auto"]  # the run's own setting, saved in its checkpoint
+    override = f"--config.training.compilation_cache_dir={tmp_path / 'xla'}"
+    args = [f"--checkpoint={workdir}", f"--out={tmp_path / 'eval'}", override]
+    args.append("--config.evaluation.n_boot=0")
+    status, _, err = run_cli(evaluate.run, args)
+    assert status == 0, err
+    assert used == ["auto", str(tmp_path / "xla")]
 
 
 def test_predict_with_a_missing_checkpoint_is_one_error_line(tmp_path):

@@ -207,19 +207,22 @@ def default_out_dir(model: Checkpoint, split: str) -> str:
 
 
 def evaluate_checkpoint(
-    checkpoint: str,
+    checkpoint: str | Checkpoint,
     *,
     split: str = "test",
     out_dir: str | None = None,
     overrides: Sequence[tuple[str, str]] = (),
     metrics_jsonl: str | None = None,
 ) -> tuple[str, dict[str, Any]]:
-    """Evaluates the checkpoint `checkpoint` (run folder, checkpoints folder or step folder).
+    """Evaluates the checkpoint `checkpoint` (run folder, checkpoints folder or step folder, or
+    `open_checkpoint`'s result, which already carries its overrides).
 
     Writes into `out_dir` (default `<run>/evaluation/<split>`) on process 0; returns (out_dir,
     evaluation). `metrics_jsonl` defaults to the run folder's, for the training curves.
     """
-    ckpt = open_checkpoint(checkpoint, overrides=overrides)
+    if isinstance(checkpoint, str):
+        checkpoint = open_checkpoint(checkpoint, overrides=overrides)
+    ckpt = checkpoint
     if metrics_jsonl is None and ckpt.ref.run_dir is not None:
         metrics_jsonl = os.path.join(ckpt.ref.run_dir, "metrics.jsonl")
     split, rows, records = split_rows(ckpt, split)  # data problems show before the model
