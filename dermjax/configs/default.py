@@ -86,9 +86,9 @@ def get_config() -> config_dict.ConfigDict:
     t.dtype = "float32"  # dermjax: compute dtype (bfloat16 = mixed precision, f32 params)
     t.log_every_steps = 10  # dermjax: progress line every N steps
     t.shard_params = False  # dermjax: split params + optimizer states over devices (FSDP)
-    t.compilation_cache_dir = _opt(
-        "auto", str
-    )  # dermjax: persistent XLA compilation cache (folder or gs://); "auto": $JAX_COMPILATION_CACHE_DIR, else ~/.cache/dermjax/jax; None: off
+    # dermjax: compiled-program cache folder (or gs://); auto: $JAX_COMPILATION_CACHE_DIR, else
+    # ~/.cache/dermjax/jax; None: off
+    t.compilation_cache_dir = _opt("auto", str)
     t.scheduler = s = config_dict.ConfigDict()
     s.use_cosine_annealing = True  # cosine LR per epoch after warm-up (T_max = num_epochs)
     s.vision_eta_min = 1e-7  # minimum backbone learning rate

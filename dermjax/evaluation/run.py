@@ -220,9 +220,9 @@ def evaluate_checkpoint(
     Writes into `out_dir` (default `<run>/evaluation/<split>`) on process 0; returns (out_dir,
     evaluation). `metrics_jsonl` defaults to the run folder's, for the training curves.
     """
-    if isinstance(checkpoint, str):
-        checkpoint = open_checkpoint(checkpoint, overrides=overrides)
     ckpt = checkpoint
+    if isinstance(ckpt, str):
+        ckpt = open_checkpoint(ckpt, overrides=overrides)
     if metrics_jsonl is None and ckpt.ref.run_dir is not None:
         metrics_jsonl = os.path.join(ckpt.ref.run_dir, "metrics.jsonl")
     split, rows, records = split_rows(ckpt, split)  # data problems show before the model
