@@ -106,7 +106,7 @@ def run_step(args: argparse.Namespace) -> dict:
                 profile_steps=args.profile_steps,
             )  # fmt: skip
         except Exception as error:  # e.g. out of memory next to jax's pool: reported, not fatal
-            row["torch_error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:300]}"
+            row["torch_error"] = bench_torch.first_line(error)
             return
         if t is not None:
             row["torch_eager"], row["torch_compile"] = t.pop("eager"), t.pop("compile")

@@ -38,7 +38,7 @@ def torch_linear(
 ) -> nnx.Linear:
     """`nnx.Linear` with `torch.nn.Linear`'s default init: weight and bias ~ U(+-1/sqrt(in))."""
     bound = 1.0 / math.sqrt(in_dim)
-    init = initializers.uniform(-bound, bound)
+    init = initializers.uniform(bound)
     return nnx.Linear(in_dim, out_dim, kernel_init=init, bias_init=init, dtype=dtype, rngs=rngs)
 
 

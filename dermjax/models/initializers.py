@@ -50,14 +50,22 @@ def _float_dtype(dtype: np.dtype) -> np.dtype:
     return dtype if dtype in (np.float32, np.float64) else np.dtype(np.float32)
 
 
+def _normal(g: np.random.Generator, shape: tuple[int, ...], dtype: np.dtype, std: float):
+    return std * g.standard_normal(shape, dtype=_float_dtype(dtype))
+
+
+def _uniform(g: np.random.Generator, shape: tuple[int, ...], dtype: np.dtype, bound: float):
+    return g.uniform(-bound, bound, shape).astype(_float_dtype(dtype))
+
+
 def normal(std: float) -> Initializer:
     """N(0, std^2)."""
-    return _host_sampled(lambda g, s, d: std * g.standard_normal(s, dtype=_float_dtype(d)))
+    return _host_sampled(lambda g, s, d: _normal(g, s, d, std))
 
 
-def uniform(low: float, high: float) -> Initializer:
-    """U(low, high)."""
-    return _host_sampled(lambda g, s, d: g.uniform(low, high, s).astype(_float_dtype(d)))
+def uniform(bound: float) -> Initializer:
+    """U(-bound, bound)."""
+    return _host_sampled(lambda g, s, d: _uniform(g, s, d, bound))
 
 
 def fans(shape: tuple[int, ...]) -> tuple[int, int]:
@@ -79,9 +87,8 @@ def variance_scaling(scale: float, mode: str, distribution: str) -> Initializer:
         fan = {"fan_in": fan_in, "fan_out": fan_out, "fan_avg": (fan_in + fan_out) / 2}[mode]
         variance = scale / max(1.0, fan)
         if distribution == "normal":
-            return math.sqrt(variance) * g.standard_normal(shape, dtype=_float_dtype(dtype))
-        bound = math.sqrt(3 * variance)
-        return g.uniform(-bound, bound, shape).astype(_float_dtype(dtype))
+            return _normal(g, shape, dtype, math.sqrt(variance))
+        return _uniform(g, shape, dtype, math.sqrt(3 * variance))
 
     return _host_sampled(sample)
 

@@ -37,7 +37,7 @@ kaiming_normal_fan_in = initializers.variance_scaling(2.0, "fan_in", "normal")
 def torch_bias_init(fan_in: int) -> Initializer:
     """torch's default bias init for Conv2d/Linear: U(±1/sqrt(fan_in))."""
     bound = 1 / math.sqrt(fan_in) if fan_in > 0 else 0.0
-    return initializers.uniform(-bound, bound)
+    return initializers.uniform(bound)
 
 
 def param_dtype(dtype: Dtype) -> Dtype:

@@ -94,7 +94,8 @@ def _torch_augment(torch: Any, x: Any) -> Any:
     return _hsv_to_rgb(torch.cat([(hsv[:, :1] + uniform(-0.01, 0.01)) % 1.0, hsv[:, 1:]], 1))
 
 
-def _first_line(error: BaseException) -> str:
+def first_line(error: BaseException) -> str:
+    """`Type: first line of the message` (200 characters at most), for a table cell or JSON."""
     text = str(error).strip().splitlines()
     return f"{type(error).__name__}: {text[0][:200] if text else ''}"
 
@@ -173,7 +174,7 @@ def torch_step_rates(
         except Exception as error:  # reported in the table, not hidden
             if variant == "eager":
                 raise
-            result[variant] = {"error": f"compile failed: {_first_line(error)}"}
+            result[variant] = {"error": f"compile failed: {first_line(error)}"}
             continue
         if variant == "compile":
             entry["compile_s"] = round(time.perf_counter() - start, 1)
@@ -188,7 +189,7 @@ def torch_step_rates(
                     torch, lambda f=fn: run(f, profile_steps), cuda, path
                 )
             except Exception as error:  # a failed profile must not cost the figures above
-                entry["profile_error"] = _first_line(error)
+                entry["profile_error"] = first_line(error)
         result[variant] = entry
     if cuda:
         torch.cuda.empty_cache()
