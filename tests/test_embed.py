@@ -268,3 +268,33 @@ def test_a_run_computes_its_missing_minilm_file_then_trains(tmp_path):
     assert written.attrs["encoder_spec"]["pooling"] == "mean"
     assert len(np.stack(written["embedding"])[0]) == 384
     assert "test" in summary
+
+
+@pytest.mark.parametrize(
+    "where, process, written",
+    [
+        ("memory://dj-emb/e.parquet", 0, True),
+        ("memory://dj-emb/e.parquet", 1, False),
+        ("local", 1, True),
+    ],
+)
+def test_a_missing_shared_file_is_written_by_process_zero_alone(
+    tmp_path, monkeypatch, where, process, written
+):
+    """All processes encode together; a URL (storage all hosts see) gets one writer, while a
+    local path may be each host's own disk and is written by every process."""
+    import fsspec
+    import jax
+
+    path = str(tmp_path / "e.parquet") if where == "local" else where
+    memory = fsspec.filesystem("memory")
+    if memory.exists("/dj-emb"):
+        memory.rm("/dj-emb", recursive=True)
+    monkeypatch.setattr(jax, "process_index", lambda: process)
+    got = text_embeddings(_cfg(tmp_path, path), _meta(["a", "bb"]), path)
+    assert len(got) == 2 and got.attrs["encoder_spec"]["dim"] == 256
+    exists = memory.exists("/dj-emb/e.parquet") if where != "local" else os.path.exists(path)
+    assert exists == written
+    assert not [
+        n for n in (memory.ls("/dj-emb") if memory.exists("/dj-emb") else []) if ".tmp-" in n
+    ]

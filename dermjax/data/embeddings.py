@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import time
+import uuid
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -116,7 +117,7 @@ def write_embeddings(
     )
     target, fs_path = fsspec.core.url_to_fs(str(path), **(storage_options or {}))
     target.makedirs(os.path.dirname(fs_path) or ".", exist_ok=True)
-    tmp = f"{fs_path}.tmp-{os.getpid()}"
+    tmp = f"{fs_path}.tmp-{uuid.uuid4().hex}"  # unique across hosts, whose pids may repeat
     try:
         with target.open(tmp, "wb") as f:
             pq.write_table(table, f)
@@ -275,11 +276,14 @@ def compute_embeddings(
     storage_options: dict | None = None,
     save_every_s: float = 300.0,
     progress: bool = True,
+    write: bool = True,
 ) -> pd.DataFrame:
     """Encodes the text of every image_id of `metadata_df` into the parquet `path`; returns it.
 
     Batches of `batch_size` texts; the file is written atomically every `save_every_s` seconds
-    and at the end, so an interrupted run leaves a valid partial file. An existing file is never
+    and at the end, so an interrupted run leaves a valid partial file. `write=False` encodes the
+    same rows and returns them without writing (the other processes of a multi-process run,
+    whose process 0 writes the shared file). An existing file is never
     overwritten: without `resume` it raises DataError; with `resume` only the rows it lacks (or
     holds for another text) are encoded and added, after checking that the stored spec and
     settings match (EncoderMismatchError otherwise; also for a file without a dermjax spec
@@ -316,9 +320,10 @@ def compute_embeddings(
     def save(rows: int) -> pd.DataFrame:
         done = _frame(ids[:rows], texts[:rows], matrix[:rows])
         result = done if kept is None else pd.concat([kept, done], ignore_index=True)
-        write_embeddings(
-            result, path, encoder_spec=spec, settings=settings, storage_options=storage_options
-        )
+        if write:
+            write_embeddings(
+                result, path, encoder_spec=spec, settings=settings, storage_options=storage_options
+            )
         return result
 
     n_texts = sum(t is not None for t in texts)
