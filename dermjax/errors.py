@@ -9,6 +9,12 @@ credentials or run folder; its message names the field or file and says how to f
 from __future__ import annotations
 
 
+def first_line(error: BaseException, *, limit: int = 200) -> str:
+    """`Type: first line of the message` (`limit` characters at most), for a log line or JSON."""
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0][:limit] if text else ''}"
+
+
 class UserError(Exception):
     """A problem the user can fix; printed as `error: <message>`, exit status `exit_code`."""
 

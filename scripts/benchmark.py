@@ -31,6 +31,7 @@ import numpy as np
 from bench_pipeline import run_pipeline, write_photos
 
 from dermjax.data import cache, images, pipeline
+from dermjax.errors import first_line
 
 STEP_WORK = {
     False: "no augmentation on either side: synthetic uint8 batches, converted and normalised "
@@ -106,7 +107,7 @@ def run_step(args: argparse.Namespace) -> dict:
                 profile_steps=args.profile_steps,
             )  # fmt: skip
         except Exception as error:  # e.g. out of memory next to jax's pool: reported, not fatal
-            row["torch_error"] = bench_torch.first_line(error)
+            row["torch_error"] = first_line(error)
             return
         if t is not None:
             row["torch_eager"], row["torch_compile"] = t.pop("eager"), t.pop("compile")

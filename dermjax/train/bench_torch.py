@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from dermjax.errors import first_line
 from dermjax.models import registry
 from dermjax.train.bench import (
     HEAD,
@@ -92,12 +93,6 @@ def _torch_augment(torch: Any, x: Any) -> Any:
     x = (s * x + (1 - s) * gray(x)).clamp(0, 1)
     hsv = _rgb_to_hsv(x)
     return _hsv_to_rgb(torch.cat([(hsv[:, :1] + uniform(-0.01, 0.01)) % 1.0, hsv[:, 1:]], 1))
-
-
-def first_line(error: BaseException) -> str:
-    """`Type: first line of the message` (200 characters at most), for a table cell or JSON."""
-    text = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {text[0][:200] if text else ''}"
 
 
 def torch_step_rates(

@@ -13,7 +13,8 @@ iterator's position, present when an iterator was given) and `meta` (JSON, plus 
 `timestamp` and `monitor_mode`). `step` must be the global optimisation step, so steps only grow
 within a run; the same step may be saved under several kinds (a best epoch that is also periodic).
 
-`CheckpointReader` opens a folder read-only (another run's, for `load_from` / `init_from`): it
+Finding and reading a step's copies, and comparing a saved tree with the model, live in
+`checkpoint_restore`. `CheckpointReader` opens a folder read-only (another run's, for `load_from` / `init_from`): it
 never creates, changes or deletes anything in it, so read-only storage works. `Checkpointer` is
 the writing reader of a run's own folder.
 
@@ -38,176 +39,26 @@ import datetime
 import json
 import logging
 import os
-from collections.abc import Callable
 from typing import Any
 
 import grain
-import jax
-import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
-from orbax.checkpoint import checkpoint_managers as ocm
 
-from dermjax.errors import UserError
+from dermjax.train.checkpoint_restore import (
+    RESTORE_PRIORITY,
+    CheckpointError,
+    candidates,
+    item_dir,
+    open_manager,
+    read_only_managers,
+    restore_first_readable,
+    unreadable,
+)
 
 log = logging.getLogger(__name__)
 
 KIND_SUBDIR = {"periodic": "periodic", "best": "best", "preempt": "last", "final": "last"}
-_RESTORE_PRIORITY = {"last": 2, "periodic": 1, "best": 0}  # among copies of one step
-_MAX_LISTED_DIFFERENCES = 5
-
-
-class _DropReadOnlyNotice(logging.Filter):
-    """orbax warns "Given directory is read only" for every manager opened read-only: six lines
-    per restore that only restate what was asked for."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith("Given directory is read only")
-
-
-logging.getLogger("absl").addFilter(_DropReadOnlyNotice())
-
-
-class CheckpointError(UserError):
-    """A checkpoint is missing, unreadable, or does not fit the model it is restored into."""
-
-
-def _manager(
-    path: str, *, keep: int | None, async_save: bool, read_only: bool = False, item_handlers=None
-) -> ocp.CheckpointManager:
-    options = ocp.CheckpointManagerOptions(
-        preservation_policy=None if read_only else ocm.LatestN(n=keep),
-        enable_async_checkpointing=async_save,
-        read_only=read_only,
-        create=not read_only,
-        save_interval_steps=0 if read_only else 1,
-    )
-    return ocp.CheckpointManager(path, options=options, item_handlers=item_handlers)
-
-
-def _read_only_managers(directory: str, item_handlers=None) -> dict[str, ocp.CheckpointManager]:
-    return {
-        sub: _manager(
-            f"{directory}/{sub}",
-            keep=None,
-            async_save=False,
-            read_only=True,
-            item_handlers=item_handlers,
-        )
-        for sub in _RESTORE_PRIORITY
-    }
-
-
-def _item_dir(manager: ocp.CheckpointManager, step: int, item: str) -> epath.Path:
-    return epath.Path(manager.directory) / str(step) / item
-
-
-def _first_line(e: Exception) -> str:
-    text = str(e).splitlines()[0][:300] if str(e) else ""
-    return f"{type(e).__name__}: {text}"
-
-
-def _shapes_by_path(tree: Any) -> dict[str, tuple[int, ...]]:
-    """Dotted leaf path (Orbax's naming: namedtuple fields by name, sequences by index) -> shape."""
-    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-    return {".".join(ocp.tree.str_keypath(p)): tuple(np.shape(leaf)) for p, leaf in leaves}
-
-
-def _differences(saved: Any, target: Any, *, partial: bool) -> list[str]:
-    """How the saved tree's array paths and shapes differ from `target`'s ([] when they fit).
-
-    With `partial`, only the saved subtrees named by `target`'s top-level keys are compared.
-    """
-    if partial:
-        saved = {k: saved[k] for k in target if k in saved}
-    have, want = _shapes_by_path(saved), _shapes_by_path(target)
-    shapes = [
-        f"{p}: checkpoint {have[p]}, model {want[p]}"
-        for p in sorted(want)
-        if p in have and have[p] != want[p]
-    ]
-    missing = [f"{p}: not in checkpoint" for p in sorted(want.keys() - have.keys())]
-    extra = [f"{p}: not in model" for p in sorted(have.keys() - want.keys())]
-    return shapes + missing + extra
-
-
-def _candidates(
-    managers: dict[str, ocp.CheckpointManager], directory: str, step: int | None
-) -> list[tuple[int, str]]:
-    """(step, subdir) copies to try, newest first; only `step`'s copies when it is given."""
-    saved = [(s, sub) for sub, m in managers.items() for s in m.all_steps()]
-    candidates = sorted(saved, key=lambda c: (c[0], _RESTORE_PRIORITY[c[1]]), reverse=True)
-    if step is not None:
-        candidates = [c for c in candidates if c[0] == step]
-        if not candidates:
-            steps = sorted({s for s, _ in saved})
-            raise CheckpointError(
-                f"No checkpoint for step {step} under {directory}; saved: {steps}"
-            )
-    return candidates
-
-
-def _unreadable(failures: list[str], directory: str, sub: str, s: int, e: Exception) -> None:
-    reason = f"{sub}/{s}: {_first_line(e)}"
-    failures.append(reason)
-    log.warning("Checkpoint %s/%s cannot be read: %s", directory, sub, reason)
-
-
-def _check_fits(structure: Any, target: Any, *, partial: bool, where: str) -> None:
-    wrong = _differences(structure, target, partial=partial)
-    if wrong:
-        listed = "; ".join(wrong[:_MAX_LISTED_DIFFERENCES])
-        more = len(wrong) - _MAX_LISTED_DIFFERENCES
-        raise CheckpointError(
-            f"checkpoint under {where} was saved by a different model: {listed}"
-            f"{f'; ... and {more} more' if more > 0 else ''}. Restore it with the model config "
-            "it was trained with, or use another checkpoint or --workdir."
-        )
-
-
-def _restore_first_readable(
-    managers: dict[str, ocp.CheckpointManager],
-    directory: str,
-    step: int | None,
-    target: Any,
-    args_for: Callable[[str, int], ocp.args.Composite],
-    *,
-    partial: bool = False,
-) -> tuple[Any, int]:
-    """Restore `step` (any copy), or with `step=None` the newest readable step, falling back.
-
-    Each copy's saved tree is compared with `target` before its arrays are read: a different
-    model raises at once instead of counting as damage.
-    """
-    candidates = _candidates(managers, directory, step)
-    if not candidates:
-        raise CheckpointError(f"No checkpoint under {directory}.")
-    failures: list[str] = []
-    for s, sub in candidates:
-        try:
-            structure = ocp.StandardCheckpointHandler().metadata(
-                _item_dir(managers[sub], s, "state")
-            )
-        except Exception as e:  # missing or damaged tree metadata: like any other damage
-            _unreadable(failures, directory, sub, s, e)
-            continue
-        _check_fits(structure.tree, target, partial=partial, where=f"{directory} ({sub}/{s})")
-        try:
-            restored = managers[sub].restore(s, args=args_for(sub, s))
-        except Exception as e:  # any damage: missing file, truncated chunk, bad JSON, ...
-            _unreadable(failures, directory, sub, s, e)
-            continue
-        if failures:
-            log.warning(
-                "Restored step %d from %s/%s; newer copies were unreadable: %s",
-                s,
-                directory,
-                sub,
-                "; ".join(failures),
-            )
-        return restored, s
-    what = f"step {step}" if step is not None else "any checkpoint"
-    raise CheckpointError(f"Cannot read {what} under {directory}: " + "; ".join(failures))
 
 
 class CheckpointReader:
@@ -226,7 +77,7 @@ class CheckpointReader:
         self._weight_managers: dict[str, ocp.CheckpointManager] | None = None
 
     def _open_managers(self) -> dict[str, ocp.CheckpointManager]:
-        return _read_only_managers(self.directory)
+        return read_only_managers(self.directory)
 
     def latest(self) -> int | None:
         """The newest finalised step of any kind, or None when there is none."""
@@ -252,22 +103,22 @@ class CheckpointReader:
         """
         self.wait()
         failures: list[str] = []
-        for s, sub in _candidates(self._managers, self.directory, None):
+        for s, sub in candidates(self._managers, self.directory, None):
             try:
                 return s, self._read_meta(sub, s)
             except Exception as e:  # damaged or missing meta: try an older copy
-                _unreadable(failures, self.directory, sub, s, e)
+                unreadable(failures, self.directory, sub, s, e)
         return None
 
     def read_meta(self, step: int) -> dict:
         """The JSON meta saved with `step` (from any readable copy of it)."""
         self.wait()
         failures: list[str] = []
-        for s, sub in _candidates(self._managers, self.directory, step):
+        for s, sub in candidates(self._managers, self.directory, step):
             try:
                 return self._read_meta(sub, s)
             except Exception as e:
-                _unreadable(failures, self.directory, sub, s, e)
+                unreadable(failures, self.directory, sub, s, e)
         raise CheckpointError(
             f"Cannot read the metadata of step {step} under {self.directory}: "
             + "; ".join(failures)
@@ -288,7 +139,7 @@ class CheckpointReader:
                 "meta": ocp.args.JsonRestore(),
             }
             if data_iter is not None:
-                if _item_dir(self._managers[sub], s, "data").exists():
+                if item_dir(self._managers[sub], s, "data").exists():
                     items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
                 else:
                     log.warning(
@@ -300,7 +151,7 @@ class CheckpointReader:
                     )
             return ocp.args.Composite(**items)
 
-        restored, _ = _restore_first_readable(
+        restored, _ = restore_first_readable(
             self._managers, self.directory, step, abstract_state, args_for
         )
         meta = dict(restored["meta"])
@@ -323,7 +174,7 @@ class CheckpointReader:
         self.wait()
         if self._weight_managers is None:  # a PyTree handler, which can read part of a tree
             handlers = {"state": ocp.PyTreeCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
-            self._weight_managers = _read_only_managers(self.directory, item_handlers=handlers)
+            self._weight_managers = read_only_managers(self.directory, item_handlers=handlers)
         restore_args = ocp.checkpoint_utils.construct_restore_args(abstract_weights)
         args = ocp.args.Composite(
             state=ocp.args.PyTreeRestore(
@@ -331,7 +182,7 @@ class CheckpointReader:
             ),
             meta=ocp.args.JsonRestore(),
         )
-        restored, _ = _restore_first_readable(
+        restored, _ = restore_first_readable(
             self._weight_managers,
             self.directory,
             step,
@@ -385,7 +236,7 @@ class Checkpointer(CheckpointReader):
 
     def _open_managers(self) -> dict[str, ocp.CheckpointManager]:
         return {
-            sub: _manager(f"{self.directory}/{sub}", keep=n, async_save=self._async_save)
+            sub: open_manager(f"{self.directory}/{sub}", keep=n, async_save=self._async_save)
             for sub, n in self._keep.items()
         }
 
@@ -444,13 +295,13 @@ def resolve_load_from(path: str) -> tuple[str, int | None]:
     """
     path = str(path).rstrip("/")
     p = epath.Path(path if "://" in path else os.path.abspath(path))  # Orbax needs absolute
-    kind_dirs = set(_RESTORE_PRIORITY)
+    kind_dirs = set(RESTORE_PRIORITY)
     if (p / "checkpoints").is_dir():
         return str(p / "checkpoints"), None
     if any((p / sub).is_dir() for sub in kind_dirs):
         return str(p), None
     if p.name in kind_dirs and p.is_dir():
-        steps = _read_only_managers(str(p.parent))[p.name].all_steps()
+        steps = read_only_managers(str(p.parent))[p.name].all_steps()
         if not steps:
             raise CheckpointError(f"load_from={path}: no finalised checkpoint in it.")
         return str(p.parent), max(steps)

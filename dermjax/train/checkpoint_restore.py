@@ -1,0 +1,174 @@
+"""Reading Orbax checkpoint folders: managers, a saved tree against the model, damaged copies.
+
+The restore side of `dermjax.train.checkpoint`: one Orbax manager per kind subdirectory, the
+newest-first list of copies to try, the comparison of a saved tree's paths and shapes with the
+model's (a different model is an error, not damage), and the restore that falls back past
+unreadable copies with a warning for each.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from etils import epath
+from orbax.checkpoint import checkpoint_managers as ocm
+
+from dermjax.errors import UserError, first_line
+
+log = logging.getLogger(__name__)
+
+RESTORE_PRIORITY = {"last": 2, "periodic": 1, "best": 0}  # among copies of one step
+_MAX_LISTED_DIFFERENCES = 5
+
+
+class _DropReadOnlyNotice(logging.Filter):
+    """orbax warns "Given directory is read only" for every manager opened read-only: six lines
+    per restore that only restate what was asked for."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Given directory is read only")
+
+
+logging.getLogger("absl").addFilter(_DropReadOnlyNotice())
+
+
+class CheckpointError(UserError):
+    """A checkpoint is missing, unreadable, or does not fit the model it is restored into."""
+
+
+def open_manager(
+    path: str, *, keep: int | None, async_save: bool, read_only: bool = False, item_handlers=None
+) -> ocp.CheckpointManager:
+    options = ocp.CheckpointManagerOptions(
+        preservation_policy=None if read_only else ocm.LatestN(n=keep),
+        enable_async_checkpointing=async_save,
+        read_only=read_only,
+        create=not read_only,
+        save_interval_steps=0 if read_only else 1,
+    )
+    return ocp.CheckpointManager(path, options=options, item_handlers=item_handlers)
+
+
+def read_only_managers(directory: str, item_handlers=None) -> dict[str, ocp.CheckpointManager]:
+    return {
+        sub: open_manager(
+            f"{directory}/{sub}",
+            keep=None,
+            async_save=False,
+            read_only=True,
+            item_handlers=item_handlers,
+        )
+        for sub in RESTORE_PRIORITY
+    }
+
+
+def item_dir(m: ocp.CheckpointManager, step: int, item: str) -> epath.Path:
+    return epath.Path(m.directory) / str(step) / item
+
+
+def _shapes_by_path(tree: Any) -> dict[str, tuple[int, ...]]:
+    """Dotted leaf path (Orbax's naming: namedtuple fields by name, sequences by index) -> shape."""
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {".".join(ocp.tree.str_keypath(p)): tuple(np.shape(leaf)) for p, leaf in leaves}
+
+
+def _differences(saved: Any, target: Any, *, partial: bool) -> list[str]:
+    """How the saved tree's array paths and shapes differ from `target`'s ([] when they fit).
+
+    With `partial`, only the saved subtrees named by `target`'s top-level keys are compared.
+    """
+    if partial:
+        saved = {k: saved[k] for k in target if k in saved}
+    have, want = _shapes_by_path(saved), _shapes_by_path(target)
+    shapes = [
+        f"{p}: checkpoint {have[p]}, model {want[p]}"
+        for p in sorted(want)
+        if p in have and have[p] != want[p]
+    ]
+    missing = [f"{p}: not in checkpoint" for p in sorted(want.keys() - have.keys())]
+    extra = [f"{p}: not in model" for p in sorted(have.keys() - want.keys())]
+    return shapes + missing + extra
+
+
+def candidates(
+    managers: dict[str, ocp.CheckpointManager], directory: str, step: int | None
+) -> list[tuple[int, str]]:
+    """(step, subdir) copies to try, newest first; only `step`'s copies when it is given."""
+    saved = [(s, sub) for sub, m in managers.items() for s in m.all_steps()]
+    candidates = sorted(saved, key=lambda c: (c[0], RESTORE_PRIORITY[c[1]]), reverse=True)
+    if step is not None:
+        candidates = [c for c in candidates if c[0] == step]
+        if not candidates:
+            steps = sorted({s for s, _ in saved})
+            raise CheckpointError(
+                f"No checkpoint for step {step} under {directory}; saved: {steps}"
+            )
+    return candidates
+
+
+def unreadable(failures: list[str], directory: str, sub: str, s: int, e: Exception) -> None:
+    reason = f"{sub}/{s}: {first_line(e, limit=300)}"
+    failures.append(reason)
+    log.warning("Checkpoint %s/%s cannot be read: %s", directory, sub, reason)
+
+
+def _check_fits(structure: Any, target: Any, *, partial: bool, where: str) -> None:
+    wrong = _differences(structure, target, partial=partial)
+    if wrong:
+        listed = "; ".join(wrong[:_MAX_LISTED_DIFFERENCES])
+        more = len(wrong) - _MAX_LISTED_DIFFERENCES
+        raise CheckpointError(
+            f"checkpoint under {where} was saved by a different model: {listed}"
+            f"{f'; ... and {more} more' if more > 0 else ''}. Restore it with the model config "
+            "it was trained with, or use another checkpoint or --workdir."
+        )
+
+
+def restore_first_readable(
+    managers: dict[str, ocp.CheckpointManager],
+    directory: str,
+    step: int | None,
+    target: Any,
+    args_for: Callable[[str, int], ocp.args.Composite],
+    *,
+    partial: bool = False,
+) -> tuple[Any, int]:
+    """Restore `step` (any copy), or with `step=None` the newest readable step, falling back.
+
+    Each copy's saved tree is compared with `target` before its arrays are read: a different
+    model raises at once instead of counting as damage.
+    """
+    copies = candidates(managers, directory, step)
+    if not copies:
+        raise CheckpointError(f"No checkpoint under {directory}.")
+    failures: list[str] = []
+    for s, sub in copies:
+        try:
+            structure = ocp.StandardCheckpointHandler().metadata(
+                item_dir(managers[sub], s, "state")
+            )
+        except Exception as e:  # missing or damaged tree metadata: like any other damage
+            unreadable(failures, directory, sub, s, e)
+            continue
+        _check_fits(structure.tree, target, partial=partial, where=f"{directory} ({sub}/{s})")
+        try:
+            restored = managers[sub].restore(s, args=args_for(sub, s))
+        except Exception as e:  # any damage: missing file, truncated chunk, bad JSON, ...
+            unreadable(failures, directory, sub, s, e)
+            continue
+        if failures:
+            log.warning(
+                "Restored step %d from %s/%s; newer copies were unreadable: %s",
+                s,
+                directory,
+                sub,
+                "; ".join(failures),
+            )
+        return restored, s
+    what = f"step {step}" if step is not None else "any checkpoint"
+    raise CheckpointError(f"Cannot read {what} under {directory}: " + "; ".join(failures))
