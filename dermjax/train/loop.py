@@ -35,9 +35,10 @@ from dermjax.tracking import Progress, Tracker
 from dermjax.train import optim
 from dermjax.train.checkpoint import Checkpointer, restore_weights_only
 from dermjax.train.early_stopping import PhasedEarlyStopping
-from dermjax.train.metrics import ClassificationMetrics, accumulate, host_metrics, totals_of
+from dermjax.train.evaluator import Evaluator, device_totals, fetch_totals, shown_samples
+from dermjax.train.metrics import ClassificationMetrics, accumulate
 from dermjax.train.preemption import NonFiniteLossError, PreemptionGuard
-from dermjax.train.step import make_eval_step, make_train_step
+from dermjax.train.step import make_train_step
 
 log = logging.getLogger(__name__)
 
@@ -69,13 +70,10 @@ class Trainer:
             for warm in (True, False)
             for vo in (False, True)
         }
-        self.eval_steps = {
-            vo: make_eval_step(c.parts, c.spec, vision_only=vo) for vo in (False, True)
-        }
+        self.evaluator = Evaluator(c, show_progress=self.is_main)
         self.train_loader = c.train_loader()
         self.steps_per_epoch = self.train_loader.steps_per_epoch
         self.train_iter = iter(self.train_loader)
-        self.eval_streams: dict[str, pipeline.EvalStream] = {}
         t = self.cfg.training
         self.stopper = PhasedEarlyStopping(
             t.monitor,
@@ -180,69 +178,14 @@ class Trainer:
         """The per-epoch values (aux weights, epoch masks) the steps take, on the devices."""
         return parallel.replicate(self.schedule.controls(epoch), self.c.mesh)
 
-    def _totals(self, start: ClassificationMetrics | None = None) -> dict[str, jax.Array]:
-        """A device-side metrics accumulator (replicated), from `start`'s counts or zeros."""
-        start = start or ClassificationMetrics(self.num_classes)
-        return parallel.replicate(totals_of(start), self.c.mesh)
-
-    def _fetch(self, totals: dict[str, jax.Array]) -> ClassificationMetrics:
-        """The accumulated counts on the host (the one transfer of a pass)."""
-        return host_metrics(self.num_classes, jax.tree.map(parallel.to_host, totals))
-
-    @staticmethod
-    def _shown(batch: dict) -> int:
-        """Valid samples of a host batch for the progress display (this process's part, scaled
-        to the global batch; the metrics count them exactly on the devices)."""
-        return int(batch["valid"].sum()) * jax.process_count()
-
     def evaluate(
         self, records: pipeline.Records, split: str, *, epoch: int = 0, vision_only: bool = False
     ) -> dict[str, Any]:
-        """One pass over `records` (every sample once); metrics over the readable samples.
-
-        `epoch` selects the aux weights and epoch masks; `vision_only` the pre-training path.
-        Adds `bad_images` (samples skipped as unreadable) and `majority_accuracy` (the train
-        split's majority class on the same samples the metrics count).
-        """
-        eval_step, controls = self.eval_steps[vision_only], self.controls(epoch)
-        stream = self._eval_stream(records, split)
-        totals = self._totals()
-        progress = Progress(len(records.labels), desc=split, enabled=self.is_main)
-        batches = stream.next_pass()
-        try:
-            for batch in batches:
-                shown = self._shown(batch)
-                out = eval_step(self.state, parallel.shard_batch(batch, self.c.mesh), controls)
-                previous, totals = totals, accumulate(totals, out)
-                # Wait for the step before (no transfer): at most two batches on the devices.
-                jax.block_until_ready(previous)
-                progress.update(shown)
-        finally:
-            batches.close()
-        progress.close()
-        metrics = self._fetch(totals)
-        result = metrics.compute()
-        support = metrics.matrix.sum(axis=1)
-        result["bad_images"] = stream.bad_images
-        result["majority_accuracy"] = float(
-            support[self.c.data.majority_class] / max(1, support.sum())
+        """One pass of the current state over `records` (`Evaluator.evaluate`); `epoch` selects
+        the aux weights and epoch masks, `vision_only` the pre-training path."""
+        return self.evaluator.evaluate(
+            self.state, records, split, self.controls(epoch), vision_only=vision_only
         )
-        return result
-
-    def _eval_stream(self, records: pipeline.Records, split: str) -> pipeline.EvalStream:
-        """The split's long-lived eval stream (its loader workers start once per run)."""
-        stream = self.eval_streams.get(split)
-        if stream is None or stream.records is not records:
-            if stream is not None:
-                stream.close()
-            stream = pipeline.EvalStream(self.c.eval_loader(records, split, repeat=True), records)
-            self.eval_streams[split] = stream
-        return stream
-
-    def _close_eval_streams(self) -> None:
-        for stream in self.eval_streams.values():
-            stream.close()
-        self.eval_streams.clear()
 
     # ---- Training -----------------------------------------------------------------------------
     def _consume(self, pending: tuple, progress: Progress) -> None:
@@ -276,7 +219,7 @@ class Trainer:
             first = self.start_step_in_epoch
             if self.train_acc is not None:
                 start = ClassificationMetrics.from_state_dict(self.num_classes, self.train_acc)
-        totals = self._totals(start)
+        totals = device_totals(self.num_classes, self.c.mesh, start)
         progress = Progress(
             self.steps_per_epoch * cfg.training.batch_size,
             desc=f"epoch {epoch + 1}/{cfg.training.num_epochs}"
@@ -289,7 +232,7 @@ class Trainer:
         for i in range(first, self.steps_per_epoch):
             global_step = epoch * self.steps_per_epoch + i
             batch = next(self.train_iter)
-            shown = self._shown(batch)
+            shown = shown_samples(batch)
             key = jax.random.fold_in(self.c.step_key, global_step)
             self.state, out = step_fn(
                 self.state, parallel.shard_batch(batch, self.c.mesh), key, controls
@@ -300,12 +243,14 @@ class Trainer:
             pending = (out, shown, global_step)
             if guard.should_stop(global_step):
                 self._consume(pending, progress)
-                self._save("preempt", self._meta(epoch, i + 1, self._fetch(totals)))
+                self._save(
+                    "preempt", self._meta(epoch, i + 1, fetch_totals(self.num_classes, totals))
+                )
                 return None
         if pending is not None:
             self._consume(pending, progress)
         progress.close()
-        train = self._fetch(totals).compute()
+        train = fetch_totals(self.num_classes, totals).compute()
         aux_vision, aux_text = (0.0, 0.0) if vision_only else self.schedule.aux_weights(epoch)
         return {
             "epoch": epoch,
@@ -396,7 +341,7 @@ class Trainer:
             evaluated["test"] = self.evaluate(data.test, "test", **kw)
         elif test_split == "val":
             evaluated["test"] = evaluated["val"]
-        self._close_eval_streams()
+        self.evaluator.close()
         results: dict[str, Any] = {}
         bad = {"train": self.bad_train}
         for split, m in evaluated.items():
@@ -433,6 +378,6 @@ class Trainer:
     def close(self) -> None:
         """Stops the input workers, completes checkpoint writes and closes the trackers."""
         pipeline.close_iterator(self.train_iter)
-        self._close_eval_streams()
+        self.evaluator.close()
         self.ckpt.wait()
         self.tracker.close()
