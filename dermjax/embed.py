@@ -23,7 +23,7 @@ from ml_collections import config_flags
 from dermjax import embedding_file, experiment_data, parallel
 from dermjax.cli import run_main
 from dermjax.config import encoder_settings, packaged_config_path, validate
-from dermjax.data import embeddings, fs
+from dermjax.data import encoding, fs
 from dermjax.errors import DataError
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -58,7 +58,7 @@ def main(argv: list[str]) -> None:
     out = _OUT.value or paths.embeddings
     if out is None:
         raise DataError("no embeddings file to write: pass --out FILE or set data.dataset")
-    emb = embeddings.compute_embeddings(
+    emb = encoding.compute_embeddings(
         meta,
         out,
         embedding_file.text_encoder(cfg, parallel.make_mesh()),

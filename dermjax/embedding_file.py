@@ -23,7 +23,7 @@ from ml_collections import config_dict
 
 from dermjax import parallel
 from dermjax.config import encoder_settings, load_config, packaged_config_path
-from dermjax.data import embeddings, encoders, fs, metadata
+from dermjax.data import embeddings, encoders, encoding, fs, metadata
 from dermjax.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -166,7 +166,7 @@ def text_embeddings(cfg: config_dict.ConfigDict, meta: pd.DataFrame, path: str |
         # Every process takes part in encoding (the encoder is sharded over all devices). A
         # local path may be each host's own disk, so every process writes it; shared storage
         # (a URL) is written by process 0 alone.
-        return embeddings.compute_embeddings(
+        return encoding.compute_embeddings(
             meta,
             path,
             text_encoder(cfg, parallel.make_mesh()),

@@ -15,8 +15,9 @@ import pytest
 
 from dermjax.config import data_paths, encoder_settings, load_config, validate
 from dermjax.data import embeddings as emb_mod
-from dermjax.data.embeddings import EncoderMismatchError, compute_embeddings, read_embeddings
+from dermjax.data.embeddings import EncoderMismatchError, read_embeddings
 from dermjax.data.encoders import QWEN_INSTRUCTION, EncoderSettings, HashingTextEncoder
+from dermjax.data.encoding import compute_embeddings
 from dermjax.embedding_file import text_embeddings
 from dermjax.errors import ConfigError, DataError
 from dermjax.experiment_data import load_data, selected_metadata

@@ -27,8 +27,8 @@ import numpy as np
 import pandas as pd
 from PIL import Image, ImageDraw, ImageFilter
 
-from dermjax.data.embeddings import ensure_embeddings
 from dermjax.data.encoders import HashingTextEncoder
+from dermjax.data.encoding import ensure_embeddings
 from dermjax.data.metadata import DERM1M_SOURCES
 
 log = logging.getLogger(__name__)

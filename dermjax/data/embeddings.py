@@ -1,4 +1,4 @@
-"""Text embeddings: the original's parquet layout, computing and checking files, the join to rows.
+"""Text embeddings: the original's parquet layout, checking a file, the join to rows.
 
 The parquet file has the original's columns `image_id` (str), `text_desc` (str or null) and
 `embedding` (list<float>), one row per image. dermjax also stores in the schema metadata the
@@ -7,7 +7,7 @@ that a file made by another encoder is never silently mixed or overwritten. Miss
 "" or no embedding row) becomes the zero vector with `has_text` False; it is never encoded.
 A file that cannot be used (unreadable, missing columns, mixed dimensions, NaN or inf values)
 raises `DataError` naming the file and some of the image_ids concerned. Which encoder a file
-needs, and its derived name, come from `dermjax.data.encoders`.
+needs, and its derived name, come from `dermjax.data.encoders`; `dermjax.data.encoding` fills a file.
 """
 
 from __future__ import annotations
@@ -16,9 +16,8 @@ import ast
 import json
 import logging
 import os
-import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import fsspec
@@ -28,7 +27,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from dermjax.data import fs
-from dermjax.data.encoders import TextEncoder
 from dermjax.data.metadata import (
     IMG_COL,
     IMG_ID_COL,
@@ -38,7 +36,6 @@ from dermjax.data.metadata import (
     text_is_missing,
 )
 from dermjax.errors import DataError
-from dermjax.tracking import Progress
 
 if TYPE_CHECKING:
     from dermjax.data.pipeline import Records
@@ -47,7 +44,6 @@ log = logging.getLogger(__name__)
 
 EMBEDDING_COL = "embedding"
 SOURCE_ATTR = "source"  # df.attrs key: the file an embeddings frame was read from
-CHUNK_BATCHES = 8  # compute_embeddings gives the encoder 8 batches per call (sorted by length)
 SPEC_KEY = b"dermjax.encoder"
 SETTINGS_KEY = b"dermjax.settings"
 
@@ -56,11 +52,11 @@ class EncoderMismatchError(DataError):
     """An embeddings file was made by a different encoder than the one configured."""
 
 
-def _canonical_spec(spec: dict[str, Any]) -> dict[str, Any]:
+def canonical_spec(spec: dict[str, Any]) -> dict[str, Any]:
     return json.loads(json.dumps(spec, sort_keys=True))
 
 
-def _as_vector(value: Any) -> np.ndarray | None:
+def as_vector(value: Any) -> np.ndarray | None:
     """One embedding cell (array, list, or the legacy string form) as float32, None if absent."""
     if value is None or (isinstance(value, float) and np.isnan(value)):
         return None
@@ -70,7 +66,7 @@ def _as_vector(value: Any) -> np.ndarray | None:
 
 
 def _stack(values: Sequence[Any]) -> np.ndarray:
-    vectors = [_as_vector(v) for v in values]
+    vectors = [as_vector(v) for v in values]
     if any(v is None for v in vectors):
         raise ValueError("every row written to an embeddings file needs an embedding")
     if len({v.shape for v in vectors}) > 1:
@@ -78,7 +74,7 @@ def _stack(values: Sequence[Any]) -> np.ndarray:
     return np.stack(vectors) if vectors else np.zeros((0, 0), np.float32)
 
 
-def _texts_of(df: pd.DataFrame) -> list[str | None]:
+def texts_of(df: pd.DataFrame) -> list[str | None]:
     """text_desc as str, None where missing (NaN, "" or no such column)."""
     if TEXT_DESC_COL not in df:
         return [None] * len(df)
@@ -107,7 +103,7 @@ def write_embeddings(
     table = pa.table(
         {
             IMG_ID_COL: pa.array(df[IMG_ID_COL].astype(str).tolist(), pa.string()),
-            TEXT_DESC_COL: pa.array(_texts_of(df), pa.string()),
+            TEXT_DESC_COL: pa.array(texts_of(df), pa.string()),
             EMBEDDING_COL: pa.ListArray.from_arrays(offsets, pa.array(matrix.reshape(-1))),
         }
     )
@@ -154,7 +150,7 @@ def read_embeddings(path: str, storage_options: dict | None = None) -> pd.DataFr
     df = table.drop_columns([EMBEDDING_COL]).to_pandas()
     column = table.column(EMBEDDING_COL).combine_chunks()
     if pa.types.is_string(column.type):
-        df[EMBEDDING_COL] = [_as_vector(v) for v in column.to_pylist()]
+        df[EMBEDDING_COL] = [as_vector(v) for v in column.to_pylist()]
     else:
         cells = column.to_numpy(zero_copy_only=False)
         df[EMBEDDING_COL] = [None if c is None else c.astype(np.float32) for c in cells]
@@ -167,45 +163,6 @@ def read_embeddings(path: str, storage_options: dict | None = None) -> pd.DataFr
     return df
 
 
-def _frame(ids: Sequence[str], texts: Sequence[str | None], matrix: np.ndarray) -> pd.DataFrame:
-    return pd.DataFrame(
-        {IMG_ID_COL: list(ids), TEXT_DESC_COL: list(texts), EMBEDDING_COL: list(matrix)}
-    )
-
-
-def _encode_into(
-    matrix: np.ndarray, texts: list[str | None], encoder: TextEncoder, batch_size: int,
-    progress: Progress | None = None,
-) -> Iterator[int]:  # fmt: skip
-    """Encodes the present texts in batches into `matrix` (missing text stays zero).
-
-    Yields after each batch how many leading rows of `matrix` are final.
-    """
-    present = [i for i, t in enumerate(texts) if t is not None]
-    for b in range(0, len(present), batch_size):
-        rows = present[b : b + batch_size]
-        encoded = np.asarray(encoder.encode([texts[i] for i in rows]), np.float32)
-        if encoded.shape != (len(rows), matrix.shape[1]):
-            raise ValueError(
-                f"encoder returned shape {encoded.shape}, expected ({len(rows)}, {matrix.shape[1]})"
-            )
-        matrix[rows] = encoded
-        if progress is not None:
-            progress.update(len(rows))
-        yield present[b + batch_size] if b + batch_size < len(present) else len(texts)
-
-
-def encode_frame(
-    df: pd.DataFrame, encoder: TextEncoder, *, batch_size: int | None = None
-) -> pd.DataFrame:
-    """Embeds each row's text_desc; rows without text get the zero vector (not encoded)."""
-    texts = _texts_of(df)
-    matrix = np.zeros((len(df), int(encoder.spec["dim"])), np.float32)
-    for _ in _encode_into(matrix, texts, encoder, batch_size or max(1, len(df))):
-        pass
-    return _frame(df[IMG_ID_COL].astype(str), texts, matrix)
-
-
 def spec_differences(stored: dict[str, Any], expected: dict[str, Any]) -> list[str]:
     """One 'key: file X, config Y' line per key whose value differs (long values shortened)."""
 
@@ -213,7 +170,7 @@ def spec_differences(stored: dict[str, Any], expected: dict[str, Any]) -> list[s
         text = repr(value)
         return text if len(text) <= 60 else text[:57] + "..."
 
-    stored, expected = _canonical_spec(stored), _canonical_spec(expected)
+    stored, expected = canonical_spec(stored), canonical_spec(expected)
     return [
         f"{k}: file {short(stored.get(k))}, config {short(expected.get(k))}"
         for k in sorted(set(stored) | set(expected))
@@ -227,17 +184,17 @@ def stale_ids(emb_df: pd.DataFrame, metadata_df: pd.DataFrame, *, with_text: boo
     With `with_text`, only rows that have text count (the ones training needs); otherwise rows
     without text that the file lacks count too.
     """
-    vectors = [_as_vector(v) is not None for v in emb_df[EMBEDDING_COL]]
+    vectors = [as_vector(v) is not None for v in emb_df[EMBEDDING_COL]]
     known = dict(
         zip(
             emb_df[IMG_ID_COL].astype(str),
-            zip(_texts_of(emb_df), vectors, strict=True),
+            zip(texts_of(emb_df), vectors, strict=True),
             strict=True,
         )
     )
     out = []
     for image_id, text in zip(
-        metadata_df[IMG_ID_COL].astype(str), _texts_of(metadata_df), strict=True
+        metadata_df[IMG_ID_COL].astype(str), texts_of(metadata_df), strict=True
     ):
         stored = known.get(image_id)
         if stored is None:
@@ -246,120 +203,6 @@ def stale_ids(emb_df: pd.DataFrame, metadata_df: pd.DataFrame, *, with_text: boo
         elif text is not None and (not stored[1] or stored[0] != text):
             out.append(image_id)
     return out
-
-
-def _check_same_encoder(
-    existing: pd.DataFrame, path: str, spec: dict[str, Any], settings: dict[str, Any] | None
-) -> None:
-    stored_spec, stored_settings = (
-        existing.attrs["encoder_spec"],
-        existing.attrs["encoder_settings"],
-    )
-    differences = [] if stored_spec is None else spec_differences(stored_spec, spec)
-    if stored_settings is not None and settings is not None:
-        differences += spec_differences(stored_settings, settings)
-    if differences:
-        raise EncoderMismatchError(
-            f"embeddings file {path} was made by another encoder ({'; '.join(differences)}); "
-            "it is never overwritten: write to another file or delete this one"
-        )
-
-
-def compute_embeddings(
-    metadata_df: pd.DataFrame,
-    path: str,
-    encoder: TextEncoder,
-    *,
-    settings: dict[str, Any] | None = None,
-    batch_size: int = 32,
-    resume: bool = False,
-    storage_options: dict | None = None,
-    save_every_s: float = 300.0,
-    progress: bool = True,
-    write: bool = True,
-) -> pd.DataFrame:
-    """Encodes the text of every image_id of `metadata_df` into the parquet `path`; returns it.
-
-    Batches of `batch_size` texts; the file is written atomically every `save_every_s` seconds
-    and at the end, so an interrupted run leaves a valid partial file. `write=False` encodes the
-    same rows and returns them without writing (the other processes of a multi-process run,
-    whose process 0 writes the shared file). An existing file is never
-    overwritten: without `resume` it raises DataError; with `resume` only the rows it lacks (or
-    holds for another text) are encoded and added, after checking that the stored spec and
-    settings match (EncoderMismatchError otherwise; also for a file without a dermjax spec
-    that lacks rows).
-    """
-    request = metadata_df.drop_duplicates(IMG_ID_COL)
-    spec = _canonical_spec(encoder.spec)
-    fs.check_credentials(str(path), storage_options)
-    target, fs_path = fsspec.core.url_to_fs(str(path), **(storage_options or {}))
-    kept = None
-    if target.exists(fs_path):
-        if not resume:
-            raise DataError(
-                f"embeddings file {path} already exists and is never overwritten; --resume "
-                "encodes only the rows it lacks, --out writes another file"
-            )
-        kept = read_embeddings(path, storage_options)
-        _check_same_encoder(kept, path, spec, settings)
-        stale = stale_ids(kept, request, with_text=False)
-        if not stale:
-            log.info("embeddings: %s already covers all %d rows", path, len(request))
-            return kept
-        if kept.attrs["encoder_spec"] is None:
-            raise EncoderMismatchError(
-                f"embeddings file {path} has no dermjax encoder spec (made elsewhere) and lacks "
-                f"{len(stale)} row(s), e.g. {stale[:3]}; refusing to extend it with {spec}"
-            )
-        kept = kept[~kept[IMG_ID_COL].astype(str).isin(stale)]
-        request = request[request[IMG_ID_COL].astype(str).isin(stale)]
-
-    ids, texts = request[IMG_ID_COL].astype(str).tolist(), _texts_of(request)
-    matrix = np.zeros((len(request), int(spec["dim"])), np.float32)
-
-    def save(rows: int) -> pd.DataFrame:
-        done = _frame(ids[:rows], texts[:rows], matrix[:rows])
-        result = done if kept is None else pd.concat([kept, done], ignore_index=True)
-        if write:
-            write_embeddings(
-                result, path, encoder_spec=spec, settings=settings, storage_options=storage_options
-            )
-        return result
-
-    n_texts = sum(t is not None for t in texts)
-    log.info("embeddings: encoding %d texts (%d rows) into %s", n_texts, len(ids), path)
-    bar = Progress(
-        n_texts, desc=f"embedding {os.path.basename(str(path))}", unit="text", enabled=progress
-    )
-    last_save = time.monotonic()
-    for rows in _encode_into(matrix, texts, encoder, batch_size * CHUNK_BATCHES, bar):
-        if time.monotonic() - last_save >= save_every_s:
-            save(rows)
-            last_save = time.monotonic()
-    bar.close()
-    result = save(len(ids))
-    result.attrs.update(
-        {SOURCE_ATTR: str(path), "encoder_spec": spec, "encoder_settings": settings}
-    )
-    return result
-
-
-def ensure_embeddings(
-    metadata_df: pd.DataFrame,
-    path: str | None,
-    encoder: TextEncoder,
-    *,
-    storage_options: dict | None = None,
-) -> pd.DataFrame:
-    """Embeddings covering every image_id of `metadata_df`: `path` read, created or completed.
-
-    `compute_embeddings` with `resume`, quietly; `path=None` computes without saving.
-    """
-    if path is None:
-        return encode_frame(metadata_df.drop_duplicates(IMG_ID_COL), encoder)
-    return compute_embeddings(
-        metadata_df, path, encoder, resume=True, storage_options=storage_options, progress=False
-    )
 
 
 def join_text(
@@ -380,7 +223,7 @@ def join_text(
                 f"{name}: image_id must be unique for the 1:1 join; repeated: "
                 f"{duplicated.unique()[:5].tolist()}"
             )
-    vectors = [_as_vector(v) for v in emb_df[EMBEDDING_COL]]
+    vectors = [as_vector(v) for v in emb_df[EMBEDDING_COL]]
     emb_ids = emb_df[IMG_ID_COL].astype(str).tolist()
     if dim is None:
         dim = next((len(v) for v in vectors if v is not None), None)
