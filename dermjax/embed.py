@@ -8,7 +8,7 @@ rows without text are not encoded: zero vector, has_text false) in batches of
 encoder.batch_size, with a progress line (texts/s, ETA), into the original's parquet layout plus
 the encoder's spec and settings in the file metadata. The file is `--out`, else the one training
 reads (data.embeddings_path, or <dataset>/embeddings/ with encoder.embedding_filename or the name
-derived from the encoder, see `dermjax.data.embeddings`). It is written atomically, and again
+derived from the encoder, see `dermjax.data.encoders`). It is written atomically, and again
 every few minutes while encoding; an existing file is never overwritten: `--resume` encodes only
 the rows it still lacks, after checking that the same encoder made it.
 """
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 
+import jax
 from absl import flags
 from ml_collections import config_flags
 
@@ -66,8 +67,11 @@ def main(argv: list[str]) -> None:
         batch_size=cfg.encoder.batch_size,
         resume=_RESUME.value,
         storage_options=fs.storage_options(out),
+        write=parallel.is_writer(out),
+        progress=jax.process_index() == 0,
     )
-    print(f"{len(emb)} embeddings in {out}", flush=True)
+    if jax.process_index() == 0:
+        print(f"{len(emb)} embeddings in {out}", flush=True)
 
 
 if __name__ == "__main__":

@@ -163,9 +163,9 @@ def text_embeddings(cfg: config_dict.ConfigDict, meta: pd.DataFrame, path: str |
         emb = embeddings.read_embeddings(path, storage_options=options)
     except FileNotFoundError:
         log.info("embeddings file %s not found: computing it first", path)
-        # Every process takes part in encoding (the encoder is sharded over all devices). A
-        # local path may be each host's own disk, so every process writes it; shared storage
-        # (a URL) is written by process 0 alone.
+        # Every process takes part in encoding (the encoder is sharded over all devices) and
+        # `parallel.is_writer` says which write. `resume`: a file another process finished in
+        # the meantime (shared storage, an encoder without collectives) is used, not refused.
         return encoding.compute_embeddings(
             meta,
             path,
@@ -173,7 +173,8 @@ def text_embeddings(cfg: config_dict.ConfigDict, meta: pd.DataFrame, path: str |
             settings=encoder_settings(cfg).as_dict(),
             batch_size=cfg.encoder.batch_size,
             storage_options=options,
-            write=fs.is_local(path) or jax.process_index() == 0,
+            resume=True,
+            write=parallel.is_writer(path),
         )
     _check_embeddings(cfg, emb, meta, path)
     return emb

@@ -4,6 +4,7 @@ Every module raises a subclass of `UserError` for a problem in the user's config
 credentials or run folder; its message names the field or file and says how to fix it.
 `dermjax.main` (and the other entry points) print `error: <message>` and exit with `exit_code`;
 `--verbose` shows the traceback as well. Anything else is a bug and keeps its traceback.
+`first_line` shortens any exception to one line for a log message, a table cell or JSON.
 """
 
 from __future__ import annotations

@@ -18,6 +18,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from dermjax.data import fs
 from dermjax.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -150,3 +151,10 @@ def to_host(x) -> np.ndarray:
 
         return np.asarray(multihost_utils.process_allgather(x, tiled=True))
     return np.asarray(x)
+
+
+def is_writer(path: str) -> bool:
+    """Whether this process writes the file `path` that every process computes: all of them for
+    a local path (it may be each host's own disk), process 0 alone for a URL (storage every host
+    sees, where several writers would only repeat one another's uploads)."""
+    return fs.is_local(path) or jax.process_index() == 0

@@ -271,31 +271,64 @@ def test_a_run_computes_its_missing_minilm_file_then_trains(tmp_path):
     assert "test" in summary
 
 
+@pytest.fixture
+def memory_fs():
+    """fsspec's in-memory filesystem, standing in for storage every host sees; emptied after."""
+    import fsspec
+
+    memory = fsspec.filesystem("memory")
+    yield memory
+    if memory.exists("/dj-emb"):
+        memory.rm("/dj-emb", recursive=True)
+
+
 @pytest.mark.parametrize(
     "where, process, written",
-    [
-        ("memory://dj-emb/e.parquet", 0, True),
-        ("memory://dj-emb/e.parquet", 1, False),
-        ("local", 1, True),
-    ],
+    [("memory", 0, True), ("memory", 1, False), ("local", 1, True)],
 )
 def test_a_missing_shared_file_is_written_by_process_zero_alone(
-    tmp_path, monkeypatch, where, process, written
+    tmp_path, monkeypatch, memory_fs, where, process, written
 ):
     """All processes encode together; a URL (storage all hosts see) gets one writer, while a
     local path may be each host's own disk and is written by every process."""
-    import fsspec
     import jax
 
-    path = str(tmp_path / "e.parquet") if where == "local" else where
-    memory = fsspec.filesystem("memory")
-    if memory.exists("/dj-emb"):
-        memory.rm("/dj-emb", recursive=True)
+    folder = tmp_path / "emb"
+    path = str(folder / "e.parquet") if where == "local" else "memory://dj-emb/e.parquet"
     monkeypatch.setattr(jax, "process_index", lambda: process)
     got = text_embeddings(_cfg(tmp_path, path), _meta(["a", "bb"]), path)
     assert len(got) == 2 and got.attrs["encoder_spec"]["dim"] == 256
-    exists = memory.exists("/dj-emb/e.parquet") if where != "local" else os.path.exists(path)
-    assert exists == written
-    assert not [
-        n for n in (memory.ls("/dj-emb") if memory.exists("/dj-emb") else []) if ".tmp-" in n
-    ]
+    if where == "local":
+        assert sorted(os.listdir(folder)) == ["e.parquet"]  # and no temporary left
+    else:
+        names = memory_fs.ls("/dj-emb", detail=False) if memory_fs.exists("/dj-emb") else []
+        assert names == (["/dj-emb/e.parquet"] if written else [])
+
+
+def test_a_file_another_process_finished_meanwhile_is_used_not_refused(tmp_path, monkeypatch):
+    """Process 0 may write the file between another process's read (not found) and its encode
+    (an encoder without collectives runs ahead); that process then takes the finished file."""
+    path = str(tmp_path / "hash256.parquet")
+    cfg = _cfg(tmp_path, path)
+    compute_embeddings(_meta(["a", "bb"]), path, HashingTextEncoder(dim=256), progress=False)
+    before = pathlib.Path(path).read_bytes()
+    reads = []
+
+    def not_there_yet(*args, **kwargs):
+        reads.append(args)
+        if len(reads) == 1:
+            raise FileNotFoundError(path)
+        return read_embeddings(*args, **kwargs)
+
+    monkeypatch.setattr(emb_mod, "read_embeddings", not_there_yet)
+    got = text_embeddings(cfg, _meta(["a", "bb"]), path)
+    assert len(got) == 2 and pathlib.Path(path).read_bytes() == before
+
+
+def test_a_process_that_does_not_write_ignores_an_existing_file(tmp_path):
+    path = str(tmp_path / "e.parquet")
+    compute_embeddings(_meta(["a"]), path, FakeEncoder(), progress=False)
+    before = pathlib.Path(path).read_bytes()
+    got = compute_embeddings(_meta(["a", "bb"]), path, FakeEncoder(), write=False, progress=False)
+    assert got["image_id"].tolist() == ["id0", "id1"]
+    assert pathlib.Path(path).read_bytes() == before

@@ -64,3 +64,19 @@ def test_an_incomplete_launch_names_what_is_missing(calls, monkeypatch):
     with pytest.raises(ConfigError, match="DERMJAX_NUM_PROCESSES='two'"):
         parallel.maybe_initialize_distributed()
     assert calls == []
+
+
+@pytest.mark.parametrize(
+    "path, process, writes",
+    [
+        ("/data/e.parquet", 3, True),
+        ("file:///data/e.parquet", 3, True),
+        ("gs://bucket/e.parquet", 0, True),
+        ("gs://bucket/e.parquet", 3, False),
+    ],
+)
+def test_every_process_writes_a_local_path_and_process_zero_alone_a_url(
+    monkeypatch, path, process, writes
+):
+    monkeypatch.setattr(jax, "process_index", lambda: process)
+    assert parallel.is_writer(path) is writes

@@ -7,7 +7,8 @@ that a file made by another encoder is never silently mixed or overwritten. Miss
 "" or no embedding row) becomes the zero vector with `has_text` False; it is never encoded.
 A file that cannot be used (unreadable, missing columns, mixed dimensions, NaN or inf values)
 raises `DataError` naming the file and some of the image_ids concerned. Which encoder a file
-needs, and its derived name, come from `dermjax.data.encoders`; `dermjax.data.encoding` fills a file.
+needs, and its derived name, come from `dermjax.data.encoders`; `dermjax.data.encoding` fills
+a file.
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ def canonical_spec(spec: dict[str, Any]) -> dict[str, Any]:
     return json.loads(json.dumps(spec, sort_keys=True))
 
 
-def as_vector(value: Any) -> np.ndarray | None:
+def _as_vector(value: Any) -> np.ndarray | None:
     """One embedding cell (array, list, or the legacy string form) as float32, None if absent."""
     if value is None or (isinstance(value, float) and np.isnan(value)):
         return None
@@ -66,7 +67,7 @@ def as_vector(value: Any) -> np.ndarray | None:
 
 
 def _stack(values: Sequence[Any]) -> np.ndarray:
-    vectors = [as_vector(v) for v in values]
+    vectors = [_as_vector(v) for v in values]
     if any(v is None for v in vectors):
         raise ValueError("every row written to an embeddings file needs an embedding")
     if len({v.shape for v in vectors}) > 1:
@@ -150,7 +151,7 @@ def read_embeddings(path: str, storage_options: dict | None = None) -> pd.DataFr
     df = table.drop_columns([EMBEDDING_COL]).to_pandas()
     column = table.column(EMBEDDING_COL).combine_chunks()
     if pa.types.is_string(column.type):
-        df[EMBEDDING_COL] = [as_vector(v) for v in column.to_pylist()]
+        df[EMBEDDING_COL] = [_as_vector(v) for v in column.to_pylist()]
     else:
         cells = column.to_numpy(zero_copy_only=False)
         df[EMBEDDING_COL] = [None if c is None else c.astype(np.float32) for c in cells]
@@ -184,7 +185,7 @@ def stale_ids(emb_df: pd.DataFrame, metadata_df: pd.DataFrame, *, with_text: boo
     With `with_text`, only rows that have text count (the ones training needs); otherwise rows
     without text that the file lacks count too.
     """
-    vectors = [as_vector(v) is not None for v in emb_df[EMBEDDING_COL]]
+    vectors = [_as_vector(v) is not None for v in emb_df[EMBEDDING_COL]]
     known = dict(
         zip(
             emb_df[IMG_ID_COL].astype(str),
@@ -223,7 +224,7 @@ def join_text(
                 f"{name}: image_id must be unique for the 1:1 join; repeated: "
                 f"{duplicated.unique()[:5].tolist()}"
             )
-    vectors = [as_vector(v) for v in emb_df[EMBEDDING_COL]]
+    vectors = [_as_vector(v) for v in emb_df[EMBEDDING_COL]]
     emb_ids = emb_df[IMG_ID_COL].astype(str).tolist()
     if dim is None:
         dim = next((len(v) for v in vectors if v is not None), None)

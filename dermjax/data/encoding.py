@@ -112,9 +112,9 @@ def compute_embeddings(
     """Encodes the text of every image_id of `metadata_df` into the parquet `path`; returns it.
 
     Batches of `batch_size` texts; the file is written atomically every `save_every_s` seconds
-    and at the end, so an interrupted run leaves a valid partial file. `write=False` encodes the
-    same rows and returns them without writing (the other processes of a multi-process run,
-    whose process 0 writes the shared file). An existing file is never
+    and at the end, so an interrupted run leaves a valid partial file. `write=False` encodes and
+    returns without writing, and without `resume` ignores an existing file (the other processes
+    of a multi-process run, whose process 0 writes the shared file and may already have). An existing file is never
     overwritten: without `resume` it raises DataError; with `resume` only the rows it lacks (or
     holds for another text) are encoded and added, after checking that the stored spec and
     settings match (EncoderMismatchError otherwise; also for a file without a dermjax spec
@@ -125,7 +125,7 @@ def compute_embeddings(
     fs.check_credentials(str(path), storage_options)
     target, fs_path = fsspec.core.url_to_fs(str(path), **(storage_options or {}))
     kept = None
-    if target.exists(fs_path):
+    if (write or resume) and target.exists(fs_path):
         if not resume:
             raise DataError(
                 f"embeddings file {path} already exists and is never overwritten; --resume "

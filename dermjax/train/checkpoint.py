@@ -13,10 +13,10 @@ iterator's position, present when an iterator was given) and `meta` (JSON, plus 
 `timestamp` and `monitor_mode`). `step` must be the global optimisation step, so steps only grow
 within a run; the same step may be saved under several kinds (a best epoch that is also periodic).
 
-Finding and reading a step's copies, and comparing a saved tree with the model, live in
-`checkpoint_restore`. `CheckpointReader` opens a folder read-only (another run's, for `load_from` / `init_from`): it
-never creates, changes or deletes anything in it, so read-only storage works. `Checkpointer` is
-the writing reader of a run's own folder.
+Opening the managers, finding a step's copies and comparing a saved tree with the model live
+in `checkpoint_restore`. `CheckpointReader` opens a folder read-only (another run's, for
+`load_from` / `init_from`): it never creates, changes or deletes anything in it, so read-only
+storage works. `Checkpointer` is the writing reader of a run's own folder.
 
 `latest()` is the highest finalised step across the three managers. Restoring it tries every copy
 of that step (last, periodic, best), then older steps, logging a warning for each unreadable one;

@@ -1,7 +1,7 @@
 """Reading Orbax checkpoint folders: managers, a saved tree against the model, damaged copies.
 
-The restore side of `dermjax.train.checkpoint`: one Orbax manager per kind subdirectory, the
-newest-first list of copies to try, the comparison of a saved tree's paths and shapes with the
+The restore side of `dermjax.train.checkpoint`: one Orbax manager per kind subdirectory
+(`open_manager`, which also opens the writing ones), the newest-first list of copies to try, the comparison of a saved tree's paths and shapes with the
 model's (a different model is an error, not damage), and the restore that falls back past
 unreadable copies with a warning for each.
 """
@@ -22,7 +22,8 @@ from dermjax.errors import UserError, first_line
 
 log = logging.getLogger(__name__)
 
-RESTORE_PRIORITY = {"last": 2, "periodic": 1, "best": 0}  # among copies of one step
+# The kind subdirectories (`checkpoint.KIND_SUBDIR`'s values), best first among copies of one step.
+RESTORE_PRIORITY = {"last": 2, "periodic": 1, "best": 0}
 _MAX_LISTED_DIFFERENCES = 5
 
 

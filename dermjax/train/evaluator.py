@@ -7,16 +7,18 @@ on the devices during a pass and are fetched once at its end.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 
 from dermjax import parallel
 from dermjax.data import pipeline
-from dermjax.experiment import Components
 from dermjax.tracking import Progress
 from dermjax.train.metrics import ClassificationMetrics, accumulate, host_metrics, totals_of
 from dermjax.train.step import make_eval_step
+
+if TYPE_CHECKING:
+    from dermjax.experiment import Components
 
 
 def device_totals(

@@ -1,4 +1,4 @@
-"""ensure_embeddings: write once, reuse, extend only with new or changed rows, one encoder per file."""
+"""ensure_embeddings: write once, reuse, extend only new or changed rows, one encoder a file."""
 
 import numpy as np
 import pandas as pd

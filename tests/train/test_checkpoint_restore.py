@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from dermjax.train import checkpoint_restore
+from dermjax.train.checkpoint import KIND_SUBDIR
 from dermjax.train.checkpoint_restore import CheckpointError, candidates
 
 
@@ -18,6 +19,10 @@ class _Steps:
 
 
 MANAGERS = {"last": _Steps(30), "periodic": _Steps(10, 20, 30), "best": _Steps(20)}
+
+
+def test_every_kind_of_save_goes_to_a_subdirectory_restores_look_in():
+    assert set(KIND_SUBDIR.values()) == set(checkpoint_restore.RESTORE_PRIORITY)
 
 
 def test_copies_are_tried_newest_step_first_and_last_before_periodic_before_best():
@@ -46,6 +51,7 @@ def test_a_different_model_names_its_first_five_differences_and_counts_the_rest(
     message = str(info.value)
     assert "under ck (best/20) was saved by a different model" in message
     assert "params.w0: checkpoint (2, 1), model (2, 2)" in message
+    assert "params.w4" in message and "params.w5" not in message
     assert "; ... and 3 more." in message
 
 

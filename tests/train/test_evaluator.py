@@ -64,6 +64,10 @@ def test_passes_count_every_sample_once_and_reuse_the_splits_stream(components):
         first = ev.evaluate(None, records, "val", {})
         second = ev.evaluate(None, records, "val", {})
         assert first["accuracy"] == second["accuracy"] == pytest.approx(0.4)
+        # 10 rows in 3 batches of 4: the 2 padding rows are not counted, none twice
+        expected = [[4, 0, 0], [3, 0, 0], [3, 0, 0]]
+        np.testing.assert_array_equal(first["confusion_matrix"], expected)
+        np.testing.assert_array_equal(second["confusion_matrix"], expected)
         assert first["majority_accuracy"] == pytest.approx(0.3)  # class 1, on the same 10 rows
         assert first["bad_images"] == 0
         assert built == ["val"]  # the second pass reused the stream and its workers
@@ -74,6 +78,6 @@ def test_passes_count_every_sample_once_and_reuse_the_splits_stream(components):
     assert ev.streams == {}
 
 
-def test_shown_samples_scales_this_processes_valid_rows_to_the_global_batch():
-    batch = {"valid": np.array([True, True, False])}
-    assert evaluator.shown_samples(batch) == 2 * jax.process_count()
+def test_shown_samples_scales_this_processes_valid_rows_to_the_global_batch(monkeypatch):
+    monkeypatch.setattr(jax, "process_count", lambda: 4)
+    assert evaluator.shown_samples({"valid": np.array([True, True, False])}) == 8
