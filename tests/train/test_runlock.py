@@ -15,7 +15,7 @@ from dermjax.train.runlock import LOCK_FILE, RunLock
 HOLDER = """
 import sys, time
 from dermjax.train.runlock import RunLock
-RunLock(sys.argv[1]).acquire()
+RunLock(sys.argv[2]).acquire()
 print("held", flush=True)
 time.sleep(120)
 """
@@ -27,7 +27,8 @@ def holder(tmp_path):
     folder, script = tmp_path / "run", tmp_path / "holder.py"
     script.write_text(HOLDER)
     proc = subprocess.Popen(
-        [sys.executable, str(script), str(folder), "--marker"],
+        # --marker before the long folder path: the message shortens commands past 200 characters
+        [sys.executable, str(script), "--marker", str(folder)],
         stdout=subprocess.PIPE,
         text=True,
     )
