@@ -76,6 +76,15 @@ def test_a_failed_write_leaves_the_previous_file_and_no_temporary(tmp_path, monk
     assert os.listdir(tmp_path) == ["e.parquet"]
 
 
+def test_an_uncreatable_folder_is_one_clear_error_before_anything_is_encoded(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    encoder = FakeEncoder()
+    with pytest.raises(DataError, match=r"a_file/e\.parquet: cannot create its folder"):
+        compute_embeddings(_meta(["rash"]), str(blocker / "e.parquet"), encoder, progress=False)
+    assert encoder.calls == []
+
+
 def test_interrupted_run_leaves_a_partial_file_that_resume_completes(tmp_path):
     path = str(tmp_path / "e.parquet")
     texts = [f"text number {i}" for i in range(40)]

@@ -124,6 +124,14 @@ def compute_embeddings(
     spec = canonical_spec(encoder.spec)
     fs.check_credentials(str(path), storage_options)
     target, fs_path = fsspec.core.url_to_fs(str(path), **(storage_options or {}))
+    if write:  # before any encoding: a folder that cannot exist must not cost the work
+        try:
+            target.makedirs(os.path.dirname(fs_path) or ".", exist_ok=True)
+        except OSError as e:
+            raise DataError(
+                f"embeddings file {path}: cannot create its folder ({e.strerror or e}); "
+                "write to a folder you can create (--out, or data.embeddings_path)"
+            ) from e
     kept = None
     if (write or resume) and target.exists(fs_path):
         if not resume:
