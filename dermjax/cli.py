@@ -2,7 +2,8 @@
 
 `run_main(main)` wraps absl's `app.run`:
 * a `UserError` raised anywhere prints `error: <message>` and exits with its `exit_code`, without
-  a traceback unless `--verbose` is given;
+  a traceback unless `--verbose` is given; in a multi-process run every other process then stops
+  within seconds with the same message and status (`dermjax.failfast`), as it does on a bug;
 * `--config.a.b=V` overrides are applied here rather than by ml_collections, so that every
   unknown field and every value of the wrong type is named in one ConfigError (exit status 2),
   together with the problems `dermjax.config.validate` finds in the rest of the config; `None`
@@ -26,6 +27,7 @@ from absl import app, flags
 from ml_collections import config_dict
 from ml_collections.config_flags import tuple_parser
 
+from dermjax import failfast
 from dermjax.config import packaged_config_path, validate
 from dermjax.errors import ConfigError, UserError
 
@@ -65,7 +67,11 @@ def run_main(main: Callable[[list[str]], None]) -> None:
         if _verbose_requested(argv):
             traceback.print_exc()
         print(f"error: {e}", file=sys.stderr)
+        failfast.stop(str(e), e.exit_code)  # returns only in a single-process run
         sys.exit(e.exit_code)
+    except Exception as e:  # a bug: in a multi-process run the others stop too
+        failfast.stop_on_bug(e)  # returns only in a single-process run
+        raise
 
 
 def _verbose_requested(argv: Sequence[str]) -> bool:

@@ -18,6 +18,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from dermjax import failfast
 from dermjax.data import fs
 from dermjax.errors import ConfigError
 
@@ -82,6 +83,7 @@ def maybe_initialize_distributed(
         jax.distributed.initialize()
     else:
         return
+    failfast.watch()
     log.info("jax.distributed: process %d of %d", jax.process_index(), jax.process_count())
 
 

@@ -2,7 +2,8 @@
 
 Each process runs the real command line, `python -m dermjax.main` with --coordinator_address,
 --num_processes and --process_id; the two-process run is killed after its first checkpoint,
-relaunched with the same command, resumes and finishes.
+relaunched with the same command, resumes and finishes. And when one process fails alone, both
+stop within seconds, each printing the error.
 """
 
 import json
@@ -59,12 +60,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch(data_root: Path, workdir: Path, log: Path) -> list[subprocess.Popen]:
-    """Starts both processes of the two-process run; their output goes to `log`.<id>."""
+def _launch(
+    data_root: Path, workdir: Path, log: Path, extra: tuple[list[str], ...] = ([], [])
+) -> list[subprocess.Popen]:
+    """Starts both processes of the two-process run (process i with the arguments `extra[i]`
+    added); their output goes to `log`.<id>."""
     port = _free_port()
     procs = []
     for i in range(2):
         dist = [f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"]
+        dist += extra[i]
         out = open(f"{log}.{i}", "a")  # noqa: SIM115 (closed with the process below)
         procs.append(
             subprocess.Popen(
@@ -122,3 +127,21 @@ def test_two_processes_agree_with_one_process_on_4_devices_and_resume_after_a_ki
             assert b[key] == pytest.approx(a[key], rel=5e-3), (a["epoch"], key)
         for key in ("train/accuracy", "val/accuracy"):
             assert abs(b[key] - a[key]) <= 2 / 64 + 1e-9, (a["epoch"], key)
+
+
+def test_a_process_failing_alone_stops_the_other_within_seconds_with_its_error(tmp_path):
+    """Before `dermjax.failfast`, process 0 died 30 s later with a gloo timeout naming no cause."""
+    log = tmp_path / "fail.log"
+    bad = "--config.training.batch_size=18"  # not divisible by 4 devices: only process 1 has it
+    start = time.monotonic()
+    procs = _launch(tmp_path / "data", tmp_path / "run", log, extra=([], [bad]))
+    codes = [p.wait(timeout=240) for p in procs]
+    took = time.monotonic() - start
+    out = [Path(f"{log}.{i}").read_text() for i in range(2)]
+    assert codes == [2, 2], out
+    assert took < 120, took
+    problem = "training.batch_size=18: must be divisible by 4"
+    assert "error: 1 invalid config field(s):" in out[1] and problem in out[1]
+    assert "error: process 1 of 2 stopped the run: 1 invalid config field(s)" in out[0]
+    assert problem in out[0]
+    assert not any("Terminating process" in text for text in out)  # JAX's abort

@@ -1,0 +1,186 @@
+"""One process's error stops every process of a run: the protocol over a stand-in key-value store.
+
+`tests/test_multiprocess.py` runs it for real: two `python -m dermjax.main` processes, one with a
+config only it rejects.
+"""
+
+import threading
+import time
+from types import SimpleNamespace
+
+import pytest
+
+from dermjax import cli, failfast
+from dermjax.errors import DataError
+
+
+class Store:
+    """The two calls of jax.distributed's key-value client that failfast uses."""
+
+    def __init__(self):
+        self.values: dict[str, str] = {}
+        self.closed = False
+
+    def key_value_set(self, key, value, allow_overwrite=False):
+        assert allow_overwrite or key not in self.values
+        self.values[key] = value
+
+    def key_value_dir_get(self, prefix):
+        if self.closed:
+            raise RuntimeError("UNAVAILABLE: the coordination service has stopped")
+        return sorted((k, v) for k, v in self.values.items() if k.startswith(prefix))
+
+
+class Exited(Exception):
+    def __init__(self, status):
+        super().__init__(status)
+        self.status = status
+
+
+@pytest.fixture
+def process(monkeypatch):
+    """`process(pid, n)`: failfast sees itself as process pid of n; leaving raises Exited."""
+    store = Store()
+
+    def exit_now(status):
+        raise Exited(status)
+
+    monkeypatch.setattr(failfast, "_leaving", threading.Event())
+    monkeypatch.setattr(failfast, "_exit", exit_now)
+
+    def make(pid, n):
+        state = SimpleNamespace(client=store, process_id=pid, num_processes=n)
+        monkeypatch.setattr(failfast, "_state", lambda: state)
+        return state
+
+    return make
+
+
+def test_a_single_process_run_is_left_alone():
+    assert failfast._state() is None  # jax.distributed is not initialised in the tests
+    failfast.stop("anything", 2)  # returns: the caller exits as usual
+    failfast.stop_on_bug(KeyError("x"))
+    failfast.watch()
+    assert not any(t.name == "dermjax-failfast" for t in threading.enumerate())
+
+
+def test_stop_publishes_the_error_and_leaves_with_its_status(process):
+    state = process(1, 2)
+    with pytest.raises(Exited) as exited:
+        failfast.stop("training.batch_size=18: must be divisible by 4", 2)
+    assert exited.value.status == 2
+    assert state.client.values == {
+        "dermjax/failed/1": "2 training.batch_size=18: must be divisible by 4",
+        "dermjax/seen/1": "",
+    }
+
+
+def test_a_long_message_is_cut(process):
+    state = process(1, 2)
+    with pytest.raises(Exited):
+        failfast.stop("x" * 5000, 1)
+    assert len(state.client.values["dermjax/failed/1"]) == 2 + failfast.MESSAGE_LIMIT
+
+
+def test_the_watcher_prints_the_peer_error_and_leaves_with_its_status(process, capsys):
+    state = process(1, 3)
+    state.client.values["dermjax/failed/2"] = "2 bad batch size"
+    state.client.values["dermjax/failed/0"] = "1 embeddings file gs://b/e.parquet: cannot write"
+    with pytest.raises(Exited) as exited:
+        failfast._watch(state, 0.01)
+    assert exited.value.status == 1  # the lowest-numbered failed process is the one reported
+    err = capsys.readouterr().err
+    assert err == (
+        "error: process 0 of 3 stopped the run: embeddings file gs://b/e.parquet: cannot write\n"
+    )
+    assert "dermjax/seen/1" in state.client.values
+
+
+def test_the_watcher_ends_quietly_when_the_run_ends(process, capsys):
+    state = process(1, 2)
+    state.client.closed = True
+    failfast._watch(state, 0.01)  # returns instead of raising Exited
+    assert capsys.readouterr().err == ""
+
+
+def test_the_watcher_says_nothing_once_its_own_process_is_leaving(process, capsys):
+    state = process(0, 2)
+    state.client.values["dermjax/failed/0"] = "2 its own error"
+    failfast._leaving.set()
+    failfast._watch(state, 0.01)
+    assert capsys.readouterr().err == ""
+
+
+def test_process_zero_leaves_after_the_others_have_read_the_failure(process, monkeypatch):
+    """Process 0 hosts the store: leaving earlier would kill the others before they print."""
+    state = process(0, 3)
+
+    def others_read_it():
+        time.sleep(0.3)
+        state.client.values["dermjax/seen/1"] = ""
+        state.client.values["dermjax/seen/2"] = ""
+
+    threading.Thread(target=others_read_it).start()
+    start = time.monotonic()
+    with pytest.raises(Exited):
+        failfast.stop("no such file", 1)
+    assert 0.25 < time.monotonic() - start < 2
+
+
+def test_process_zero_waits_for_silent_processes_only_so_long(process, monkeypatch):
+    monkeypatch.setattr(failfast, "LAST_WAIT_S", 0.3)
+    process(0, 2)
+    start = time.monotonic()
+    with pytest.raises(Exited):
+        failfast.stop("no such file", 1)
+    assert 0.25 < time.monotonic() - start < 2
+
+
+def test_a_bug_prints_its_traceback_and_is_published(process, capsys):
+    state = process(1, 2)
+    try:
+        {}["lesion_id"]
+    except KeyError as e:
+        with pytest.raises(Exited) as exited:
+            failfast.stop_on_bug(e)
+    assert exited.value.status == 1
+    assert "Traceback" in capsys.readouterr().err
+    assert state.client.values["dermjax/failed/1"] == (
+        "1 KeyError: 'lesion_id' (a bug; traceback in that process's log)"
+    )
+
+
+def test_an_error_after_a_peer_failed_reports_the_peer(process, capsys):
+    """A collective whose peer left fails here too (gloo: connection reset); the cause is there."""
+    state = process(0, 2)
+    state.client.values["dermjax/failed/1"] = "2 training.batch_size=18: must be divisible by 4"
+    state.client.values["dermjax/seen/1"] = ""
+    with pytest.raises(Exited) as exited:
+        failfast.stop_on_bug(RuntimeError("Gloo AllGather failed: Connection reset by peer"))
+    assert exited.value.status == 2
+    assert capsys.readouterr().err == (
+        "error: process 1 of 2 stopped the run: training.batch_size=18: must be divisible by 4 "
+        "(here: RuntimeError: Gloo AllGather failed: Connection reset by peer)\n"
+    )
+    assert "dermjax/failed/0" not in state.client.values
+
+
+def test_the_command_line_tells_the_other_processes(monkeypatch):
+    told = []
+    monkeypatch.setattr(failfast, "stop", lambda message, status: told.append((message, status)))
+    monkeypatch.setattr(failfast, "stop_on_bug", told.append)
+    monkeypatch.setattr("sys.argv", ["prog"])
+    bug = KeyError("lesion_id")
+
+    def fails_with(error):
+        def main(argv):
+            raise error
+
+        return main
+
+    with pytest.raises(SystemExit) as exited:
+        cli.run_main(fails_with(DataError("metadata.csv: no such file")))
+    assert exited.value.code == 1
+    with pytest.raises(KeyError):
+        cli.run_main(fails_with(bug))
+    assert told == [("metadata.csv: no such file", 1), bug]
