@@ -35,6 +35,22 @@ LAST_WAIT_S = 10.0  # how long process 0 waits for the others to read a failure
 MESSAGE_LIMIT = 2000
 
 _leaving = threading.Event()  # this process is already on its way out: print nothing twice
+_claim_lock = threading.Lock()
+
+
+def _claim() -> bool:
+    """True for the first caller only: the one that reports and leaves."""
+    with _claim_lock:
+        if _leaving.is_set():
+            return False
+        _leaving.set()
+        return True
+
+
+def _wait_for_the_watcher(exit_status: int) -> None:
+    """The watcher has seen another process's failure and is leaving: let it finish."""
+    time.sleep(LAST_WAIT_S + 5)
+    _exit(exit_status)
 
 
 def _state() -> Any | None:
@@ -70,7 +86,8 @@ def stop(message: str, exit_status: int) -> None:
     state = _state()
     if state is None:
         return
-    _leaving.set()
+    if not _claim():
+        _wait_for_the_watcher(exit_status)
     _publish_and_leave(state, message, exit_status)
 
 
@@ -84,7 +101,8 @@ def stop_on_bug(error: BaseException) -> None:
     state = _state()
     if state is None:
         return
-    _leaving.set()
+    if not _claim():
+        _wait_for_the_watcher(1)
     try:
         failures = [
             f for f in state.client.key_value_dir_get(FAILED) if f[0] != _key(FAILED, state)
@@ -117,8 +135,7 @@ def _watch(state: Any, poll_s: float) -> None:
             failures = state.client.key_value_dir_get(FAILED)
         except Exception:  # the client is shutting down: the run is ending
             return
-        if failures and not _leaving.is_set():
-            _leaving.set()
+        if failures and _claim():
             _report(state, failures)
 
 

@@ -111,6 +111,21 @@ def test_the_watcher_says_nothing_once_its_own_process_is_leaving(process, capsy
     assert capsys.readouterr().err == ""
 
 
+def test_an_error_raised_while_the_watcher_is_leaving_is_neither_printed_nor_published(
+    process, monkeypatch, capsys
+):
+    """The watcher reports a peer's failure; this process's own error then is its consequence."""
+    monkeypatch.setattr(failfast, "LAST_WAIT_S", -4.9)  # wait 0.1 s for the watcher's exit
+    state = process(0, 2)
+    assert failfast._claim()  # the watcher got there first
+    assert not failfast._claim()
+    with pytest.raises(Exited) as exited:
+        failfast.stop_on_bug(RuntimeError("Gloo AllGather failed"))
+    assert exited.value.status == 1
+    assert capsys.readouterr().err == ""
+    assert state.client.values == {}
+
+
 def test_process_zero_leaves_after_the_others_have_read_the_failure(process, monkeypatch):
     """Process 0 hosts the store: leaving earlier would kill the others before they print."""
     state = process(0, 3)
