@@ -61,7 +61,7 @@ def main(argv: list[str], overrides: list[tuple[str, str]]) -> None:
         raise UserError("--checkpoint=RUN_OR_CHECKPOINT_DIR is required")
     setup_logging()
     from dermjax import compile_cache  # after flags: jax loads here
-    from dermjax.evaluation.inference import open_checkpoint
+    from dermjax.evaluation.checkpoint_source import open_checkpoint
     from dermjax.evaluation.run import evaluate_checkpoint
 
     ckpt = open_checkpoint(_CHECKPOINT.value, overrides=overrides)

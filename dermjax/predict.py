@@ -68,8 +68,9 @@ def main(argv: list[str], overrides: list[tuple[str, str]]) -> None:
     logging.getLogger("absl").setLevel(logging.ERROR)  # orbax: "directory is read only"
     from dermjax import compile_cache  # after flags: jax loads here
     from dermjax.evaluation import inference
+    from dermjax.evaluation.checkpoint_source import open_checkpoint
 
-    ckpt = inference.open_checkpoint(_CHECKPOINT.value, overrides=overrides)
+    ckpt = open_checkpoint(_CHECKPOINT.value, overrides=overrides)
     compile_cache.enable(ckpt.cfg.training.compilation_cache_dir)
     model = inference.load_model(ckpt)
     mode, note = choose_mode(model.default_mode, _TEXT.value is not None)

@@ -1,8 +1,8 @@
 """A trained model from its checkpoint alone, run over a split's records or over image files.
 
-`load_model(path)` reads a run folder, its `checkpoints/` folder, a kind folder (`.../best`) or a
-step folder (read-only) and rebuilds the model from the config saved in the checkpoint, never
-from the current defaults: the best checkpoint when there is one, else the latest. Classes,
+`load_model(path)` opens the checkpoint a path names (`checkpoint_source.open_checkpoint`: the
+best step when there is one, else the latest; the config saved in it), traces the model's
+shapes and restores its weights, only reading the folder. Classes,
 image size, normalisation and the text-encoder spec come from the checkpoint's meta, so no
 training data is needed to predict.
 
@@ -22,18 +22,15 @@ from typing import Any
 
 import jax
 import numpy as np
-from etils import epath
 from flax import nnx
-from ml_collections import config_dict
 
 from dermjax import experiment, parallel
-from dermjax.cli import apply_overrides
-from dermjax.config import load_config, validate
 from dermjax.data import embeddings, encoders, fs, images, pipeline
 from dermjax.data.augment import prepare_eval
 from dermjax.embedding_file import text_encoder
 from dermjax.errors import DataError
-from dermjax.train.checkpoint import CheckpointError, CheckpointReader, resolve_load_from
+from dermjax.evaluation.checkpoint_source import Checkpoint, open_checkpoint, saved_text_dim
+from dermjax.train.checkpoint import CheckpointReader
 from dermjax.train.masking import MaskSpec, apply_masking
 from dermjax.train.step import ModelParts, StepSpec, split_model
 
@@ -42,95 +39,6 @@ log = logging.getLogger(__name__)
 # Modality modes and the modality each one masks completely.
 MODES = ("both", "image_only", "text_only")
 _MASKED = {"both": None, "image_only": "text", "text_only": "image"}
-_KIND_DIRS = ("best", "periodic", "last")
-
-
-@dataclasses.dataclass(frozen=True)
-class CheckpointRef:
-    """Which checkpoint is used: its folder, step, kind (best, latest, ...) and run folder."""
-
-    directory: str
-    step: int
-    kind: str
-    run_dir: str | None  # the folder holding `checkpoints/`, when the layout shows it
-
-
-def locate_checkpoint(path: str) -> CheckpointRef:
-    """The checkpoint `path` names: the best step when present, else the latest (only reads)."""
-    path = str(path).rstrip("/")
-    if "://" not in path and not os.path.isdir(path):
-        raise CheckpointError(
-            f"--checkpoint={path}: no such folder; give a run folder, its checkpoints/ folder "
-            "or a step folder (RUN/checkpoints/best/120)"
-        )
-    hint = "give a run folder, its checkpoints/ folder or a step folder (RUN/checkpoints/best/120)"
-    try:
-        directory, step = resolve_load_from(path)
-    except CheckpointError as e:
-        raise CheckpointError(f"--checkpoint={path}: no checkpoint there; {hint}") from e
-    name = epath.Path(path).name
-    with CheckpointReader(directory) as reader:
-        if step is not None:
-            kind = name if name in _KIND_DIRS else epath.Path(path).parent.name
-        elif (step := reader.best()) is not None:
-            kind = "best"
-        elif (step := reader.latest()) is not None:
-            kind = "latest"
-        else:
-            raise CheckpointError(f"--checkpoint={path}: no finished checkpoint under {directory}")
-    parent = os.path.dirname(directory)
-    run_dir = parent if os.path.basename(directory) == "checkpoints" else None
-    return CheckpointRef(directory, int(step), kind, run_dir)
-
-
-def config_from_checkpoint(stored: dict[str, Any]) -> config_dict.ConfigDict:
-    """The checkpoint's config on the current schema (fields it lacks keep their defaults)."""
-    cfg = load_config("default")
-    unknown: list[str] = []
-
-    def fill(node: config_dict.ConfigDict, values: dict[str, Any], prefix: str) -> None:
-        for key, value in values.items():
-            if key not in node:
-                unknown.append(prefix + key)
-            elif isinstance(node[key], config_dict.ConfigDict):
-                fill(node[key], value, f"{prefix}{key}.")
-            else:
-                node[key] = value
-
-    try:
-        fill(cfg, stored, "")
-    except (TypeError, ValueError, AttributeError) as e:
-        raise CheckpointError(f"the checkpoint's config does not fit this dermjax: {e}") from e
-    if unknown:
-        log.warning("checkpoint config fields unknown to this dermjax are ignored: %s", unknown)
-    return cfg
-
-
-@dataclasses.dataclass
-class Checkpoint:
-    """A checkpoint's reference, config (overrides applied) and meta: no arrays read yet."""
-
-    ref: CheckpointRef
-    cfg: config_dict.ConfigDict
-    meta: dict[str, Any]
-
-    @property
-    def classes(self) -> list[str]:
-        return [str(c) for c in self.meta["classes"]]
-
-    @property
-    def img_size(self) -> tuple[int, int]:
-        return int(self.meta["img_size"][0]), int(self.meta["img_size"][1])
-
-    @property
-    def default_mode(self) -> str:
-        """The mode the model was trained and validated in (`masking.mask_complete`)."""
-        masked = self.cfg.masking.mask_complete
-        return {None: "both", "text": "image_only", "image": "text_only"}[masked]
-
-    @property
-    def multimodal(self) -> bool:
-        return self.default_mode == "both"
 
 
 @dataclasses.dataclass
@@ -185,38 +93,6 @@ def _logits_step(parts: ModelParts, spec: StepSpec, modes: tuple[str, ...]):
     return lambda weights, batch: jitted(weights, parts.rngs, batch)
 
 
-def _saved_text_dim(ref: CheckpointRef) -> int:
-    """The text input size of the saved head (for embeddings files without a dermjax spec)."""
-    import orbax.checkpoint as ocp
-
-    for sub in _KIND_DIRS:
-        state = epath.Path(ref.directory) / sub / str(ref.step) / "state"
-        if state.exists():
-            tree = ocp.StandardCheckpointHandler().metadata(state).tree
-            projection = tree["params"]["head"]["text_projection"]
-            hidden = projection.get("hidden") or {}
-            first = hidden[min(hidden, key=int)]["linear"] if hidden else projection["out"]
-            return int(first["kernel"].shape[0])
-    raise CheckpointError(f"step {ref.step} under {ref.directory}: no saved state")
-
-
-def open_checkpoint(path: str, *, overrides: Sequence[tuple[str, str]] = ()) -> Checkpoint:
-    """The checkpoint `path` names, with its config and meta (only JSON is read).
-
-    `overrides` are `(field, text)` pairs as on the command line (`data.local_root`, ...),
-    applied on top of the checkpoint's config.
-    """
-    ref = locate_checkpoint(path)
-    with CheckpointReader(ref.directory) as reader:
-        meta = reader.read_meta(ref.step)
-    cfg = config_from_checkpoint(meta["config"])
-    if overrides:
-        apply_overrides(cfg, overrides)
-        _warn_about_trained_fields([field for field, _ in overrides])
-    validate(cfg)
-    return Checkpoint(ref, cfg, meta)
-
-
 def load_model(source: str | Checkpoint) -> LoadedModel:
     """Rebuilds the model of a checkpoint (a path or `open_checkpoint`'s) and restores its weights.
 
@@ -224,7 +100,7 @@ def load_model(source: str | Checkpoint) -> LoadedModel:
     """
     ckpt = source if isinstance(source, Checkpoint) else open_checkpoint(source)
     ref, cfg, classes = ckpt.ref, ckpt.cfg, ckpt.classes
-    text_dim = int((ckpt.meta.get("encoder") or {}).get("dim") or _saved_text_dim(ref))
+    text_dim = int((ckpt.meta.get("encoder") or {}).get("dim") or saved_text_dim(ref))
     abstract_model = nnx.eval_shape(  # shapes only: every weight is read from the checkpoint
         lambda: experiment.make_model(
             cfg,
@@ -255,18 +131,6 @@ def _concrete_rng(leaf: jax.ShapeDtypeStruct) -> jax.Array:
     if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
         return jax.random.split(jax.random.key(0), leaf.shape) if leaf.shape else jax.random.key(0)
     return jax.numpy.zeros(leaf.shape, leaf.dtype)
-
-
-def _warn_about_trained_fields(fields: Sequence[str]) -> None:
-    from dermjax.runner import RESUMABLE_CHANGES  # data paths, workers, batch sizes, ...
-
-    allowed = (*RESUMABLE_CHANGES, "evaluation")
-    changed = [f for f in fields if not any(f == a or f.startswith(f"{a}.") for a in allowed)]
-    if changed:
-        log.warning(
-            "overriding %s, which the run was trained or split with: results are not the run's",
-            changed,
-        )
 
 
 def softmax64(logits: np.ndarray) -> np.ndarray:

@@ -25,14 +25,8 @@ from dermjax.data.metadata import IMG_ID_COL
 from dermjax.embedding_file import text_embeddings
 from dermjax.errors import DataError, UserError
 from dermjax.evaluation import groups, metrics
-from dermjax.evaluation.inference import (
-    Checkpoint,
-    LoadedModel,
-    load_model,
-    open_checkpoint,
-    predict_records,
-    softmax64,
-)
+from dermjax.evaluation.checkpoint_source import Checkpoint, open_checkpoint
+from dermjax.evaluation.inference import LoadedModel, load_model, predict_records, softmax64
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,55 @@
+"""A checkpoint's config on today's schema, and the one-line errors for paths without one.
+
+Opening real checkpoints (best before latest, kind folders, step folders) runs through the
+evaluate and predict command lines in tests/test_evaluate.py and tests/test_predict.py.
+"""
+
+import logging
+
+import pytest
+
+from dermjax.evaluation.checkpoint_source import (
+    config_from_checkpoint,
+    locate_checkpoint,
+    warn_about_trained_fields,
+)
+from dermjax.train.checkpoint import CheckpointError
+
+
+def test_a_stored_config_fills_the_current_schema_and_fields_it_lacks_keep_defaults(caplog):
+    stored = {
+        "training": {"batch_size": 48, "retired_field": 1},
+        "vision_model": {"name": "resnet18"},
+    }
+    with caplog.at_level(logging.WARNING):
+        cfg = config_from_checkpoint(stored)
+    assert cfg.training.batch_size == 48
+    assert cfg.vision_model.name == "resnet18"
+    assert (
+        cfg.training.eval_batch_size is None and cfg.multimodal_classifier.final_dropout == 0.3
+    )  # defaults
+    assert "training.retired_field" in caplog.text
+
+
+def test_a_stored_config_of_the_wrong_shape_is_a_checkpoint_error():
+    with pytest.raises(CheckpointError, match="does not fit this dermjax"):
+        config_from_checkpoint({"training": {"batch_size": "many"}})
+
+
+def test_a_missing_folder_and_a_folder_without_checkpoints_are_named(tmp_path):
+    with pytest.raises(CheckpointError, match=r"--checkpoint=.*/nope: no such folder"):
+        locate_checkpoint(str(tmp_path / "nope"))
+    with pytest.raises(CheckpointError, match="no checkpoint there; give a run folder"):
+        locate_checkpoint(str(tmp_path))
+
+
+def test_overriding_a_field_the_run_was_trained_with_warns(caplog):
+    with caplog.at_level(logging.WARNING):
+        warn_about_trained_fields(["data.local_root", "training.num_workers", "evaluation.n_boot"])
+    assert caplog.text == ""
+    with caplog.at_level(logging.WARNING):
+        warn_about_trained_fields(["data.local_root", "multimodal_classifier.final_dropout"])
+    assert (
+        "['multimodal_classifier.final_dropout']" in caplog.text
+        and "results are not the run's" in caplog.text
+    )
