@@ -56,11 +56,13 @@ def _wait_for_the_watcher(exit_status: int) -> None:
 def _state() -> Any | None:
     """jax.distributed's state when this process is one of several, else None.
 
-    Read without starting a JAX backend. JAX has no public accessor for the key-value client;
-    orbax reads the same object.
+    Read without importing JAX (an error before it loads has no other processes to tell) or
+    starting a backend. JAX has no public accessor for the key-value client; orbax reads the
+    same object.
     """
-    from jax._src import distributed
-
+    distributed = sys.modules.get("jax._src.distributed")
+    if distributed is None:
+        return None
     state = distributed.global_state
     client = getattr(state, "client", None)
     return state if client is not None and getattr(state, "num_processes", 1) > 1 else None
