@@ -2,12 +2,14 @@
 
 Each process runs the real command line, `python -m dermjax.main` with --coordinator_address,
 --num_processes and --process_id; the two-process run is killed after its first checkpoint,
-relaunched with the same command, resumes and finishes. And when one process fails alone, both
-stop within seconds, each printing the error.
+relaunched with the same command and resumes; SIGTERM to one of its processes then stops both at
+the same step with a checkpoint; a third launch resumes and finishes. And when one process fails
+alone, both stop within seconds, each printing the error.
 """
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -95,7 +97,9 @@ def _epochs(workdir: Path) -> list[dict]:
     return [r for r in map(json.loads, lines) if r["event"] == "epoch"]
 
 
-def test_two_processes_agree_with_one_process_on_4_devices_and_resume_after_a_kill(tmp_path):
+def test_two_processes_agree_with_one_process_on_4_devices_and_resume_after_a_kill_and_a_sigterm(
+    tmp_path,
+):
     data_root = tmp_path / "data"
     single = tmp_path / "single"
     subprocess.run(
@@ -115,7 +119,24 @@ def test_two_processes_agree_with_one_process_on_4_devices_and_resume_after_a_ki
         p.wait()
     assert not (workdir / "summary.json").exists()
 
-    _wait(_launch(data_root, workdir, log), log)  # the same command again: resumes, finishes
+    # The same command again resumes; then SIGTERM reaches process 1 alone, as when one host of
+    # a pod is preempted: both processes save the same step and exit 0.
+    procs = _launch(data_root, workdir, log)
+    train_log = workdir / "train.log"
+    deadline = time.monotonic() + 600
+    while "resumed from" not in train_log.read_text() and time.monotonic() < deadline:
+        assert all(p.poll() is None for p in procs), "a process ended before resuming"
+        time.sleep(0.2)
+    procs[1].send_signal(signal.SIGTERM)
+    _wait(procs, log)
+    assert not (workdir / "summary.json").exists()
+    saved = {
+        re.search(r"Preempted: saved step (\d+)", Path(f"{log}.{i}").read_text())[1]
+        for i in range(2)
+    }
+    assert len(saved) == 1 and STEPS_PER_EPOCH <= int(saved.pop()) < EPOCHS * STEPS_PER_EPOCH
+
+    _wait(_launch(data_root, workdir, log), log)  # and once more: resumes, finishes
     summary = json.loads((workdir / "summary.json").read_text())
     assert summary["trained_steps"] == EPOCHS * STEPS_PER_EPOCH
     assert "resumed from" in (workdir / "train.log").read_text()

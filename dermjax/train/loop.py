@@ -241,7 +241,7 @@ class Trainer:
             if pending is not None:
                 self._consume(pending, progress)
             pending = (out, shown, global_step)
-            if guard.should_stop(global_step):
+            if guard.should_stop():
                 self._consume(pending, progress)
                 self._save(
                     "preempt", self._meta(epoch, i + 1, fetch_totals(self.num_classes, totals))

@@ -7,6 +7,7 @@ and exit cleanly. A second Ctrl-C raises KeyboardInterrupt at once for a user wh
 
 from __future__ import annotations
 
+import itertools
 import signal
 import threading
 from types import FrameType
@@ -26,6 +27,10 @@ class NonFiniteLossError(FloatingPointError):
             f"inputs, set training.on_nonfinite='skip' to skip such batches, or re-run with the same "
             f"--workdir to resume from the last checkpoint."
         )
+
+
+# Calls of `should_stop` in this process, counted from 1 (JAX's preemption sync counter).
+_SYNC_CALLS = itertools.count(1)
 
 
 class PreemptionGuard:
@@ -53,16 +58,21 @@ class PreemptionGuard:
         self.requested = True
         self.signal_name = self.signal_name or name
 
-    def should_stop(self, step: int) -> bool:
-        """Whether to save and stop after `step`; call it at every step on every process.
+    def should_stop(self) -> bool:
+        """Whether to save and stop after this step; call it at every step on every process.
 
         One process stopping alone would leave the others waiting in a collective, so with
         several processes the answer is JAX's preemption sync point, the same on all of them.
+        JAX sets that point one past the highest count any process had reported when the notice
+        came, and matches it exactly; counts start at 0 in every launch. So the count passed is
+        this process's number of calls, which all processes advance together, not the global
+        step: a resumed run starts its steps past such a point and would never stop (a SIGTERM
+        right after resuming was ignored until the run ended).
         """
         if jax.process_count() > 1:
             from jax.experimental import multihost_utils
 
-            return multihost_utils.reached_preemption_sync_point(step)
+            return multihost_utils.reached_preemption_sync_point(next(_SYNC_CALLS))
         return self.requested
 
     def __enter__(self) -> PreemptionGuard:

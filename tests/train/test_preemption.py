@@ -3,6 +3,7 @@
 import os
 import signal
 
+import jax
 import pytest
 
 from dermjax.train.preemption import NonFiniteLossError, PreemptionGuard
@@ -11,10 +12,10 @@ from dermjax.train.preemption import NonFiniteLossError, PreemptionGuard
 def test_sigterm_sets_requested_and_previous_handlers_return_on_exit():
     before = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
     with PreemptionGuard() as guard:
-        assert not guard.requested and not guard.should_stop(0)
+        assert not guard.requested and not guard.should_stop()
         os.kill(os.getpid(), signal.SIGTERM)
         assert guard.requested and guard.signal_name == "SIGTERM"
-        assert guard.should_stop(1)
+        assert guard.should_stop()
     assert {sig: signal.getsignal(sig) for sig in before} == before
 
 
@@ -30,3 +31,20 @@ def test_non_finite_loss_error_names_step_value_and_remedies():
     err = NonFiniteLossError(12, float("nan"))
     assert (err.step, str(err.value)) == (12, "nan")
     assert "step 12" in str(err) and "on_nonfinite='skip'" in str(err)
+
+
+def test_with_several_processes_jax_is_asked_with_a_count_of_calls_not_the_step(monkeypatch):
+    """JAX's sync point is one past the highest count reported and must be met exactly; counts
+    restart at 0 in each launch, so a resumed run passing its global step would never meet it."""
+    from jax.experimental import multihost_utils
+
+    asked = []
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    monkeypatch.setattr(
+        multihost_utils,
+        "reached_preemption_sync_point",
+        lambda n: asked.append(n) or len(asked) == 3,
+    )
+    guard = PreemptionGuard()
+    assert [guard.should_stop() for _ in range(3)] == [False, False, True]
+    assert asked[1] == asked[0] + 1 and asked[2] == asked[0] + 2
