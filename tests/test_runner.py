@@ -8,7 +8,7 @@ import jax
 import numpy as np
 import pytest
 
-from dermjax.errors import RunFolderError
+from dermjax.errors import DataError, RunFolderError
 from dermjax.experiment import rng_streams
 from dermjax.experiment_data import load_data
 from dermjax.runner import config_changes, run, run_folders
@@ -163,6 +163,16 @@ def test_unreadable_eval_images_are_counted_and_every_metric_uses_the_same_sampl
     )
     lines = (tmp_path / "run" / "bad_images.txt").read_text().splitlines()
     assert len(lines) == 2 and all("test" in line for line in lines)
+
+
+def test_no_readable_training_image_stops_the_run_unfinished_with_one_error(tmp_path):
+    cfg = tiny_demo_config(tmp_path / "data", **{"training.num_epochs": 1})
+    data = load_data(cfg, str(tmp_path))  # generates the demo data
+    for path in data.train.paths:
+        os.remove(path)
+    with pytest.raises(DataError, match=r"epoch 1: none of the training images could be read"):
+        run(cfg, str(tmp_path / "run"))
+    assert not (tmp_path / "run" / "summary.json").exists()  # a re-run trains, not "finished"
 
 
 def test_val_size_none_trains_without_validation_and_keeps_the_last_epoch(tmp_path):

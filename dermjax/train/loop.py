@@ -20,6 +20,7 @@ step's `finite` flag and loss (one step late, for the progress line and the non-
 from __future__ import annotations
 
 import logging
+import os
 import time
 from typing import Any
 
@@ -28,8 +29,9 @@ import numpy as np
 
 import dermjax
 from dermjax import parallel
+from dermjax.config import data_paths
 from dermjax.data import pipeline
-from dermjax.errors import UserError
+from dermjax.errors import DataError, UserError
 from dermjax.experiment import Components, epoch_learning_rates, epoch_schedule
 from dermjax.tracking import Progress, Tracker
 from dermjax.train import optim
@@ -250,7 +252,10 @@ class Trainer:
         if pending is not None:
             self._consume(pending, progress)
         progress.close()
-        train = fetch_totals(self.num_classes, totals).compute()
+        counted = fetch_totals(self.num_classes, totals)
+        if not counted.matrix.any():
+            self._no_image_was_read(epoch)
+        train = counted.compute()
         aux_vision, aux_text = (0.0, 0.0) if vision_only else self.schedule.aux_weights(epoch)
         return {
             "epoch": epoch,
@@ -264,6 +269,16 @@ class Trainer:
             "lr/head": lr_head,
             **{f"train/{k}": train[k] for k in SUMMARY_KEYS},
         }
+
+    def _no_image_was_read(self, epoch: int) -> None:
+        """An epoch without one readable image trains nothing: stop before it counts as done."""
+        paths = data_paths(self.cfg)
+        raise DataError(
+            f"epoch {epoch + 1}: none of the training images could be read ({self.bad_train} "
+            f"unreadable, listed in {os.path.join(self.c.run_dir, 'bad_images.txt')}); check that "
+            f"the images are under {paths.img_prefix} (data.local_root / data.gcs_root, "
+            "data.img_prefix), then re-run the same command: it resumes before this epoch"
+        )
 
     def train(self) -> bool:
         """The epoch loop; returns False when preempted (after saving), True when finished."""
