@@ -21,18 +21,25 @@ from ml_collections import config_flags
 
 from dermjax.cli import run_main
 from dermjax.config import packaged_config_path, validate
+from dermjax.errors import UserError
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", str(packaged_config_path("default")), "Config file (default: configs/default.py)."
 )
 _WORKERS = flags.DEFINE_integer(
-    "workers", None, "Decode processes (default: training.num_workers)."
+    "workers",
+    None,
+    "Decode processes; 0 decodes in the main process (default: training.num_workers).",
 )
 
 
 def main(argv: list[str]) -> None:
     del argv
     cfg = _CONFIG.value
+    if _WORKERS.value is not None and _WORKERS.value < 0:
+        raise UserError(
+            f"--workers={_WORKERS.value}: must be 0 or more (0 decodes in the main process)"
+        )
     validate(cfg)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     from dermjax.data.cache import build_cache
@@ -49,7 +56,7 @@ def main(argv: list[str]) -> None:
             directory,
             img_size=tuple(cfg.data.img_size),
             rule=rule,
-            num_workers=max(1, workers),
+            num_workers=workers,
         )
 
 

@@ -30,6 +30,8 @@ from typing import Any
 import jax
 from ml_collections import config_dict
 
+from dermjax import experiment_data
+from dermjax.data import fs
 from dermjax.errors import RunFolderError, UserError
 from dermjax.experiment import compose
 from dermjax.tracking import Tracker
@@ -178,7 +180,11 @@ def run(cfg: config_dict.ConfigDict, workdir: str | None) -> dict[str, Any]:
             f"run folder {folders.run_dir}: --workdir and output.log_dir must be local folders "
             "(logs, lock); put checkpoints on a bucket with output.save_dir=gs://..."
         )
-    os.makedirs(folders.run_dir, exist_ok=True)
+    fs.ensure_writable_folder(
+        folders.run_dir,
+        "run folder",
+        "give --workdir a folder you can write" if workdir else "set output.log_dir (or --workdir)",
+    )
     main = jax.process_index() == 0
     lock = RunLock(folders.run_dir) if main else contextlib.nullcontext()
     log_file = (
@@ -268,6 +274,10 @@ def _run_locked(cfg, folders: RunFolders, ckpt: Checkpointer, start: float) -> d
             ):
                 _evaluate_after_training(cfg, folders)  # the run ended before its report
             return {**summary, "already_finished": True}
+    if cfg.evaluation.after_training:  # the report's group settings: checked before training
+        from dermjax.evaluation.run import group_frame
+
+        group_frame(cfg, experiment_data.selected_metadata(cfg)[1])
     from_checkpoint = resume is not None or bool(cfg.checkpoint.init_from)
     components = compose(cfg, folders.run_dir, weights_from_checkpoint=from_checkpoint)
     tracker = Tracker(

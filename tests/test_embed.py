@@ -76,12 +76,22 @@ def test_a_failed_write_leaves_the_previous_file_and_no_temporary(tmp_path, monk
     assert os.listdir(tmp_path) == ["e.parquet"]
 
 
-def test_an_uncreatable_folder_is_one_clear_error_before_anything_is_encoded(tmp_path):
-    blocker = tmp_path / "a_file"
-    blocker.write_text("")
+@pytest.mark.parametrize(
+    ("where", "message"),
+    [
+        ("a_file/e.parquet", r"embeddings folder .*/a_file: cannot write there \(it is a file"),
+        ("a_dir", r"embeddings file .*/a_dir is a folder; give a file path ending in \.parquet"),
+        ("/proc/e.parquet", r"embeddings folder /proc: cannot write there"),
+    ],
+)
+def test_a_place_that_cannot_be_written_is_one_clear_error_before_anything_is_encoded(
+    tmp_path, where, message
+):
+    (tmp_path / "a_file").write_text("")
+    (tmp_path / "a_dir").mkdir()
     encoder = FakeEncoder()
-    with pytest.raises(DataError, match=r"a_file/e\.parquet: cannot create its folder"):
-        compute_embeddings(_meta(["rash"]), str(blocker / "e.parquet"), encoder, progress=False)
+    with pytest.raises(DataError, match=message):
+        compute_embeddings(_meta(["rash"]), str(tmp_path / where), encoder, progress=False)
     assert encoder.calls == []
 
 

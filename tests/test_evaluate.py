@@ -139,6 +139,53 @@ def test_missing_data_is_one_error_line_before_the_model_is_built(evaluated, tmp
     ]
 
 
+def _errors(err: str) -> list[str]:
+    return [line for line in err.splitlines() if line.startswith("error:")]
+
+
+@pytest.mark.slow
+def test_overriding_a_trained_field_needs_out_and_keeps_the_runs_evaluation(evaluated):
+    workdir, out_dir = evaluated[0], evaluated[1]
+    before = (out_dir / "evaluation.json").read_bytes()
+    status, _, err = run_cli(evaluate.run, [f"--checkpoint={workdir}", "--config.data.seed=7"])
+    assert status == 1
+    [line] = _errors(err)
+    assert "(data.seed: 42 -> 7)" in line and "not the run's: pass --out=DIR" in line
+    assert f"the run's own evaluation in {out_dir} is kept" in line
+    assert "done," not in err  # refused before any inference
+    assert (out_dir / "evaluation.json").read_bytes() == before
+
+
+@pytest.mark.slow
+def test_an_out_folder_that_cannot_be_written_is_one_error_line_before_inference(
+    evaluated, tmp_path
+):
+    (tmp_path / "afile").write_text("")
+    out = tmp_path / "afile" / "eval"
+    status, _, err = run_cli(evaluate.run, [f"--checkpoint={evaluated[0]}", f"--out={out}"])
+    assert status == 1
+    assert _errors(err) == [
+        f"error: --out folder {out}: cannot write there (a part of the path is a file, not a "
+        "folder); give --out a folder you can write"
+    ]
+    assert "done," not in err
+
+
+@pytest.mark.slow
+def test_a_missing_group_table_is_one_error_line_before_inference(evaluated, tmp_path):
+    table = tmp_path / "skin_tones.csv"
+    args = [
+        f"--checkpoint={evaluated[0]}",
+        f"--config.evaluation.groups_path={table}",
+        f"--out={tmp_path / 'out'}",
+    ]
+    status, _, err = run_cli(evaluate.run, args)
+    assert status == 1
+    [line] = _errors(err)
+    assert f"group table {table} does not exist" in line
+    assert "done," not in err
+
+
 @pytest.mark.slow
 def test_a_run_without_a_test_split_is_evaluated_on_validation_and_says_so(evaluated, tmp_path):
     workdir, out = evaluated[0], tmp_path / "out"

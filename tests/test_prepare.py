@@ -37,3 +37,32 @@ def test_prepare_builds_the_caches_training_will_use(tmp_path):
     # another image size is a different cache: none is found for it
     directory, paths = plan[images.EXACT]
     assert cache.open_cache(directory, paths, (48, 48), images.EXACT) is None
+
+
+def test_a_negative_workers_flag_is_one_error_line_naming_it(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "dermjax.prepare", "--config=configs/demo.py", "--workers=-1",
+         f"--config.data.local_root={tmp_path / 'data'}"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 1
+    assert proc.stderr == "error: --workers=-1: must be 0 or more (0 decodes in the main process)\n"
+    assert not (tmp_path / "data").exists()  # rejected before any data is made
+
+
+def test_a_cache_dir_that_is_a_file_is_one_error_line_naming_the_folder(tmp_path):
+    afile = tmp_path / "afile"
+    afile.write_text("not a folder\n")
+    proc = subprocess.run(
+        [sys.executable, "-m", "dermjax.prepare", "--config=configs/demo.py", "--workers=0",
+         f"--config.data.local_root={tmp_path / 'data'}", "--config.data.demo_size=60",
+         "--config.data.min_samples_per_label=2", "--config.data.img_size=(32,32)",
+         f"--config.data.cache_dir={afile}"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.splitlines()[-1] == (
+        f"error: prepared cache folder {afile}/shorter_32x32: cannot write there (a part of the "
+        "path is a file, not a folder); set data.cache_dir to a folder you can write"
+    )

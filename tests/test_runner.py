@@ -175,6 +175,24 @@ def test_no_readable_training_image_stops_the_run_unfinished_with_one_error(tmp_
     assert not (tmp_path / "run" / "summary.json").exists()  # a re-run trains, not "finished"
 
 
+def test_a_missing_group_table_for_the_report_stops_the_run_before_training(tmp_path):
+    table = tmp_path / "skin_tones.csv"
+    cfg = tiny_demo_config(
+        tmp_path / "data",
+        **{"evaluation.after_training": True, "evaluation.groups_path": str(table)},
+    )
+    with pytest.raises(DataError, match=f"group table {table} does not exist"):
+        run(cfg, str(tmp_path / "run"))
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()  # no epoch ran
+
+
+def test_a_run_folder_that_cannot_be_written_is_one_error(tmp_path):
+    (tmp_path / "afile").write_text("")
+    cfg = tiny_demo_config(tmp_path / "data")
+    with pytest.raises(DataError, match=r"run folder .*/afile: cannot write there \(it is a file"):
+        run(cfg, str(tmp_path / "afile"))
+
+
 def test_val_size_none_trains_without_validation_and_keeps_the_last_epoch(tmp_path):
     cfg = tiny_demo_config(tmp_path / "data", **{"training.num_epochs": 2, "data.val_size": None})
     summary = run(cfg, str(tmp_path / "run"))

@@ -201,7 +201,9 @@ def build_cache(
     local = fs.is_local(out_dir)
     fsys = fs.filesystem(out_dir)
     if local:
-        os.makedirs(out_dir, exist_ok=True)
+        fs.ensure_writable_folder(
+            out_dir, "prepared cache folder", "set data.cache_dir to a folder you can write"
+        )
     manifest_file = os.path.join(out_dir, MANIFEST)
     present = _listing(out_dir)
     if MANIFEST in present:

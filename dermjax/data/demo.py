@@ -27,9 +27,11 @@ import numpy as np
 import pandas as pd
 from PIL import Image, ImageDraw, ImageFilter
 
+from dermjax.data import fs
 from dermjax.data.encoders import HashingTextEncoder
 from dermjax.data.encoding import ensure_embeddings
 from dermjax.data.metadata import DERM1M_SOURCES
+from dermjax.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -307,7 +309,11 @@ def generate(out: str, *, seed: int = 0, n: int = DEFAULT_N) -> DemoPaths:
     """Writes the whole demo dataset into `out` (DONE last) and returns its paths."""
     start = time.perf_counter()
     paths = demo_paths(out)
-    os.makedirs(paths.img_prefix, exist_ok=True)
+    fs.ensure_writable_folder(
+        paths.img_prefix,
+        "demo data folder",
+        "use a folder you can write (data.local_root; --out of python -m dermjax.data.demo)",
+    )
     df = make_metadata(seed, n)
     by_name = {c.name: c for c in CLASSES}
     for row, (label, tone, filename) in enumerate(
@@ -354,7 +360,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--n", type=int, default=DEFAULT_N, help="number of images")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    paths = ensure_demo_data(args.out, seed=args.seed, n=args.n)
+    try:
+        paths = ensure_demo_data(args.out, seed=args.seed, n=args.n)
+    except UserError as e:
+        parser.exit(1, f"error: {e}\n")
     print(f"metadata: {paths.metadata}\nimages: {paths.img_prefix}\nembeddings: {paths.embeddings}")
 
 

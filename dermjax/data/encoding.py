@@ -96,6 +96,19 @@ def _check_same_encoder(
         )
 
 
+def _check_writable(path: str, target: fsspec.AbstractFileSystem, fs_path: str) -> None:
+    fix = "write to a file in a folder you can write (--out, or data.embeddings_path)"
+    if target.isdir(fs_path):
+        raise DataError(f"embeddings file {path} is a folder; give a file path ending in .parquet")
+    if fs.is_local(path):
+        fs.ensure_writable_folder(os.path.dirname(fs_path) or ".", "embeddings folder", fix)
+        return
+    try:  # a bucket: no folders to create, only a missing bucket or no access to find here
+        target.makedirs(os.path.dirname(fs_path), exist_ok=True)
+    except OSError as e:
+        raise DataError(f"embeddings file {path}: cannot write there ({e}); {fix}") from e
+
+
 def compute_embeddings(
     metadata_df: pd.DataFrame,
     path: str,
@@ -124,14 +137,8 @@ def compute_embeddings(
     spec = canonical_spec(encoder.spec)
     fs.check_credentials(str(path), storage_options)
     target, fs_path = fsspec.core.url_to_fs(str(path), **(storage_options or {}))
-    if write:  # before any encoding: a folder that cannot exist must not cost the work
-        try:
-            target.makedirs(os.path.dirname(fs_path) or ".", exist_ok=True)
-        except OSError as e:
-            raise DataError(
-                f"embeddings file {path}: cannot create its folder ({e.strerror or e}); "
-                "write to a folder you can create (--out, or data.embeddings_path)"
-            ) from e
+    if write:  # before any encoding: a place that cannot be written must not cost the work
+        _check_writable(str(path), target, fs_path)
     kept = None
     if (write or resume) and target.exists(fs_path):
         if not resume:

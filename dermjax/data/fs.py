@@ -134,3 +134,27 @@ def read_many(paths: list[str]) -> list[bytes | Exception]:
 def exists(path: str) -> bool:
     """Whether `path` exists."""
     return filesystem(path).exists(path)
+
+
+def ensure_writable_folder(path: str, what: str, fix: str) -> None:
+    """Creates the local folder `path` when missing and checks a file can be written in it.
+
+    Raises one DataError naming `what` (e.g. "--out folder") with the OS's reason and `fix`, so a bad
+    output place is reported before any work is done rather than lost after it. URLs are left
+    to the writes themselves (object stores have no folders to create).
+    """
+    if not is_local(path):
+        return
+    probe = os.path.join(path, f".dermjax-write-check-{os.getpid()}")
+    try:
+        os.makedirs(path, exist_ok=True)
+        with open(probe, "wb"):
+            pass
+        os.remove(probe)
+    except OSError as e:
+        reason = e.strerror or str(e)
+        if os.path.exists(path) and not os.path.isdir(path):
+            reason = "it is a file, not a folder"
+        elif isinstance(e, FileExistsError | NotADirectoryError):
+            reason = "a part of the path is a file, not a folder"
+        raise DataError(f"{what} {path}: cannot write there ({reason}); {fix}") from e

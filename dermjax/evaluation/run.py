@@ -18,9 +18,10 @@ from typing import Any
 import jax
 import numpy as np
 import pandas as pd
+from ml_collections import config_dict
 
 from dermjax import experiment_data
-from dermjax.data import embeddings, metadata, pipeline
+from dermjax.data import embeddings, fs, metadata, pipeline
 from dermjax.data.metadata import IMG_ID_COL
 from dermjax.embedding_file import text_embeddings
 from dermjax.errors import DataError, UserError
@@ -120,6 +121,18 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
+def group_frame(cfg: config_dict.ConfigDict, rows: pd.DataFrame) -> pd.DataFrame:
+    """The group columns (evaluation.group_columns, evaluation.groups_path) of `rows`.
+
+    Also the up-front check of those settings: training and `evaluate_checkpoint` call it on
+    the selected rows before any work, so a missing table or column is not found only after.
+    """
+    ev = cfg.evaluation
+    side = groups.load_group_table(ev.groups_path) if ev.groups_path else None
+    columns = None if ev.group_columns is None else list(ev.group_columns)
+    return groups.group_frame(rows, columns, side)
+
+
 def evaluate_model(
     model: LoadedModel, split: str, rows: pd.DataFrame, records: pipeline.Records
 ) -> tuple[dict[str, Any], pd.DataFrame]:
@@ -138,9 +151,7 @@ def evaluate_model(
             f"{split} samples: its weights are not finite, so there is nothing to evaluate"
         )
     rows_ok = rows[readable].reset_index(drop=True)
-    side = groups.load_group_table(ev.groups_path) if ev.groups_path else None
-    columns = None if ev.group_columns is None else list(ev.group_columns)
-    by = groups.group_frame(rows_ok, columns, side)
+    by = group_frame(model.cfg, rows_ok)
     overall = metrics.classification_metrics(labels, probs[model.default_mode], classes, ev.top_k)
     ref = model.ref
     evaluation: dict[str, Any] = {
@@ -190,6 +201,21 @@ def write_evaluation(
     )
 
 
+def _keep_the_runs_own_evaluation(ckpt: Checkpoint, out_dir: str) -> None:
+    """UserError when overrides change what the run was trained or split with: such results
+    are not the run's, so they never replace its evaluation in `out_dir`."""
+    from dermjax.runner import config_changes  # the runner imports this module
+
+    changed, _ = config_changes(ckpt.meta["config"], ckpt.cfg.to_dict())
+    changed = [c for c in changed if not c.startswith("evaluation.")]
+    if changed:
+        raise UserError(
+            f"the overrides change what the run was trained or split with ({'; '.join(changed)}), "
+            f"so the results are not the run's: pass --out=DIR for them (the run's own "
+            f"evaluation in {out_dir} is kept)"
+        )
+
+
 def default_out_dir(model: Checkpoint, split: str) -> str:
     """`<run>/evaluation/<split>`; UserError when the checkpoint's run folder is not known."""
     run_dir = model.ref.run_dir
@@ -220,7 +246,12 @@ def evaluate_checkpoint(
     if metrics_jsonl is None and ckpt.ref.run_dir is not None:
         metrics_jsonl = os.path.join(ckpt.ref.run_dir, "metrics.jsonl")
     split, rows, records = split_rows(ckpt, split)  # data problems show before the model
-    out_dir = out_dir or default_out_dir(ckpt, split)
+    group_frame(ckpt.cfg, rows)
+    if out_dir is None:
+        out_dir = default_out_dir(ckpt, split)
+        _keep_the_runs_own_evaluation(ckpt, out_dir)
+    if jax.process_index() == 0:  # before the work, not after it
+        fs.ensure_writable_folder(out_dir, "--out folder", "give --out a folder you can write")
     model = load_model(ckpt)
     evaluation, predictions = evaluate_model(model, split, rows, records)
     if jax.process_index() == 0:

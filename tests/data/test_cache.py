@@ -8,6 +8,7 @@ import pytest
 from PIL import Image
 
 from dermjax.data import cache, images, pipeline
+from dermjax.errors import DataError
 
 SIZE = (16, 16)
 
@@ -136,3 +137,21 @@ def test_cli_main_builds_from_a_paths_file(paths, tmp_path):
     with open(paths[0], "rb") as f:
         expected = images.decode(f.read(), paths[0], SIZE, "exact")
     np.testing.assert_array_equal(read_back(built, paths[:1])[0], expected)
+
+
+@pytest.mark.parametrize(
+    ("where", "reason"),
+    [
+        ("afile/cache", "a part of the path is a file, not a folder"),
+        ("afile", "it is a file, not a folder"),
+    ],
+)
+def test_an_uncreatable_cache_folder_is_a_data_error_naming_it(paths, tmp_path, where, reason):
+    (tmp_path / "afile").write_text("not a folder\n")
+    out = str(tmp_path / where)
+    with pytest.raises(DataError) as info:
+        cache.build_cache(paths, out, img_size=SIZE, rule="exact", progress=False)
+    assert str(info.value) == (
+        f"prepared cache folder {out}: cannot write there ({reason}); "
+        "set data.cache_dir to a folder you can write"
+    )
