@@ -204,8 +204,20 @@ def _original_rules(cfg: config_dict.ConfigDict, raw: dict, later: list[str]) ->
         log.warning("the original's rules for this file: %s", "; ".join(chosen))
 
 
-def get_config(path: str) -> config_dict.ConfigDict:
+class MissingYamlError(ConfigError):
+    """`--config` names this file without `:FILE.yaml`; one line, exit status 2."""
+
+    def __str__(self) -> str:
+        return self.problems[0]
+
+
+def get_config(path: str | None = None) -> config_dict.ConfigDict:
     """Returns the default config updated with the YAML file at `path`."""
+    if not path:  # ml_collections calls get_config() when --config has no `:path`
+        raise MissingYamlError(
+            "configs/from_yaml.py needs the YAML file: "
+            "--config=configs/from_yaml.py:path/to/experiment.yaml"
+        )
     raw = _tuples(_read(pathlib.Path(path)))
     later = [k for k in LATER_KEYS if _has(raw, k)]
     _adapt(raw)

@@ -22,7 +22,7 @@ from __future__ import annotations
 import io
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 SHORTER = "shorter"
 EXACT = "exact"
@@ -117,6 +117,8 @@ def decode(
 
     Raises BadImageError (naming `path`) for anything PIL cannot read completely.
     """
+    if not data:
+        raise BadImageError(path, "empty file")
     try:
         img = Image.open(io.BytesIO(data))
         is_jpeg = img.format == "JPEG"
@@ -144,6 +146,8 @@ def decode(
         if orientation != 1:
             img = img.transpose(_TRANSPOSE[orientation])
         return np.asarray(img, dtype=np.uint8)
+    except UnidentifiedImageError as e:  # its message is a BytesIO repr, useless to a user
+        raise BadImageError(path, "not an image file (PIL cannot identify its format)") from e
     except Exception as e:  # PIL raises many types (OSError, SyntaxError, ValueError, ...)
         raise BadImageError(path, f"{type(e).__name__}: {e}") from e
 

@@ -40,12 +40,10 @@ class CheckpointRef:
 def locate_checkpoint(path: str) -> CheckpointRef:
     """The checkpoint `path` names: the best step when present, else the latest (only reads)."""
     path = str(path).rstrip("/")
-    if "://" not in path and not os.path.isdir(path):
-        raise CheckpointError(
-            f"--checkpoint={path}: no such folder; give a run folder, its checkpoints/ folder "
-            "or a step folder (RUN/checkpoints/best/120)"
-        )
     hint = "give a run folder, its checkpoints/ folder or a step folder (RUN/checkpoints/best/120)"
+    if "://" not in path and not os.path.isdir(path):
+        what = " is a file" if os.path.exists(path) else ": no such folder"
+        raise CheckpointError(f"--checkpoint={path}{what}; {hint}")
     try:
         directory, step = resolve_load_from(path)
     except CheckpointError as e:

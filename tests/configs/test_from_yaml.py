@@ -3,6 +3,8 @@
 import importlib.util
 import logging
 import pathlib
+import subprocess
+import sys
 import textwrap
 from types import SimpleNamespace
 
@@ -220,3 +222,17 @@ def test_check_script_prints_a_row_per_file_and_fails_on_a_bad_one(tmp_path, cap
     assert rows[1].split()[:2] == ["later.yaml", "ok"]
     assert rows[2].split()[:2] == ["old/template.yaml", "skip"]
     assert rows[3] == "3 files: 1 ok, 1 failed, 1 skipped"
+
+
+@pytest.mark.parametrize("arg", ["configs/from_yaml.py", "configs/from_yaml.py:"])
+def test_from_yaml_without_a_yaml_file_is_one_config_error_line(tmp_path, arg):
+    proc = subprocess.run(
+        [sys.executable, "-m", "dermjax.main", f"--config={arg}", f"--workdir={tmp_path / 'run'}"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr == (
+        "error: configs/from_yaml.py needs the YAML file: "
+        "--config=configs/from_yaml.py:path/to/experiment.yaml\n"
+    )
+    assert "Traceback" not in proc.stderr

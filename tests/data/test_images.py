@@ -229,3 +229,19 @@ def test_unreadable_bytes_raise_bad_image_error_naming_the_path(data):
         data = encode(photo(64, 64))[:500]
     with pytest.raises(images.BadImageError, match=r"some/file\.jpg"):
         images.load_eval(data, "some/file.jpg", (8, 8))
+
+
+def test_text_and_empty_files_give_clear_reasons_without_an_object_repr(tmp_path):
+    from dermjax.evaluation import inference
+
+    text, empty = tmp_path / "x.jpg", tmp_path / "empty.png"
+    text.write_text("this is not a picture\n")
+    empty.write_bytes(b"")
+    paths = [str(text), str(empty)]
+    loaded, errors = inference.load_images(paths, (8, 8))
+    assert loaded == [None, None]
+    assert errors == {
+        str(text): "not an image file (PIL cannot identify its format)",
+        str(empty): "empty file",
+    }
+    assert not any("object at 0x" in reason for reason in errors.values())

@@ -53,3 +53,15 @@ def test_overriding_a_field_the_run_was_trained_with_warns(caplog):
         "['multimodal_classifier.final_dropout']" in caplog.text
         and "results are not the run's" in caplog.text
     )
+
+
+def test_an_existing_file_is_named_as_a_file_not_a_missing_folder(tmp_path):
+    afile = tmp_path / "afile.txt"
+    afile.write_text("not a checkpoint\n")
+    with pytest.raises(CheckpointError) as info:
+        locate_checkpoint(str(afile))
+    assert str(info.value) == (
+        f"--checkpoint={afile} is a file; give a run folder, its checkpoints/ folder "
+        "or a step folder (RUN/checkpoints/best/120)"
+    )
+    assert "no such folder" not in str(info.value)
