@@ -53,6 +53,10 @@ def read_metadata_csv(path: str, storage_options: dict | None = None) -> pd.Data
             f"metadata CSV {path} does not exist; set data.metadata_path (or data.dataset and "
             "data.local_root) to an existing file"
         ) from e
+    except IsADirectoryError as e:
+        raise DataError(
+            f"metadata CSV {path} is a folder; set data.metadata_path to the CSV file itself"
+        ) from e
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
         raise DataError(f"metadata CSV {path} cannot be parsed as CSV ({e}); fix the file") from e
 

@@ -155,6 +155,11 @@ def test_a_missing_metadata_csv_is_a_data_error_naming_it(tmp_path):
         metadata.load_metadata(str(tmp_path / "nowhere.csv"))
 
 
+def test_a_folder_given_as_the_metadata_csv_is_a_data_error_saying_so(tmp_path):
+    with pytest.raises(DataError, match=r"metadata CSV .* is a folder; set data\.metadata_path"):
+        metadata.read_metadata_csv(str(tmp_path))
+
+
 @pytest.mark.parametrize(
     ("filters", "named"),
     [
