@@ -84,6 +84,20 @@ def test_predict_with_text_uses_it_and_prints_json(evaluated_run, model):
 
 
 @pytest.mark.slow
+def test_another_text_encoder_for_a_hashing_checkpoint_is_refused(evaluated_run):
+    workdir, rows = evaluated_run
+    args = [f"--checkpoint={workdir}", rows["path"].iloc[0], "--text", "itchy red plaque"]
+    status, out, err = run_cli(predict.run, [*args, "--config.encoder.model_name=pubmedbert"])
+    assert status == 1 and out == ""
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert errors == [
+        "error: the checkpoint was trained with the built-in hashing text encoder; "
+        "encoder.model_name='pubmedbert' cannot replace it (the model reads that encoder's "
+        "vectors): drop the override"
+    ]
+
+
+@pytest.mark.slow
 def test_predict_and_evaluate_use_the_checkpoints_compilation_cache_setting(
     evaluated_run, monkeypatch, tmp_path
 ):

@@ -221,6 +221,12 @@ def text_vector(model: LoadedModel, text: str) -> np.ndarray:
     """`text` embedded by the checkpoint's text encoder (the hashing one works offline)."""
     spec = dict(model.meta.get("encoder") or {})
     if spec.get("name") == "hashing":
+        if model.cfg.encoder.model_name != "hash":
+            raise DataError(
+                f"the checkpoint was trained with the built-in hashing text encoder; "
+                f"encoder.model_name={model.cfg.encoder.model_name!r} cannot replace it (the "
+                "model reads that encoder's vectors): drop the override"
+            )
         encoder: Any = encoders.HashingTextEncoder(
             dim=spec["dim"], ngram=tuple(spec["ngram"]), seed=spec["seed"]
         )
