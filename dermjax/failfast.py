@@ -17,6 +17,8 @@ A single-process run is untouched: `watch`, `stop` and `stop_on_bug` do nothing 
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import logging
 import multiprocessing
 import os
@@ -35,6 +37,7 @@ LAST_WAIT_S = 10.0  # how long process 0 waits for the others to read a failure
 MESSAGE_LIMIT = 2000
 
 _leaving = threading.Event()  # this process is already on its way out: print nothing twice
+_stop = threading.Event()  # the process is exiting normally: the watcher ends
 _claim_lock = threading.Lock()
 
 
@@ -77,6 +80,15 @@ def watch(poll_s: float = POLL_S) -> None:
         target=_watch, args=(state, poll_s), name="dermjax-failfast", daemon=True
     )
     thread.start()
+    # Registered after JAX's own exit handler, so it runs first: the watcher must not be inside
+    # a key-value call when JAX shuts the client down or the interpreter finalises (a daemon
+    # thread unwound there aborts the process: status 134 at the end of a successful run).
+    atexit.register(_stop_watching, thread)
+
+
+def _stop_watching(thread: threading.Thread) -> None:
+    _stop.set()
+    thread.join(timeout=POLL_S + 10)
 
 
 def stop(message: str, exit_status: int) -> None:
@@ -131,8 +143,7 @@ def _publish_and_leave(state: Any, message: str, exit_status: int) -> None:
 
 
 def _watch(state: Any, poll_s: float) -> None:
-    while not _leaving.is_set():
-        time.sleep(poll_s)
+    while not _stop.wait(poll_s) and not _leaving.is_set():
         try:
             failures = state.client.key_value_dir_get(FAILED)
         except Exception:  # the client is shutting down: the run is ending
@@ -144,11 +155,12 @@ def _watch(state: Any, poll_s: float) -> None:
 def _report(state: Any, failures: list[tuple[str, str]], here: str = "") -> None:
     """Prints the first failure as this process's error and leaves with its exit status."""
     failed, status, message = first_failure(failures)
-    print(
-        f"error: process {failed} of {state.num_processes} stopped the run: {message}{here}",
-        file=sys.stderr,
-        flush=True,
-    )
+    with contextlib.suppress(OSError, ValueError):  # a closed stderr must not stop the exit
+        print(
+            f"error: process {failed} of {state.num_processes} stopped the run: {message}{here}",
+            file=sys.stderr,
+            flush=True,
+        )
     _leave(state, status)
 
 
