@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -35,6 +36,7 @@ from dermjax.data import fs
 from dermjax.errors import RunFolderError, UserError
 from dermjax.experiment import compose
 from dermjax.tracking import Tracker
+from dermjax.train import preemption
 from dermjax.train.checkpoint import Checkpointer, CheckpointReader, resolve_load_from
 from dermjax.train.loop import Trainer
 from dermjax.train.runlock import RunLock
@@ -65,6 +67,7 @@ RESUMABLE_CHANGES = (
     "checkpoint",
     "evaluation",
     "training.shard_params",
+    "encoder.batch_size",
 )
 
 
@@ -108,18 +111,40 @@ def _canonical(value: Any) -> Any:
     return json.loads(json.dumps(value, default=str))  # tuples == lists, as stored in JSON
 
 
+_MISSING = object()
+
+
+def _lookup(tree: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        if not isinstance(tree, Mapping) or part not in tree:
+            return _MISSING
+        tree = tree[part]
+    return tree
+
+
+@functools.cache
+def _fields() -> tuple[str, ...]:
+    """Every field of the config schema, dotted (a dict-valued field is one field)."""
+    from dermjax.config import load_config
+
+    return tuple(_flatten(_canonical(load_config("default").to_dict())))
+
+
 def config_changes(stored: Mapping[str, Any], current: Mapping[str, Any]) -> tuple[list, list]:
     """(blocking, allowed) differences between a checkpoint's config and the current one.
 
-    Each is a list of "field: stored -> current" strings. A field only one side has (a config
-    schema of another dermjax version) is not compared.
+    Each is a list of "field: stored -> current" strings. Fields are compared whole, so a
+    dict-valued one (data.per_dataset_split_ratios) that gains a key or stops being None
+    counts. A field only one side has (a config schema of another dermjax version) is not
+    compared.
     """
-    old, new = _flatten(_canonical(stored)), _flatten(_canonical(current))
+    old, new = _canonical(stored), _canonical(current)
     blocking, allowed = [], []
-    for key in sorted(old.keys() & new.keys()):
-        if old[key] == new[key]:
+    for key in sorted(_fields()):
+        a, b = _lookup(old, key), _lookup(new, key)
+        if a is _MISSING or b is _MISSING or a == b:
             continue
-        change = f"{key}: {old[key]!r} -> {new[key]!r}"
+        change = f"{key}: {a!r} -> {b!r}"
         resumable = any(key == f or key.startswith(f"{f}.") for f in RESUMABLE_CHANGES)
         (allowed if resumable else blocking).append(change)
     return blocking, allowed
@@ -257,6 +282,7 @@ def _resume_point(cfg, folders: RunFolders, ckpt: Checkpointer) -> ResumePoint |
 
 def _run_locked(cfg, folders: RunFolders, ckpt: Checkpointer, start: float) -> dict[str, Any]:
     resume = _resume_point(cfg, folders, ckpt)
+    preemption.register_start(resume.saved_step if resume is not None else 0)
     own_resume = resume is not None and resume.source is ckpt  # this run folder's own checkpoint
     if own_resume:
         summary = finished_summary(folders, resume.meta, resume.saved_step, cfg.training.num_epochs)

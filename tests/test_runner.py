@@ -57,6 +57,19 @@ def test_config_changes_separate_trained_fields_from_resumable_ones():
     assert allowed == ["training.num_epochs: 3 -> 5"]
 
 
+def test_a_dict_valued_field_is_compared_whole():
+    ratios = "data.per_dataset_split_ratios"
+    none = {"data": {"per_dataset_split_ratios": None}, "encoder": {"batch_size": 32}}
+    one = {"data": {"per_dataset_split_ratios": {"ddi": [0.7, 0.3]}}, "encoder": {"batch_size": 8}}
+    two = {"data": {"per_dataset_split_ratios": {"ddi": [0.7, 0.3], "isic": [0.8, 0.2]}}}
+    blocking, allowed = config_changes(none, one)
+    assert blocking == [f"{ratios}: None -> {{'ddi': [0.7, 0.3]}}"]
+    assert allowed == ["encoder.batch_size: 32 -> 8"]  # how many texts per encoder call only
+    assert config_changes(one, two)[0] == [
+        f"{ratios}: {{'ddi': [0.7, 0.3]}} -> {{'ddi': [0.7, 0.3], 'isic': [0.8, 0.2]}}"
+    ]
+
+
 def test_rng_streams_are_independent_of_each_other_and_of_step_keys():
     keys = rng_streams(42)
     step_keys = [jax.random.fold_in(keys["steps"], s) for s in range(100)]

@@ -230,7 +230,7 @@ class Trainer:
             every_updates=cfg.training.log_every_steps,
             enabled=self.is_main,
         )
-        pending = None
+        pending, skipped_before = None, self.skipped
         for i in range(first, self.steps_per_epoch):
             global_step = epoch * self.steps_per_epoch + i
             batch = next(self.train_iter)
@@ -243,7 +243,7 @@ class Trainer:
             if pending is not None:
                 self._consume(pending, progress)
             pending = (out, shown, global_step)
-            if guard.should_stop():
+            if guard.should_stop(global_step + 1):
                 self._consume(pending, progress)
                 self._save(
                     "preempt", self._meta(epoch, i + 1, fetch_totals(self.num_classes, totals))
@@ -253,8 +253,9 @@ class Trainer:
             self._consume(pending, progress)
         progress.close()
         counted = fetch_totals(self.num_classes, totals)
-        if not counted.matrix.any():
-            self._no_image_was_read(epoch)
+        steps_run = self.steps_per_epoch - first
+        if not counted.matrix.any() and self.skipped - skipped_before < steps_run:
+            self._no_image_was_read(epoch)  # (every step skipped as non-finite: not the images)
         train = counted.compute()
         aux_vision, aux_text = (0.0, 0.0) if vision_only else self.schedule.aux_weights(epoch)
         return {

@@ -7,7 +7,6 @@ and exit cleanly. A second Ctrl-C raises KeyboardInterrupt at once for a user wh
 
 from __future__ import annotations
 
-import itertools
 import signal
 import threading
 from types import FrameType
@@ -29,8 +28,18 @@ class NonFiniteLossError(FloatingPointError):
         )
 
 
-# Calls of `should_stop` in this process, counted from 1 (JAX's preemption sync counter).
-_SYNC_CALLS = itertools.count(1)
+def register_start(completed_steps: int) -> None:
+    """Tells JAX's preemption sync where this launch starts (multi-process runs only).
+
+    JAX's counts start at 0 in every launch. A run resumed at step N calls `should_stop` with
+    N+1, N+2, ...; a notice arriving before its first step would set the sync point to 1, which
+    it never meets (a SIGTERM right after resuming was ignored until the run ended). Reported
+    here, as soon as the resume step is known, the point becomes N+1.
+    """
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.reached_preemption_sync_point(completed_steps)
 
 
 class PreemptionGuard:
@@ -58,21 +67,20 @@ class PreemptionGuard:
         self.requested = True
         self.signal_name = self.signal_name or name
 
-    def should_stop(self) -> bool:
-        """Whether to save and stop after this step; call it at every step on every process.
+    def should_stop(self, completed_steps: int) -> bool:
+        """Whether to save and stop now; call it after every step on every process, with the
+        number of steps the state has completed.
 
         One process stopping alone would leave the others waiting in a collective, so with
         several processes the answer is JAX's preemption sync point, the same on all of them.
-        JAX sets that point one past the highest count any process had reported when the notice
-        came, and matches it exactly; counts start at 0 in every launch. So the count passed is
-        this process's number of calls, which all processes advance together, not the global
-        step: a resumed run starts its steps past such a point and would never stop (a SIGTERM
-        right after resuming was ignored until the run ended).
+        JAX sets that point one past the highest count any process reported when the notice
+        came and matches it exactly; orbax reports the step of each checkpoint it saves, so
+        the count passed here is the same global step. See `register_start` for a resumed run.
         """
         if jax.process_count() > 1:
             from jax.experimental import multihost_utils
 
-            return multihost_utils.reached_preemption_sync_point(next(_SYNC_CALLS))
+            return multihost_utils.reached_preemption_sync_point(completed_steps)
         return self.requested
 
     def __enter__(self) -> PreemptionGuard:
