@@ -61,9 +61,12 @@ def main(argv: list[str], overrides: list[tuple[str, str]]) -> None:
         raise UserError("--checkpoint=RUN_OR_CHECKPOINT_DIR is required")
     setup_logging()
     from dermjax import compile_cache  # after flags: jax loads here
+    from dermjax.data import fs
     from dermjax.evaluation.checkpoint_source import open_checkpoint
     from dermjax.evaluation.run import evaluate_checkpoint
 
+    if _OUT.value:  # before the work, not after it
+        fs.ensure_writable_folder(_OUT.value, "--out folder", "give --out a folder you can write")
     ckpt = open_checkpoint(_CHECKPOINT.value, overrides=overrides)
     compile_cache.enable(ckpt.cfg.training.compilation_cache_dir)
     out_dir, ev = evaluate_checkpoint(ckpt, split=_SPLIT.value, out_dir=_OUT.value)

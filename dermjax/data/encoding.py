@@ -98,8 +98,6 @@ def _check_same_encoder(
 
 def _check_writable(path: str, target: fsspec.AbstractFileSystem, fs_path: str) -> None:
     fix = "write to a file in a folder you can write (--out, or data.embeddings_path)"
-    if target.isdir(fs_path):
-        raise DataError(f"embeddings file {path} is a folder; give a file path ending in .parquet")
     if fs.is_local(path):
         fs.ensure_writable_folder(os.path.dirname(fs_path) or ".", "embeddings folder", fix)
         return
@@ -137,8 +135,8 @@ def compute_embeddings(
     spec = canonical_spec(encoder.spec)
     fs.check_credentials(str(path), storage_options)
     target, fs_path = fsspec.core.url_to_fs(str(path), **(storage_options or {}))
-    if write:  # before any encoding: a place that cannot be written must not cost the work
-        _check_writable(str(path), target, fs_path)
+    if write and target.isdir(fs_path):
+        raise DataError(f"embeddings file {path} is a folder; give a file path ending in .parquet")
     kept = None
     if (write or resume) and target.exists(fs_path):
         if not resume:
@@ -160,6 +158,8 @@ def compute_embeddings(
         kept = kept[~kept[IMG_ID_COL].astype(str).isin(stale)]
         request = request[request[IMG_ID_COL].astype(str).isin(stale)]
 
+    if write:  # before any encoding: a place that cannot be written must not cost the work
+        _check_writable(str(path), target, fs_path)
     ids, texts = request[IMG_ID_COL].astype(str).tolist(), texts_of(request)
     matrix = np.zeros((len(request), int(spec["dim"])), np.float32)
 

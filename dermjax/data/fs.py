@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import os
+import uuid
 from typing import IO
 
 import fsspec
@@ -145,7 +146,9 @@ def ensure_writable_folder(path: str, what: str, fix: str) -> None:
     """
     if not is_local(path):
         return
-    probe = os.path.join(path, f".dermjax-write-check-{os.getpid()}")
+    path = path.removeprefix("file://")
+    # Unique per call: hosts of a multi-process run share folders and may share pids too.
+    probe = os.path.join(path, f".dermjax-write-check-{uuid.uuid4().hex}")
     try:
         os.makedirs(path, exist_ok=True)
         with open(probe, "wb"):

@@ -21,7 +21,7 @@ import pandas as pd
 from ml_collections import config_dict
 
 from dermjax import experiment_data
-from dermjax.data import embeddings, fs, metadata, pipeline
+from dermjax.data import embeddings, metadata, pipeline
 from dermjax.data.metadata import IMG_ID_COL
 from dermjax.embedding_file import text_embeddings
 from dermjax.errors import DataError, UserError
@@ -245,13 +245,11 @@ def evaluate_checkpoint(
         ckpt = open_checkpoint(ckpt, overrides=overrides)
     if metrics_jsonl is None and ckpt.ref.run_dir is not None:
         metrics_jsonl = os.path.join(ckpt.ref.run_dir, "metrics.jsonl")
+    if out_dir is None:  # before any data is read or embedded
+        _keep_the_runs_own_evaluation(ckpt, default_out_dir(ckpt, split))
     split, rows, records = split_rows(ckpt, split)  # data problems show before the model
     group_frame(ckpt.cfg, rows)
-    if out_dir is None:
-        out_dir = default_out_dir(ckpt, split)
-        _keep_the_runs_own_evaluation(ckpt, out_dir)
-    if jax.process_index() == 0:  # before the work, not after it
-        fs.ensure_writable_folder(out_dir, "--out folder", "give --out a folder you can write")
+    out_dir = out_dir or default_out_dir(ckpt, split)
     model = load_model(ckpt)
     evaluation, predictions = evaluate_model(model, split, rows, records)
     if jax.process_index() == 0:
