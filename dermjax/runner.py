@@ -300,8 +300,9 @@ def _run_locked(cfg, folders: RunFolders, ckpt: Checkpointer, start: float) -> d
             ):
                 _evaluate_after_training(cfg, folders)  # the run ended before its report
             return {**summary, "already_finished": True}
-    if cfg.evaluation.after_training:  # the report's group settings: checked before training
-        from dermjax.evaluation.run import group_frame
+    ev = cfg.evaluation
+    if ev.after_training and (ev.groups_path or ev.group_columns is not None):
+        from dermjax.evaluation.run import group_frame  # the report's settings, before training
 
         group_frame(cfg, experiment_data.selected_metadata(cfg)[1])
     from_checkpoint = resume is not None or bool(cfg.checkpoint.init_from)
