@@ -21,10 +21,9 @@ from ml_collections import config_dict
 from dermjax.cli import apply_overrides
 from dermjax.config import load_config, validate
 from dermjax.train.checkpoint import CheckpointError, CheckpointReader, resolve_load_from
+from dermjax.train.checkpoint_restore import RESTORE_PRIORITY
 
 log = logging.getLogger(__name__)
-
-KIND_DIRS = ("best", "periodic", "last")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,7 +50,7 @@ def locate_checkpoint(path: str) -> CheckpointRef:
     name = epath.Path(path).name
     with CheckpointReader(directory) as reader:
         if step is not None:
-            kind = name if name in KIND_DIRS else epath.Path(path).parent.name
+            kind = name if name in RESTORE_PRIORITY else epath.Path(path).parent.name
         elif (step := reader.best()) is not None:
             kind = "best"
         elif (step := reader.latest()) is not None:
@@ -93,6 +92,7 @@ class Checkpoint:
     ref: CheckpointRef
     cfg: config_dict.ConfigDict
     meta: dict[str, Any]
+    trained_changes: list[str] = dataclasses.field(default_factory=list)  # by the overrides
 
     @property
     def classes(self) -> list[str]:
@@ -117,7 +117,7 @@ def saved_text_dim(ref: CheckpointRef) -> int:
     """The text input size of the saved head (for embeddings files without a dermjax spec)."""
     import orbax.checkpoint as ocp
 
-    for sub in KIND_DIRS:
+    for sub in RESTORE_PRIORITY:  # the kind folders
         state = epath.Path(ref.directory) / sub / str(ref.step) / "state"
         if state.exists():
             tree = ocp.StandardCheckpointHandler().metadata(state).tree
@@ -138,20 +138,23 @@ def open_checkpoint(path: str, *, overrides: Sequence[tuple[str, str]] = ()) -> 
     with CheckpointReader(ref.directory) as reader:
         meta = reader.read_meta(ref.step)
     cfg = config_from_checkpoint(meta["config"])
+    changed: list[str] = []
     if overrides:
         apply_overrides(cfg, overrides)
-        warn_about_trained_fields([field for field, _ in overrides])
+        changed = trained_changes(meta["config"], cfg)
+        if changed:
+            log.warning(
+                "the overrides change what the run was trained or split with (%s): results are "
+                "not the run's",
+                "; ".join(changed),
+            )
     validate(cfg)
-    return Checkpoint(ref, cfg, meta)
+    return Checkpoint(ref, cfg, meta, changed)
 
 
-def warn_about_trained_fields(fields: Sequence[str]) -> None:
-    from dermjax.runner import RESUMABLE_CHANGES  # data paths, workers, batch sizes, ...
+def trained_changes(stored: dict[str, Any], cfg: config_dict.ConfigDict) -> list[str]:
+    """The fields of `cfg` that differ from the checkpoint's config `stored` and change what
+    the run was trained or split with ("field: stored -> now"), as the resume check sees them."""
+    from dermjax.runner import config_changes  # the runner imports the evaluation modules
 
-    allowed = (*RESUMABLE_CHANGES, "evaluation")
-    changed = [f for f in fields if not any(f == a or f.startswith(f"{a}.") for a in allowed)]
-    if changed:
-        log.warning(
-            "overriding %s, which the run was trained or split with: results are not the run's",
-            changed,
-        )
+    return config_changes(stored, cfg.to_dict())[0]

@@ -123,7 +123,17 @@ def load_model(source: str | Checkpoint) -> LoadedModel:
     mean, std = ckpt.meta["normalization_mean"], ckpt.meta["normalization_std"]
     spec = experiment.step_spec(cfg, np.ones(len(classes), np.float32), mean, std)
     log.info("restored the %s checkpoint (step %d) of %s", ref.kind, ref.step, ref.directory)
-    return LoadedModel(ref, cfg, ckpt.meta, text_dim, mesh, parts, weights, spec)
+    return LoadedModel(
+        ref,
+        cfg,
+        ckpt.meta,
+        ckpt.trained_changes,
+        text_dim=text_dim,
+        mesh=mesh,
+        parts=parts,
+        weights=weights,
+        spec=spec,
+    )
 
 
 def _concrete_rng(leaf: jax.ShapeDtypeStruct) -> jax.Array:

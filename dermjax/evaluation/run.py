@@ -204,15 +204,11 @@ def write_evaluation(
 def _keep_the_runs_own_evaluation(ckpt: Checkpoint, out_dir: str) -> None:
     """UserError when overrides change what the run was trained or split with: such results
     are not the run's, so they never replace its evaluation in `out_dir`."""
-    from dermjax.runner import config_changes  # the runner imports this module
-
-    changed, _ = config_changes(ckpt.meta["config"], ckpt.cfg.to_dict())
-    changed = [c for c in changed if not c.startswith("evaluation.")]
-    if changed:
+    if ckpt.trained_changes:
         raise UserError(
-            f"the overrides change what the run was trained or split with ({'; '.join(changed)}), "
-            f"so the results are not the run's: pass --out=DIR for them (the run's own "
-            f"evaluation in {out_dir} is kept)"
+            f"the overrides change what the run was trained or split with "
+            f"({'; '.join(ckpt.trained_changes)}), so the results are not the run's: pass "
+            f"--out=DIR for them (the run's own evaluation in {out_dir} is kept)"
         )
 
 

@@ -11,7 +11,7 @@ import pytest
 from dermjax.evaluation.checkpoint_source import (
     config_from_checkpoint,
     locate_checkpoint,
-    warn_about_trained_fields,
+    trained_changes,
 )
 from dermjax.train.checkpoint import CheckpointError
 
@@ -43,16 +43,17 @@ def test_a_missing_folder_and_a_folder_without_checkpoints_are_named(tmp_path):
         locate_checkpoint(str(tmp_path))
 
 
-def test_overriding_a_field_the_run_was_trained_with_warns(caplog):
-    with caplog.at_level(logging.WARNING):
-        warn_about_trained_fields(["data.local_root", "training.num_workers", "evaluation.n_boot"])
-    assert caplog.text == ""
-    with caplog.at_level(logging.WARNING):
-        warn_about_trained_fields(["data.local_root", "multimodal_classifier.final_dropout"])
-    assert (
-        "['multimodal_classifier.final_dropout']" in caplog.text
-        and "results are not the run's" in caplog.text
-    )
+def test_only_fields_the_run_was_trained_or_split_with_count_as_trained_changes():
+    stored = config_from_checkpoint({}).to_dict()
+    cfg = config_from_checkpoint(stored)
+    cfg.data.local_root, cfg.training.num_workers, cfg.evaluation.n_boot = "/mnt", 8, 10
+    assert trained_changes(stored, cfg) == []
+    cfg.multimodal_classifier.final_dropout = 0.5
+    cfg.data.per_dataset_split_ratios = {"ddi": (0.7, 0.3)}
+    assert trained_changes(stored, cfg) == [
+        "data.per_dataset_split_ratios: None -> {'ddi': [0.7, 0.3]}",
+        "multimodal_classifier.final_dropout: 0.3 -> 0.5",
+    ]
 
 
 def test_an_existing_file_is_named_as_a_file_not_a_missing_folder(tmp_path):
