@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import logging
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -164,23 +165,36 @@ def restore_first_readable(
     )
 
 
+def _is_closed_loop_callback(unraisable: Any) -> bool:
+    """TensorStore's completion callback for a read orbax abandoned, after its loop closed."""
+    e = unraisable.exc_value
+    return isinstance(e, RuntimeError) and str(e) == "Event loop is closed"
+
+
 @contextlib.contextmanager
 def _quiet_leftover_reads():
-    """Silences asyncio's "exception was never retrieved" records while copies are tried.
+    """Silences the abandoned reads of a damaged copy while copies are tried.
 
-    When one array of a damaged copy fails, orbax abandons the copy's other reads; each of
-    them later logs its own traceback through asyncio, burying the one warning that says which
-    copy was used. The failure itself is reported by `unreadable`. (TensorStore's callbacks
-    also print "Event loop is closed" tracebacks straight to the process's stderr, which
-    Python cannot filter: a damaged ResNet-50 copy still leaves ~1,500 such lines, from 11,666.)
+    When one array of a damaged copy fails, orbax abandons the copy's other reads. Each of them
+    later logs "exception was never retrieved" through asyncio, and TensorStore's callback for
+    each raises "Event loop is closed" into `sys.unraisablehook`: thousands of traceback lines
+    (a damaged ResNet-50 copy: 11,666) burying the one warning that says which copy was used.
+    The failure itself is reported by `unreadable`; anything else unraisable still prints.
     """
     logger = logging.getLogger("asyncio")
-    level = logger.level
+    level, hook = logger.level, sys.unraisablehook
+
+    def drop_closed_loop_callbacks(unraisable: Any) -> None:
+        if not _is_closed_loop_callback(unraisable):
+            hook(unraisable)
+
     logger.setLevel(logging.CRITICAL)
+    sys.unraisablehook = drop_closed_loop_callbacks
     try:
         yield
     finally:
         gc.collect()  # the abandoned futures log when collected: collect them while quiet
+        sys.unraisablehook = hook
         logger.setLevel(level)
 
 

@@ -3,6 +3,7 @@
 import logging
 import os
 import pathlib
+import sys
 
 import grain
 import jax
@@ -13,6 +14,7 @@ import pytest
 from flax import nnx
 
 from dermjax.errors import UserError
+from dermjax.train import checkpoint_restore
 from dermjax.train.checkpoint import (
     Checkpointer,
     CheckpointError,
@@ -146,6 +148,38 @@ def test_damaged_latest_raises_when_explicit_and_falls_back_when_auto(tmp_path, 
     restored, meta = ckpt.restore(None, abstract_state=abstract, data_iter=None)
     assert meta["epoch"] == 1 and leaves_equal(restored, new)
     ckpt.close()
+
+
+def test_falling_back_past_a_damaged_copy_leaves_no_closed_loop_tracebacks(tmp_path, monkeypatch):
+    # Each abandoned read of the damaged copy used to raise "Event loop is closed" into
+    # sys.unraisablehook: 279 tracebacks (1,664 stderr lines) for these 300 arrays.
+    def state(seed: int) -> dict:
+        weights = {f"w{i}": jnp.full((8, 8), seed + i, jnp.float32) for i in range(300)}
+        return {"params": weights, "step": jnp.int32(seed)}
+
+    seen = []
+    monkeypatch.setattr(sys, "unraisablehook", lambda u: seen.append(u.exc_value))
+    with Checkpointer(str(tmp_path), save_frequency=1, keep_last=3, async_save=False) as ckpt:
+        ckpt.save(10, state=state(0), data_iter=None, meta={"epoch": 0}, kind="periodic")
+        ckpt.save(20, state=state(1), data_iter=None, meta={"epoch": 1}, kind="periodic")
+        damage(tmp_path / "periodic" / "20")
+        restored, meta = ckpt.restore(None, abstract_state=abstract_of(state(0)), data_iter=None)
+    assert meta["epoch"] == 0 and leaves_equal(restored, state(0))
+    assert seen == []
+
+
+def test_other_unraisable_errors_still_reach_the_hook_while_copies_are_tried(monkeypatch):
+    class Unraisable:
+        def __init__(self, e: Exception) -> None:
+            self.exc_value = e
+
+    seen = []
+    monkeypatch.setattr(sys, "unraisablehook", lambda u: seen.append(str(u.exc_value)))
+    with checkpoint_restore._quiet_leftover_reads():
+        sys.unraisablehook(Unraisable(RuntimeError("Event loop is closed")))
+        sys.unraisablehook(Unraisable(RuntimeError("something else")))
+    sys.unraisablehook(Unraisable(RuntimeError("Event loop is closed")))
+    assert seen == ["something else", "Event loop is closed"]
 
 
 def test_saving_an_earlier_step_removes_newer_checkpoints_of_abandoned_run(tmp_path):
