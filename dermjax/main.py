@@ -95,11 +95,12 @@ def main(argv: list[str]) -> None:
     if summary.get("preempted"):
         folders = runner.run_folders(cfg, _WORKDIR.value)
         same = f" (same --workdir={folders.run_dir})" if _WORKDIR.value else ""
-        print(
-            f"Preempted: saved step {summary['step']} to {folders.checkpoint_dir}. Resume by "
-            f"re-running the same command{same}.",
-            flush=True,
+        done = (
+            f"saved step {summary['step']} to {folders.checkpoint_dir}"
+            if summary.get("trained", True)
+            else "stopped before training, nothing new to save"
         )
+        print(f"Preempted: {done}. Resume by re-running the same command{same}.", flush=True)
         return
     if summary.get("already_finished"):
         print("This run had already finished; its summary:", flush=True)

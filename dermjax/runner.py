@@ -282,7 +282,10 @@ def _resume_point(cfg, folders: RunFolders, ckpt: Checkpointer) -> ResumePoint |
 
 def _run_locked(cfg, folders: RunFolders, ckpt: Checkpointer, start: float) -> dict[str, Any]:
     resume = _resume_point(cfg, folders, ckpt)
-    preemption.register_start(resume.saved_step if resume is not None else 0)
+    start_step = resume.saved_step if resume is not None else 0
+    if preemption.register_start(start_step):
+        log.warning("a preemption notice came while the run was starting: not training")
+        return {"preempted": True, "step": start_step, "trained": False}
     own_resume = resume is not None and resume.source is ckpt  # this run folder's own checkpoint
     if own_resume:
         summary = finished_summary(folders, resume.meta, resume.saved_step, cfg.training.num_epochs)

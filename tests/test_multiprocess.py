@@ -3,7 +3,8 @@
 Each process runs the real command line, `python -m dermjax.main` with --coordinator_address,
 --num_processes and --process_id; the two-process run is killed after its first checkpoint,
 relaunched with the same command and resumes; SIGTERM to one of its processes then stops both at
-the same step with a checkpoint; a third launch resumes and finishes. And when one process fails
+the same step with a checkpoint; a notice before a resumed run starts stops both before training;
+a last launch resumes and finishes. And when one process fails
 alone, both stop within seconds, each printing the error.
 """
 
@@ -24,9 +25,10 @@ pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
 EPOCHS = 3
 STEPS_PER_EPOCH = 4  # 64 training rows of the 160-row demo at batch 16
+MAIN = ("-m", "dermjax.main")
 
 
-def _command(data_root: Path, workdir: Path) -> list[str]:
+def _command(data_root: Path, workdir: Path, main: tuple[str, ...] = MAIN) -> list[str]:
     overrides = {
         "data.local_root": data_root,
         "data.demo_size": 160,
@@ -40,8 +42,7 @@ def _command(data_root: Path, workdir: Path) -> list[str]:
     }
     return [
         sys.executable,
-        "-m",
-        "dermjax.main",
+        *main,
         "--config=configs/demo.py",
         f"--workdir={workdir}",
         *(f"--config.{k}={v}" for k, v in overrides.items()),
@@ -63,10 +64,14 @@ def _free_port() -> int:
 
 
 def _launch(
-    data_root: Path, workdir: Path, log: Path, extra: tuple[list[str], ...] = ([], [])
+    data_root: Path,
+    workdir: Path,
+    log: Path,
+    extra: tuple[list[str], ...] = ([], []),
+    main: tuple[str, ...] = MAIN,
 ) -> list[subprocess.Popen]:
     """Starts both processes of the two-process run (process i with the arguments `extra[i]`
-    added); their output goes to `log`.<id>."""
+    added, `main` the Python arguments before them); their output goes to `log`.<id>."""
     port = _free_port()
     procs = []
     for i in range(2):
@@ -75,7 +80,7 @@ def _launch(
         out = open(f"{log}.{i}", "a")  # noqa: SIM115 (closed with the process below)
         procs.append(
             subprocess.Popen(
-                _command(data_root, workdir) + dist,
+                _command(data_root, workdir, main) + dist,
                 cwd=REPO,
                 env=_env(2),
                 stdout=out,
@@ -135,6 +140,15 @@ def test_two_processes_agree_with_one_process_on_4_devices_and_resume_after_a_ki
         for i in range(2)
     }
     assert len(saved) == 1 and STEPS_PER_EPOCH <= int(saved.pop()) < EPOCHS * STEPS_PER_EPOCH
+
+    # A notice before the resumed run reports its start step to JAX (the sync point is then 1,
+    # which a resumed run never meets): both processes stop before training, nothing saved.
+    saved_steps = sorted((workdir / "checkpoints").glob("*/*"))
+    _wait(_launch(data_root, workdir, log, main=("tests/preempt_at_start.py",)), log)
+    for i in range(2):
+        assert "Preempted: stopped before training" in Path(f"{log}.{i}").read_text()
+    assert sorted((workdir / "checkpoints").glob("*/*")) == saved_steps
+    assert not (workdir / "summary.json").exists()
 
     _wait(_launch(data_root, workdir, log), log)  # and once more: resumes, finishes
     summary = json.loads((workdir / "summary.json").read_text())

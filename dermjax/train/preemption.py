@@ -12,6 +12,7 @@ import threading
 from types import FrameType
 
 import jax
+import numpy as np
 from absl import logging
 
 
@@ -28,18 +29,24 @@ class NonFiniteLossError(FloatingPointError):
         )
 
 
-def register_start(completed_steps: int) -> None:
-    """Tells JAX's preemption sync where this launch starts (multi-process runs only).
+def register_start(completed_steps: int) -> bool:
+    """Tells JAX's preemption sync where this launch starts (multi-process runs only); returns
+    True, on every process alike, when a notice came before: stop without training then.
 
-    JAX's counts start at 0 in every launch. A run resumed at step N calls `should_stop` with
-    N+1, N+2, ...; a notice arriving before its first step would set the sync point to 1, which
-    it never meets (a SIGTERM right after resuming was ignored until the run ended). Reported
-    here, as soon as the resume step is known, the point becomes N+1.
+    JAX's counts start at 0 in every launch, and a notice sets the sync point one past the
+    highest count reported so far. A run resumed at step N calls `should_stop` with N+1, N+2,
+    ...; reported here, as soon as the resume step is known, the point of a later notice
+    becomes N+1 (a SIGTERM right after resuming used to be ignored until the run ended). A
+    notice before this call set the point to 1, which a resumed run never meets: asking for 1
+    finds it, and the processes agree on the answer (one may have seen the point before another).
     """
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
+    if jax.process_count() == 1:
+        return False
+    from jax.experimental import multihost_utils
 
-        multihost_utils.reached_preemption_sync_point(completed_steps)
+    noticed = multihost_utils.reached_preemption_sync_point(1)
+    multihost_utils.reached_preemption_sync_point(completed_steps)
+    return bool(multihost_utils.process_allgather(np.asarray(noticed)).any())
 
 
 class PreemptionGuard:
