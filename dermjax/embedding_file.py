@@ -124,20 +124,24 @@ def _check_embeddings(
     if other == path:
         digest = hashlib.sha256(json.dumps(settings.as_dict(), sort_keys=True).encode())
         other = f"{path.removesuffix('.parquet')}_{digest.hexdigest()[:8]}.parquet"
-    elsewhere = (
-        f"compute this config's embeddings into another file with `{embed_command(cfg, out=other)}`"
-        f" and train with --config.data.embeddings_path={shlex.quote(other)}"
-    )
+
+    def elsewhere() -> str:  # only on error: it reads the --config file again
+        return (
+            f"compute this config's embeddings into another file with "
+            f"`{embed_command(cfg, out=other)}` and train with "
+            f"--config.data.embeddings_path={shlex.quote(other)}"
+        )
+
     if differences:
         raise embeddings.EncoderMismatchError(
             f"embeddings file {path} was made by another encoder than the config's "
-            f"({'; '.join(differences)}); it is never overwritten: {elsewhere}, or delete it"
+            f"({'; '.join(differences)}); it is never overwritten: {elsewhere()}, or delete it"
         )
     missing = embeddings.stale_ids(emb, meta, with_text=True)
     if missing:
         texted = int((~metadata.text_is_missing(meta[metadata.TEXT_DESC_COL])).sum())
         fix = (
-            elsewhere
+            elsewhere()
             if stored_spec is None
             else f"complete it with `{embed_command(cfg, resume=True)}`"
         )

@@ -13,6 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from dermjax import embedding_file
 from dermjax.config import data_paths, encoder_settings, load_config, validate
 from dermjax.data import embeddings as emb_mod
 from dermjax.data.embeddings import EncoderMismatchError, read_embeddings
@@ -207,6 +208,16 @@ def test_a_file_lacking_ids_with_text_is_an_error_with_the_resume_command(tmp_pa
     with pytest.raises(DataError, match=r"lacks 2 of the 3 selected rows with text.*--resume`"):
         text_embeddings(cfg, _meta(["a", "b", "c", None, ""]), path)
     assert len(text_embeddings(cfg, _meta(["a", None]), path)) == 2
+
+
+def test_a_fitting_file_is_used_without_reading_the_config_file_again(tmp_path, monkeypatch):
+    # The fix hints name the --config file's command; building them re-read that file, so a
+    # YAML edited (or broken) during a run stopped its evaluation after training.
+    path = str(tmp_path / "hash256.parquet")
+    cfg = _cfg(tmp_path, path)
+    compute_embeddings(_meta(["a"]), path, HashingTextEncoder(dim=256), progress=False)
+    monkeypatch.setattr(embedding_file, "_config_source", pytest.fail)
+    assert len(text_embeddings(cfg, _meta(["a"]), path)) == 1
 
 
 def test_an_original_layout_file_is_used_with_a_warning_when_ids_and_dim_fit(tmp_path, caplog):
