@@ -15,6 +15,7 @@ import importlib.util
 import math
 import os
 import pathlib
+import posixpath
 from typing import Any
 
 from ml_collections import config_dict
@@ -136,13 +137,17 @@ def encoder_settings(cfg: config_dict.ConfigDict) -> EncoderSettings:
 def data_paths(cfg: config_dict.ConfigDict) -> DataPaths:
     """Derives paths from data.dataset + data.use_local; explicit fields win.
 
-    The embeddings file is data.embeddings_path, else <root>/embeddings/ (None without a
-    data.dataset) with encoder.embedding_filename or, when that is None, the name derived from
-    the encoder settings (`EncoderSettings.filename`), so that two encoders never share a file.
+    Without a data.dataset the root is the folder of data.metadata_path. The embeddings file is
+    data.embeddings_path, else <root>/embeddings/ with encoder.embedding_filename or, when that
+    is None, the name derived from the encoder settings (`EncoderSettings.filename`), so that
+    two encoders never share a file.
     """
     d = cfg.data
     base = d.local_root if d.use_local else d.gcs_root
-    root = f"{base.rstrip('/')}/{d.dataset}" if d.dataset else ""
+    if d.dataset:
+        root = f"{base.rstrip('/')}/{d.dataset}"
+    else:
+        root = (posixpath.dirname(d.metadata_path) or ".") if d.metadata_path else ""
     emb_file = cfg.encoder.embedding_filename or encoder_settings(cfg).filename()
     return DataPaths(
         root=root,

@@ -4,9 +4,8 @@
 
 Each *.yaml below the folder is loaded as `--config=configs/from_yaml.py:FILE` would load it and
 validated with `dermjax.config.validate`; no data is read. One row per file: name, ok / FAIL /
-skip, and the problems (every one, separated by " | "). Files without a `vision_model` section
-are the original's oldest layout (`model`, `splits`, `image` sections), which dermjax does not
-read: they are listed as skip. Exit status 1 if any file fails, 2 if the folder has no YAML file.
+skip, and the problems (every one, separated by " | "). Files of the original's oldest layout
+(a `model` section, no `vision_model`), which dermjax does not read, are listed as skip. Exit status 1 if any file fails, 2 if the folder has no YAML file.
 """
 
 from __future__ import annotations
@@ -15,8 +14,6 @@ import argparse
 import logging
 import sys
 from pathlib import Path
-
-import yaml
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:  # lets a plain checkout run the script without installing
@@ -30,13 +27,9 @@ from dermjax.errors import ConfigError  # noqa: E402
 def check(path: Path) -> tuple[str, str]:
     """(status, problems) of one file: ok, FAIL or skip."""
     try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError:
-        raw = {}  # the loader reports the syntax error with its line
-    if isinstance(raw, dict) and "vision_model" not in raw:
-        return "skip", "old layout without a vision_model section"
-    try:
         validate(from_yaml.get_config(str(path)))
+    except from_yaml.OldLayoutError:
+        return "skip", "the original's oldest layout (no vision_model section)"
     except ConfigError as e:
         return "FAIL", " | ".join(p.removeprefix(f"{path}: ") for p in e.problems)
     return "ok", ""

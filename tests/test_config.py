@@ -207,10 +207,13 @@ def test_original_yaml_loads_and_unknown_keys_are_rejected(tmp_path):
               scheduler: {use_cosine_annealing: false, vision_eta_min: 0, multimodal_classifier_eta_min: 1e-7}
             augmentation: {rotation_degrees: 25, translate: null, scale: [0.9, 1.1]}
             vision_model: {name: efficientnet_b0, pretrained: true, pooling_type: avg, unfreeze_layers: 10}
-            multimodal_classifier: {image_projection_hidden: [512], final_hidden_sizes: [256, 128]}
+            multimodal_classifier: {image_projection_hidden: [512], final_hidden_sizes: [256, 128],
+                                    projection_dim: 256, fusion_strategy: concat_mlp,
+                                    loss_fn: cross_entropy}
             encoder: {pre_existing_path: /data/emb.parquet, model_name: sapbert}
             optimizer:
               vision_model: {name: adamw, learning_rate: 1.0e-4, weight_decay: 1.0e-3, betas: [0.9, 0.999]}
+              multimodal_classifier: {name: adamw, learning_rate: 5.0e-4, weight_decay: 1.0e-3}
             """
         )
     )
@@ -232,17 +235,21 @@ def test_yaml_type_errors_are_reported_together_with_every_other_problem(tmp_pat
     bad = tmp_path / "bad.yaml"
     bad.write_text(
         "training: {batch_size: abc, num_epochs: 3.5, patiense: 2}\n"
-        "data: {val_size: null, seed: -1}\n"
+        "data: {dataset: dataset_v1, val_size: null, seed: -1}\n"
         "vision_model: resnet50\n"
+        "multimodal_classifier: {projection_dim: 8, fusion_strategy: concat_mlp, loss_fn: focal}\n"
+        "optimizer:\n"
+        "  vision_model: {learning_rate: 1.0e-4, weight_decay: 0}\n"
+        "  multimodal_classifier: {learning_rate: 1.0e-4, weight_decay: 0}\n"
     )
     with pytest.raises(ConfigError) as info:
         load_config("from_yaml", str(bad))
     text = str(info.value)
     assert len(info.value.problems) == 5, text
     for expected in (
-        "training.batch_size='abc': expected a value of type int",
-        "training.num_epochs=3.5: expected a value of type int",
-        "training.patiense: unknown key",
+        "training.batch_size='abc': expected an integer",
+        "training.num_epochs=3.5: expected an integer",
+        "training.patiense: unknown key (did you mean training.patience?)",
         "vision_model='resnet50': expected a section",
         "data.seed=-1",  # loaded fine but invalid: found by validate in the same message
     ):

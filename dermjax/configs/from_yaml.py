@@ -10,7 +10,12 @@ per-modality auxiliary weights). Beyond copying values, the loader:
   sample_weights, both embedding dims, checkpoint.gcs_uri, ...) with one warning naming them;
 * lower-cases the names the original lower-cased itself (optimizer names, activations), so
   `AdamW` and `ReLU` load;
-* reads the legacy encoder.pre_existing_path as data.embeddings_path;
+* requires the keys the original cannot run without (`REQUIRED_KEYS`; no data.dataset means the
+  older files' data.metadata_path and data.img_prefix), and gives keys the file
+  omits the original's own defaults where they differ from dermjax's (`ORIGINAL_DEFAULTS`: the
+  head's hidden sizes, dropout and label smoothing), so a file means what it meant there;
+* reads the legacy encoder.pre_existing_path as data.embeddings_path when the file has no
+  encoder.embedding_filename (the original's precedence);
 * keeps the original's selection rule: early stopping and the best checkpoint on validation
   loss (training.monitor = "val/loss"), unless the file sets training.monitor;
 * picks the ResNet unfreeze rule of the original that ran the file, unless the file sets
@@ -27,14 +32,17 @@ per-modality auxiliary weights). Beyond copying values, the loader:
   auxiliary weight); masking.random_mask.in_eval and multimodal_classifier.text_content_gating
   turn them on for its exact numbers.
 
-Both rules are stated in one warning (the config loads before logging is set up, when only
+The rules and the defaults are stated in one warning (the config loads before logging is set up, when only
 warnings show). Every problem of the file (YAML syntax with its line, unknown keys, values of
-the wrong type, values `dermjax.config.validate` rejects) is reported together in one
-ConfigError.
+the wrong type, missing required keys, values `dermjax.config.validate` rejects) is reported
+together in one ConfigError; a file that cannot be read, or is in the original's oldest layout, is
+one line.
 """
 
+import difflib
 import logging
 import pathlib
+import re
 
 import yaml
 from ml_collections import config_dict
@@ -73,6 +81,34 @@ LATER_KEYS = (
     "multimodal_classifier.auxiliary_text_loss_weight",
     "checkpoint.gcs_uri",
 )
+# Keys the original stops without (ValueError or KeyError when the file lacks one). A file
+# without data.dataset has none (not dermjax's default): it must name data.metadata_path and
+# data.img_prefix, as the original's older files did, which `validate` checks.
+REQUIRED_KEYS = (
+    "multimodal_classifier.projection_dim",
+    "multimodal_classifier.fusion_strategy",
+    "multimodal_classifier.loss_fn",
+    "optimizer.vision_model.learning_rate",
+    "optimizer.vision_model.weight_decay",
+    "optimizer.multimodal_classifier.learning_rate",
+    "optimizer.multimodal_classifier.weight_decay",
+)
+# The original's defaults for keys a file omits, where dermjax's (exp_arch_009's values) differ.
+ORIGINAL_DEFAULTS = {
+    "multimodal_classifier.image_projection_hidden": (),
+    "multimodal_classifier.text_projection_hidden": (),
+    "multimodal_classifier.final_hidden_sizes": (),
+    "multimodal_classifier.projection_dropout": 0.2,
+    "multimodal_classifier.label_smoothing": 0.0,
+}
+# Loss keys each loss_fn never reads (the original ignores them too): said once, not an error.
+UNUSED_BY_LOSS = {
+    "cross_entropy": ("alpha", "gamma"),
+    "focal": ("label_smoothing",),
+}
+# YAML 1.1 reads an exponent without a decimal point (1e-3) as a string.
+_EXPONENT = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+")
+_TYPE_NAMES = {tuple: "a list", dict: "a mapping", int: "an integer", float: "a number"}
 LATER_UNFREEZE_RULE, SEED_UNFREEZE_RULE = "conv_count", "children"
 ORIGINAL_MONITOR = "val/loss"
 
@@ -86,8 +122,22 @@ def _tuples(value):
     return value
 
 
+def _numbers(value):
+    """Exponent strings YAML 1.1 left unread (`1e-3`) become floats, in lists and mappings too."""
+    if isinstance(value, str) and _EXPONENT.fullmatch(value):
+        return float(value)
+    if isinstance(value, tuple):
+        return tuple(_numbers(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _numbers(v) for k, v in value.items()}
+    return value
+
+
 def _coerce(field_type, value):
-    """YAML 1.1 reads `1e-7` as a string and `0` as an int; float fields take both."""
+    """The YAML value for a field of `field_type`: float fields also take ints and `1e-7`."""
+    if field_type is str:
+        return value
+    value = _numbers(value)
     numeric = isinstance(value, int) or (isinstance(value, str) and _is_float(value))
     if field_type is float and numeric and not isinstance(value, bool):
         return float(value)
@@ -102,15 +152,37 @@ def _is_float(text: str) -> bool:
     return True
 
 
-def _merge(node: config_dict.ConfigDict, values: dict, prefix: str, problems: list[str]) -> None:
+def _unknown(root: config_dict.ConfigDict, node: config_dict.ConfigDict, path: str) -> str:
+    """ "unknown key", with the likely key: a close name in the section, or the same name in
+    another section (`training.seed` -> data.seed)."""
+    *sections, key = path.split(".")
+    close = difflib.get_close_matches(key, list(node.keys()), n=1)
+    if close:
+        return f"{path}: unknown key (did you mean {'.'.join([*sections, close[0]])}?)"
+    elsewhere = [
+        f"{name}.{key}"
+        for name, section in root.items()
+        if isinstance(section, config_dict.ConfigDict) and key in section
+    ]
+    hint = f" (did you mean {' or '.join(elsewhere)}?)" if elsewhere else ""
+    return f"{path}: unknown key{hint}"
+
+
+def _merge(
+    root: config_dict.ConfigDict,
+    node: config_dict.ConfigDict,
+    values: dict,
+    prefix: str,
+    problems: list[str],
+) -> None:
     """Sets every known key; collects unknown keys and wrongly typed values in `problems`."""
     for key, value in values.items():
         path = f"{prefix}{key}"
         if key not in node:
-            problems.append(f"{path}: unknown key")
+            problems.append(_unknown(root, node, path))
         elif isinstance(node[key], config_dict.ConfigDict):
             if isinstance(value, dict):
-                _merge(node[key], value, f"{path}.", problems)
+                _merge(root, node[key], value, f"{path}.", problems)
             else:
                 problems.append(f"{path}={value!r}: expected a section of keys")
         else:
@@ -118,15 +190,23 @@ def _merge(node: config_dict.ConfigDict, values: dict, prefix: str, problems: li
             try:
                 node[key] = _coerce(field_type, value)
             except TypeError:
-                problems.append(f"{path}={value!r}: expected a value of type {field_type.__name__}")
+                wanted = _TYPE_NAMES.get(field_type, f"a value of type {field_type.__name__}")
+                problems.append(f"{path}={value!r}: expected {wanted}")
+
+
+class YamlFileError(ConfigError):
+    """The file as a whole cannot be loaded (or is not named): one line, exit status 2."""
+
+    def __str__(self) -> str:
+        return self.problems[0]
 
 
 def _read(path: pathlib.Path) -> dict:
-    """Parses the file; a missing file, bad syntax or a non-mapping is a ConfigError."""
+    """Parses the file; a missing file, bad syntax or a non-mapping is a YamlFileError."""
     try:
         raw = yaml.safe_load(path.read_text())
     except OSError as e:
-        raise ConfigError(f"{path}: cannot read the YAML file ({e.strerror})") from e
+        raise YamlFileError(f"cannot read the YAML file {path} ({e.strerror})") from e
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
@@ -134,12 +214,22 @@ def _read(path: pathlib.Path) -> dict:
         context = getattr(e, "context_mark", None)
         if context:
             what += f" ({e.context} at line {context.line + 1})"
-        raise ConfigError(f"{where}: YAML syntax error: {what}") from e
+        raise YamlFileError(f"{where}: YAML syntax error: {what}") from e
     if raw is None:
         return {}
     if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: expected a mapping of sections, got {type(raw).__name__}")
+        raise YamlFileError(f"{path}: expected a mapping of sections, got {type(raw).__name__}")
+    if "model" in raw and "vision_model" not in raw:
+        raise OldLayoutError(
+            f"{path} is in the original's oldest layout (sections {', '.join(map(str, raw))}), "
+            "which dermjax does not read: rewrite it in the layout of the original's README "
+            "(data, training, augmentation, vision_model, multimodal_classifier, ...)"
+        )
     return raw
+
+
+class OldLayoutError(YamlFileError):
+    """A file of the original's oldest layout (`model`, `splits`, `image` sections)."""
 
 
 def _parent(raw: dict, dotted: str) -> tuple[dict | None, str]:
@@ -158,13 +248,18 @@ def _has(raw: dict, dotted: str) -> bool:
 
 def _adapt(raw: dict) -> None:
     """Renames legacy keys, drops ignored ones (one warning) and lower-cases names, in place."""
+    dropped = []
     encoder = raw.get("encoder")
     if isinstance(encoder, dict) and "pre_existing_path" in encoder:
         legacy = encoder.pop("pre_existing_path")
         data = raw.setdefault("data", {})
-        if isinstance(data, dict):
+        if encoder.get("embedding_filename") is not None:
+            dropped.append(
+                f"encoder.pre_existing_path={legacy!r} (encoder.embedding_filename is set, "
+                "which the original reads first)"
+            )
+        elif isinstance(data, dict):
             data.setdefault("embeddings_path", legacy)
-    dropped = []
     for dotted, why in IGNORED_KEYS.items():
         node, key = _parent(raw, dotted)
         if node is not None and key in node:
@@ -177,10 +272,37 @@ def _adapt(raw: dict) -> None:
             node[key] = node[key].lower()
 
 
+def _missing(raw: dict) -> list[str]:
+    return [
+        f"{key}: missing; the original stops without it, so the file must set it"
+        for key in REQUIRED_KEYS
+        if not _has(raw, key)
+    ]
+
+
+def _unused_loss_keys(cfg: config_dict.ConfigDict, raw: dict) -> list[str]:
+    head = cfg.multimodal_classifier
+    unused = UNUSED_BY_LOSS.get(head.loss_fn, ())
+    return [
+        f"multimodal_classifier.{key}={head[key]!r} (loss_fn {head.loss_fn!r} does not use it)"
+        for key in unused
+        if _has(raw, f"multimodal_classifier.{key}") and head[key] not in (None, 0, 0.0)
+    ]
+
+
 def _original_rules(cfg: config_dict.ConfigDict, raw: dict, later: list[str]) -> None:
-    """Early stopping on val loss, the unfreeze rule and masking path of the file's era (`later`:
-    its later keys), each unless the file sets it; one warning says what was chosen."""
+    """The original's defaults for omitted keys; early stopping on val loss, the unfreeze rule
+    and masking path of the file's era (`later`: its later keys), each unless the file sets it;
+    one warning says what was chosen."""
     chosen = []
+    defaults = []
+    for dotted, value in ORIGINAL_DEFAULTS.items():
+        if not _has(raw, dotted):
+            section, key = dotted.split(".")
+            cfg[section][key] = value
+            defaults.append(f"{dotted}={value!r}")
+    if defaults:
+        chosen.append(f"the original's defaults for keys the file omits: {', '.join(defaults)}")
     if not _has(raw, "training.monitor"):
         cfg.training.monitor = ORIGINAL_MONITOR
         chosen.append(
@@ -204,17 +326,10 @@ def _original_rules(cfg: config_dict.ConfigDict, raw: dict, later: list[str]) ->
         log.warning("the original's rules for this file: %s", "; ".join(chosen))
 
 
-class MissingYamlError(ConfigError):
-    """`--config` names this file without `:FILE.yaml`; one line, exit status 2."""
-
-    def __str__(self) -> str:
-        return self.problems[0]
-
-
 def get_config(path: str | None = None) -> config_dict.ConfigDict:
     """Returns the default config updated with the YAML file at `path`."""
     if not path:  # ml_collections calls get_config() when --config has no `:path`
-        raise MissingYamlError(
+        raise YamlFileError(
             "configs/from_yaml.py needs the YAML file: "
             "--config=configs/from_yaml.py:path/to/experiment.yaml"
         )
@@ -222,8 +337,11 @@ def get_config(path: str | None = None) -> config_dict.ConfigDict:
     later = [k for k in LATER_KEYS if _has(raw, k)]
     _adapt(raw)
     cfg = default.get_config()
+    if not _has(raw, "data.dataset"):
+        cfg.data.dataset = None
     problems: list[str] = []
-    _merge(cfg, raw, "", problems)
+    _merge(cfg, cfg, raw, "", problems)
+    problems += _missing(raw)
     if problems:
         problems = [f"{path}: {p}" for p in problems]
         try:
@@ -232,4 +350,7 @@ def get_config(path: str | None = None) -> config_dict.ConfigDict:
             problems.extend(e.problems)
         raise ConfigError(problems)
     _original_rules(cfg, raw, later)
+    unused = _unused_loss_keys(cfg, raw)
+    if unused:
+        log.warning("original config keys without effect: %s", "; ".join(unused))
     return cfg

@@ -10,9 +10,11 @@ from types import SimpleNamespace
 
 import pandas as pd
 import pytest
+import yaml
 
 from dermjax import experiment, experiment_data
-from dermjax.config import ConfigError, load_config, validate
+from dermjax.config import ConfigError, data_paths, load_config, validate
+from dermjax.configs import from_yaml
 
 # Every key of the later original, in the shape of its modal_template.yaml / final configs.
 LATER = """
@@ -68,9 +70,39 @@ optimizer:
 """
 
 
-def _load(tmp_path, text: str, name: str = "exp.yaml"):
+# The keys the original cannot run without; `_load` adds those a test's file leaves out.
+REQUIRED = {
+    "data": {"dataset": "dataset_v1"},
+    "multimodal_classifier": {
+        "projection_dim": 256,
+        "fusion_strategy": "concat_mlp",
+        "loss_fn": "cross_entropy",
+    },
+    "optimizer": {
+        group: {"learning_rate": 1.0e-4, "weight_decay": 1.0e-3}
+        for group in ("vision_model", "multimodal_classifier")
+    },
+}
+
+
+def _with_required(raw: dict, required: dict) -> dict:
+    for key, value in required.items():
+        if isinstance(value, dict):
+            raw[key] = _with_required(raw.get(key) or {}, value)
+        else:
+            raw.setdefault(key, value)
+    return raw
+
+
+def _write(tmp_path, text: str, name: str = "exp.yaml") -> pathlib.Path:
     path = tmp_path / name
     path.write_text(textwrap.dedent(text))
+    return path
+
+
+def _load(tmp_path, text: str, name: str = "exp.yaml"):
+    raw = _with_required(yaml.safe_load(textwrap.dedent(text)) or {}, REQUIRED)
+    path = _write(tmp_path, yaml.safe_dump(raw), name)
     return load_config("from_yaml", str(path))
 
 
@@ -209,11 +241,14 @@ def test_check_script_prints_a_row_per_file_and_fails_on_a_bad_one(tmp_path, cap
     )
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
-    (tmp_path / "later.yaml").write_text(LATER)
+    (tmp_path / "later.yaml").write_text(
+        yaml.safe_dump(_with_required(yaml.safe_load(LATER), REQUIRED))
+    )
     (tmp_path / "old").mkdir()
     (tmp_path / "old" / "template.yaml").write_text("model: {name: resnet50}\nsplits: {}\n")
     assert script.main([str(tmp_path)]) == 0
-    (tmp_path / "bad.yaml").write_text(SEED + "training: {patiense: 3}\n")
+    bad = _with_required(yaml.safe_load(SEED + "training: {patiense: 3}\n"), REQUIRED)
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(bad))
     assert script.main([str(tmp_path)]) == 1
     rows = capsys.readouterr().out.splitlines()[-4:]
     assert (
@@ -236,3 +271,112 @@ def test_from_yaml_without_a_yaml_file_is_one_config_error_line(tmp_path, arg):
         "--config=configs/from_yaml.py:path/to/experiment.yaml\n"
     )
     assert "Traceback" not in proc.stderr
+
+
+def test_keys_a_file_omits_get_the_originals_defaults_and_are_stated(tmp_path, caplog):
+    # dermjax's own defaults are exp_arch_009's values; the original's code builds single
+    # Linear layers, dropout 0.2 and no label smoothing for a file that does not say.
+    with caplog.at_level(logging.WARNING, logger="dermjax.configs.from_yaml"):
+        head = _load(tmp_path, SEED).multimodal_classifier
+    assert head.image_projection_hidden == () and head.text_projection_hidden == ()
+    assert head.final_hidden_sizes == ()
+    assert (head.projection_dropout, head.label_smoothing) == (0.2, 0.0)
+    assert "the original's defaults for keys the file omits" in caplog.text
+    assert "multimodal_classifier.label_smoothing=0.0" in caplog.text
+    explicit = "multimodal_classifier: {final_hidden_sizes: [64], label_smoothing: 0.1}\n"
+    head = _load(tmp_path, SEED + explicit).multimodal_classifier
+    assert (head.final_hidden_sizes, head.label_smoothing) == ((64,), 0.1)
+    assert head.image_projection_hidden == ()
+
+
+def test_keys_the_original_cannot_run_without_are_each_named(tmp_path):
+    with pytest.raises(ConfigError) as info:
+        load_config("from_yaml", str(_write(tmp_path, "# every line commented out\n")))
+    missing = [p for p in info.value.problems if "missing; the original stops without it" in p]
+    assert len(missing) == len(from_yaml.REQUIRED_KEYS) == 7
+    assert "data.dataset=None: set data.dataset, or both data.metadata_path" in str(info.value)
+    path = _write(tmp_path, SEED)  # no head section, one optimizer group
+    with pytest.raises(ConfigError) as info:
+        load_config("from_yaml", str(path))
+    named = " ".join(info.value.problems)
+    assert "multimodal_classifier.projection_dim: missing" in named
+    assert "optimizer.multimodal_classifier.learning_rate: missing" in named
+    assert "data.dataset" not in named and "optimizer.vision_model" not in named
+
+
+def test_an_older_file_without_a_dataset_keeps_its_files_next_to_its_metadata(tmp_path):
+    # dermjax's default dataset (dataset_v1) would put the embeddings and the prepared cache in
+    # a folder the file never names.
+    raw = _with_required({}, REQUIRED)
+    del raw["data"]["dataset"]
+    raw["data"].update(metadata_path="/gcs-data/final/meta.csv", img_prefix="/gcs-data/final/imgs")
+    cfg = load_config("from_yaml", str(_write(tmp_path, yaml.safe_dump(raw))))
+    validate(cfg)
+    paths = data_paths(cfg)
+    assert cfg.data.dataset is None and paths.img_prefix == "/gcs-data/final/imgs"
+    assert paths.embeddings == "/gcs-data/final/embeddings/sapbert_256_cls.parquet"
+    assert paths.cache_dir == "/gcs-data/final/cache"
+
+
+def test_embedding_filename_wins_over_the_legacy_pre_existing_path(tmp_path, caplog):
+    legacy = "encoder: {pre_existing_path: /old/emb.parquet}\n"
+    assert _load(tmp_path, SEED + legacy).data.embeddings_path == "/old/emb.parquet"
+    both = "encoder: {pre_existing_path: /old/emb.parquet, embedding_filename: new.parquet}\n"
+    with caplog.at_level(logging.WARNING, logger="dermjax.configs.from_yaml"):
+        cfg = _load(tmp_path, SEED + both)
+    assert cfg.data.embeddings_path is None and cfg.encoder.embedding_filename == "new.parquet"
+    assert "encoder.pre_existing_path='/old/emb.parquet' (encoder.embedding_filename is set" in (
+        caplog.text
+    )
+
+
+def test_a_file_of_the_oldest_layout_is_one_line_naming_its_sections(tmp_path):
+    path = _write(tmp_path, "model: {name: resnet50}\nsplits: {test: 0.1}\nimage: {size: 224}\n")
+    with pytest.raises(from_yaml.OldLayoutError) as info:
+        from_yaml.get_config(str(path))
+    assert str(info.value).startswith(f"{path} is in the original's oldest layout (sections model")
+    assert "\n" not in str(info.value)
+
+
+def test_an_unknown_key_suggests_the_close_or_same_named_key(tmp_path):
+    text = "multimodal_classifier: {lable_smoothing: 0.1}\ntraining: {seed: 3}\n"
+    with pytest.raises(ConfigError) as info:
+        _load(tmp_path, text)
+    named = "\n".join(info.value.problems)
+    assert "lable_smoothing: unknown key (did you mean multimodal_classifier.label_smoothing?)" in (
+        named
+    )
+    assert "training.seed: unknown key (did you mean data.seed?)" in named
+
+
+def test_exponents_yaml_reads_as_strings_are_numbers_in_lists_and_mappings_too(tmp_path):
+    text = """
+    multimodal_classifier: {class_weights: [1, 2.0, 1e-3], alpha: 1e-1, loss_fn: focal}
+    data: {per_dataset_split_ratios: {ddi: {train: 1e0, val: 0, test: 0e0}}}
+    """
+    cfg = _load(tmp_path, text)
+    validate(cfg)
+    assert cfg.multimodal_classifier.class_weights == (1, 2.0, 0.001)
+    assert cfg.multimodal_classifier.alpha == 0.1
+    assert cfg.data.per_dataset_split_ratios["ddi"] == {"train": 1.0, "val": 0, "test": 0.0}
+    with pytest.raises(ConfigError, match=r"data\.img_size='224': expected a list"):
+        _load(tmp_path, "data: {img_size: '224'}")
+
+
+def test_loss_keys_the_chosen_loss_never_reads_are_stated(tmp_path, caplog):
+    text = "multimodal_classifier: {loss_fn: focal, label_smoothing: 0.2, gamma: 3}\n"
+    with caplog.at_level(logging.WARNING, logger="dermjax.configs.from_yaml"):
+        _load(tmp_path, text)
+    unused = [r.getMessage() for r in caplog.records if "without effect" in r.getMessage()]
+    assert unused == [
+        "original config keys without effect: multimodal_classifier.label_smoothing=0.2 "
+        "(loss_fn 'focal' does not use it)"
+    ]
+
+
+def test_a_missing_file_is_one_line(tmp_path):
+    with pytest.raises(from_yaml.YamlFileError) as info:
+        from_yaml.get_config(str(tmp_path / "nope.yaml"))
+    assert str(info.value) == (
+        f"cannot read the YAML file {tmp_path / 'nope.yaml'} (No such file or directory)"
+    )

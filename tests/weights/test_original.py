@@ -333,8 +333,12 @@ def test_efficientnet_weighted_sum_aux_and_l2_convert_via_the_script(tmp_path):
     path, vision, head, _ = build_original("efficientnet_b0", tmp_path)
     yaml_text = """
 vision_model: {name: efficientnet_b0, pretrained: false, pooling_type: avg}
-data: {img_size: [64, 64]}
+data: {dataset: dataset_v1, img_size: [64, 64]}
+optimizer:
+  vision_model: {name: adamw, learning_rate: 1.0e-4, weight_decay: 1.0e-3}
+  multimodal_classifier: {name: adamw, learning_rate: 5.0e-4, weight_decay: 1.0e-3}
 multimodal_classifier:
+  loss_fn: cross_entropy
   projection_dim: 8
   image_projection_hidden: []
   text_projection_hidden: []
