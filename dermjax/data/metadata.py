@@ -42,12 +42,16 @@ DEFAULT_SPLIT_RATIOS = {"train": 0.8, "val": 0.1, "test": 0.1}
 DERM1M_SOURCES = ("IIYI", "edu", "note", "public", "pubmed", "reddit", "twitter", "youtube")
 
 
+# Columns read as text: ids such as DDI's 000001 keep their zeros, labels their exact spelling.
+TEXT_COLUMNS = (IMG_ID_COL, IMG_COL, LABEL_COL, TEXT_DESC_COL, DATASET_COL, ORIG_FILENAME_COL)
+
+
 def read_metadata_csv(path: str, storage_options: dict | None = None) -> pd.DataFrame:
-    """Reads the harmonized CSV from a local path or any fsspec URL (e.g. gs://)."""
+    """Reads the harmonized CSV (or a .gz/.bz2/... of it) from a local path or an fsspec URL."""
     fs.check_credentials(str(path), storage_options)
     try:
-        with fsspec.open(str(path), "rb", **(storage_options or {})) as f:
-            return pd.read_csv(f, low_memory=False)
+        with fsspec.open(str(path), "rb", compression="infer", **(storage_options or {})) as f:
+            df = pd.read_csv(f, low_memory=False, dtype=dict.fromkeys(TEXT_COLUMNS, str))
     except FileNotFoundError as e:
         raise DataError(
             f"metadata CSV {path} does not exist; set data.metadata_path (or data.dataset and "
@@ -57,8 +61,84 @@ def read_metadata_csv(path: str, storage_options: dict | None = None) -> pd.Data
         raise DataError(
             f"metadata CSV {path} is a folder; set data.metadata_path to the CSV file itself"
         ) from e
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
+    except UnicodeDecodeError as e:
+        raise DataError(f"metadata CSV {path} is not UTF-8 text ({e}); save it as UTF-8") from e
+    except (pd.errors.ParserError, pd.errors.EmptyDataError) as e:
         raise DataError(f"metadata CSV {path} cannot be parsed as CSV ({e}); fix the file") from e
+    except OSError as e:  # permissions, a file where a folder should be, ...
+        raise DataError(f"metadata CSV {path} cannot be read ({e}); check the path") from e
+    if len(df.columns) == 1:
+        sep = next((s for s in (";", "\t", "|") if s in str(df.columns[0])), None)
+        if sep is not None:
+            raise DataError(
+                f"metadata CSV {path} looks {sep!r}-separated (one column "
+                f"{str(df.columns[0])[:60]!r}...); save it comma-separated"
+            )
+    return df
+
+
+def _lines(rows: pd.Index, from_csv: bool) -> str:
+    """Up to five rows as CSV line numbers (the header is line 1) or, for a frame, as labels."""
+    shown = [str(i + 2) if from_csv else str(i) for i in rows[:5]]
+    more = f" and {len(rows) - 5} more" if len(rows) > 5 else ""
+    return f"{'CSV lines' if from_csv else 'rows'} {', '.join(shown)}{more}"
+
+
+def _complete_rows(df: pd.DataFrame, source: str, from_csv: bool) -> pd.DataFrame:
+    """Refuses rows without an image id or file; drops rows without a label (the original's
+    label counts leave them out too), with a warning."""
+    for col in (IMG_ID_COL, IMG_COL):
+        empty = df.index[df[col].isna() | (df[col].astype(str).str.strip() == "")]
+        if len(empty):
+            raise DataError(
+                f"{source}: {len(empty)} row(s) without {col} ({_lines(empty, from_csv)}); "
+                "fill them in or remove those rows"
+            )
+    unlabelled = df.index[df[LABEL_COL].isna()]
+    if len(unlabelled):
+        log.warning(
+            "%s: dropping %d row(s) without a label (%s)",
+            source,
+            len(unlabelled),
+            _lines(unlabelled, from_csv),
+        )
+        df = df.drop(index=unlabelled)
+    return df
+
+
+def _check_selected(df: pd.DataFrame, source: str, from_csv: bool) -> None:
+    """Refuses an image id on several selected rows (text embeddings are matched by id); warns
+    about one image file on several rows and about labels that differ only in case or spaces
+    (separate classes, as in the original)."""
+    repeated = df[IMG_ID_COL][df[IMG_ID_COL].duplicated(keep=False)]
+    if len(repeated):
+        ids = sorted(set(map(str, repeated)))
+        raise DataError(
+            f"{source}: {len(ids)} image_id value(s) appear on several selected rows (e.g. "
+            f"{ids[:5]}; {_lines(repeated.index, from_csv)}); give each row its own id, since "
+            "text embeddings are matched by id"
+        )
+    shared = df[df[IMG_COL].duplicated(keep=False)]
+    if len(shared):
+        labels = shared.groupby(IMG_COL)[LABEL_COL].nunique()
+        conflicting = int((labels > 1).sum())
+        log.warning(
+            "%s: %d image file(s) appear on several rows (e.g. %s)%s; they may land in "
+            "different splits",
+            source,
+            len(labels),
+            sorted(labels.index)[:5],
+            f", {conflicting} of them with different labels" if conflicting else "",
+        )
+    names = pd.Series(df[LABEL_COL].astype(str).unique())
+    folded = names.groupby(names.str.strip().str.lower()).agg(list)
+    clashes = [sorted(group) for group in folded if len(group) > 1]
+    if clashes:
+        log.warning(
+            "%s: labels that differ only in case or spaces are separate classes: %s",
+            source,
+            clashes[:5],
+        )
 
 
 def require_columns(
@@ -125,11 +205,13 @@ def load_metadata(
     when columns are missing or the filters leave fewer than `min_classes` classes (a
     classifier needs 2).
     """
-    if isinstance(data, pd.DataFrame):
-        df, source = data.copy(), source or "metadata"
-    else:
+    from_csv = not isinstance(data, pd.DataFrame)
+    if from_csv:
         df, source = read_metadata_csv(data, storage_options), source or str(data)
+    else:
+        df, source = data.copy(), source or "metadata"
     require_columns(df, [IMG_ID_COL, IMG_COL, LABEL_COL], "every run", source)
+    df = _complete_rows(df, source, from_csv)
     log.info("metadata: %d rows, %d labels", len(df), df[LABEL_COL].nunique())
 
     if min_samples_per_label is not None:
@@ -146,7 +228,13 @@ def load_metadata(
     selected = None if datasets is None else _as_list(datasets, "datasets")
     if selected is not None:
         require_columns(df, [DATASET_COL], "the data.datasets filter", source)
+        present = df[DATASET_COL]
         df = df[df[DATASET_COL].isin(selected)]
+        if df.empty and not present.empty:
+            raise DataError(
+                f"{source}: no row's dataset is in data.datasets={selected}; the dataset column "
+                f"holds {sorted(map(str, present.dropna().unique()))[:10]}"
+            )
         log.info("datasets=%s: %d rows", selected, len(df))
 
     if has_text is not None:
@@ -170,11 +258,13 @@ def load_metadata(
         "data.derm1m_sources": derm1m_sources,
         "data.has_text": has_text,
     }
+    _check_selected(df, source, from_csv)
     if data_fraction is not None:
         if 0 < data_fraction < 1:
             df = _drop_rare_labels(df, "data_fraction")
             filters["data.data_fraction"] = data_fraction
             check_classes(df, source, filters, min_classes)
+            _check_fraction(len(df), df[LABEL_COL].nunique(), data_fraction)
             df, _ = train_test_split(
                 df,
                 train_size=data_fraction,
@@ -188,6 +278,20 @@ def load_metadata(
     check_classes(df, source, filters, min_classes)
     log.info("metadata after filters: %d rows, %d labels", len(df), df[LABEL_COL].nunique())
     return df
+
+
+def _check_fraction(n: int, k: int, fraction: float) -> None:
+    """DataError unless a stratified subsample keeping `fraction` of `n` rows (sklearn keeps
+    floor(fraction * n)) leaves both parts at least one row of each of the `k` classes."""
+    kept = math.floor(fraction * n)
+    if kept >= k and n - kept >= k:
+        return
+    low, high = math.ceil(k / n * 1000) / 1000, math.floor((n - k) / n * 1000) / 1000
+    raise DataError(
+        f"data.data_fraction={fraction} keeps {kept} of {n} rows, and a stratified subsample "
+        f"needs at least {k} (one per class) on each side; use data.data_fraction between "
+        f"{low} and {high}, or 1 for all rows"
+    )
 
 
 def check_classes(

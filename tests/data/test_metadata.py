@@ -163,7 +163,11 @@ def test_a_folder_given_as_the_metadata_csv_is_a_data_error_saying_so(tmp_path):
 @pytest.mark.parametrize(
     ("filters", "named"),
     [
-        ({"datasets": ["ddi"]}, r"0 row\(s\) and 0 class\(es\).*data\.datasets=\['ddi'\]"),
+        (
+            {"datasets": ["ddi"]},
+            r"no row's dataset is in data\.datasets=\['ddi'\]; the dataset column holds "
+            r"\['derm1m', 'isic'\]",
+        ),
         (
             {"min_samples_per_label": 3},
             r"4 row\(s\) and 1 class\(es\).*data\.min_samples_per_label=3",
@@ -425,3 +429,91 @@ def test_a_dataset_too_small_to_stratify_is_a_data_error_naming_it_and_the_fix()
         r"data\.datasets",
     ):
         metadata.per_dataset_split(df, ratios, seed=0)
+
+
+CSV = "image_id,dataset,filename,label,text_desc\n"
+
+
+def _csv(tmp_path, body: str, name: str = "meta.csv") -> str:
+    path = tmp_path / name
+    path.write_text(CSV + body)
+    return str(path)
+
+
+def test_ids_files_and_labels_are_read_as_written(tmp_path):
+    # DDI-style ids would lose their zeros as integers, and match no embeddings file row.
+    body = "000001,ddi,a.png,1,t\n000002,ddi,b.png,2,t\n000003,ddi,c.png,1,t\n"
+    out = load_metadata(_csv(tmp_path, body))
+    assert out["image_id"].tolist() == ["000001", "000002", "000003"]
+    assert class_list(out) == ["1", "2"]
+
+
+def test_a_compressed_csv_is_read(tmp_path):
+    import gzip
+
+    path = tmp_path / "meta.csv.gz"
+    path.write_bytes(gzip.compress((CSV + "i1,isic,a.jpg,x,t\ni2,isic,b.jpg,y,t\n").encode()))
+    assert load_metadata(str(path))["image_id"].tolist() == ["i1", "i2"]
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b"image_id;dataset;filename;label\ni1;isic;a.jpg;x\n", r"looks ';'-separated"),
+        ((CSV + "i1,isic,a.jpg,eczéma,t\n").encode("latin-1"), r"is not UTF-8 text .*save it as"),
+    ],
+)
+def test_a_csv_in_another_format_says_how_to_save_it(tmp_path, content, message):
+    path = tmp_path / "meta.csv"
+    path.write_bytes(content)
+    with pytest.raises(DataError, match=message):
+        metadata.read_metadata_csv(str(path))
+
+
+def test_an_unreadable_csv_path_is_a_data_error(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(DataError, match=r"metadata CSV .*file/meta\.csv cannot be read \("):
+        metadata.read_metadata_csv(str(tmp_path / "file" / "meta.csv"))
+
+
+@pytest.mark.parametrize("column", ["image_id", "filename"])
+def test_rows_without_an_id_or_file_are_refused_with_their_lines(tmp_path, column):
+    rows = pd.read_csv(_csv(tmp_path, "i1,isic,a.jpg,x,t\ni2,isic,b.jpg,y,t\n"), dtype=str)
+    rows.loc[1, column] = None
+    rows.to_csv(tmp_path / "m.csv", index=False)
+    with pytest.raises(DataError, match=rf"1 row\(s\) without {column} \(CSV lines 3\)"):
+        load_metadata(str(tmp_path / "m.csv"))
+
+
+def test_rows_without_a_label_are_dropped_with_their_lines(tmp_path, caplog):
+    body = "i1,isic,a.jpg,x,t\ni2,isic,b.jpg,,t\ni3,isic,c.jpg,y,t\n"
+    out = load_metadata(_csv(tmp_path, body))
+    assert out["image_id"].tolist() == ["i1", "i3"]
+    assert "dropping 1 row(s) without a label (CSV lines 3)" in caplog.text
+
+
+def test_an_image_id_on_two_selected_rows_is_refused(tmp_path):
+    # Text embeddings are matched by id: one of the two rows would get the other's text.
+    body = "i1,isic,a.jpg,x,melanoma on arm\ni1,isic,b.jpg,y,psoriasis on arm\ni3,ddi,c.jpg,y,t\n"
+    with pytest.raises(DataError, match=r"1 image_id value\(s\) .*\['i1'\]; CSV lines 2, 3\)"):
+        load_metadata(_csv(tmp_path, body))
+    assert len(load_metadata(_csv(tmp_path, body), datasets=["ddi"])) == 1  # not selected
+
+
+def test_shared_image_files_and_near_duplicate_labels_are_warned_about(tmp_path, caplog):
+    body = "i1,isic,a.jpg,melanoma,t\ni2,isic,a.jpg,psoriasis,t\ni3,isic,c.jpg,Melanoma ,t\n"
+    out = load_metadata(_csv(tmp_path, body))
+    assert len(out) == 3 and class_list(out) == ["Melanoma ", "melanoma", "psoriasis"]
+    assert "1 image file(s) appear on several rows (e.g. ['a.jpg']), 1 of them with different" in (
+        caplog.text
+    )
+    assert "differ only in case or spaces are separate classes: [['Melanoma ', 'melanoma']]" in (
+        caplog.text
+    )
+
+
+def test_a_data_fraction_too_small_to_stratify_names_the_range(tmp_path):
+    df = _balanced({"a": 15, "b": 15, "c": 15})
+    with pytest.raises(DataError, match=r"data_fraction=0\.05 keeps 2 of 45 rows.*between 0\.067"):
+        load_metadata(df, data_fraction=0.05)
+    assert len(load_metadata(df, data_fraction=0.1)) == 4
