@@ -143,16 +143,18 @@ def data_paths(cfg: config_dict.ConfigDict) -> DataPaths:
     two encoders never share a file.
     """
     d = cfg.data
-    base = d.local_root if d.use_local else d.gcs_root
+    home = os.path.expanduser  # every reader agrees on `~` (fsspec expands it, ArrayRecord not)
+    base = home(d.local_root) if d.use_local else d.gcs_root
     if d.dataset:
         root = f"{base.rstrip('/')}/{d.dataset}"
     else:
-        root = (posixpath.dirname(d.metadata_path) or ".") if d.metadata_path else ""
+        root = (posixpath.dirname(home(d.metadata_path)) or ".") if d.metadata_path else ""
     emb_file = cfg.encoder.embedding_filename or encoder_settings(cfg).filename()
     return DataPaths(
         root=root,
-        metadata=d.metadata_path or f"{root}/metadata_all_harmonized.csv",
-        img_prefix=d.img_prefix or f"{root}/imgs",
-        embeddings=d.embeddings_path or (f"{root}/embeddings/{emb_file}" if root else None),
-        cache_dir=d.cache_dir or f"{root or '.'}/cache",
+        metadata=home(d.metadata_path or f"{root}/metadata_all_harmonized.csv"),
+        img_prefix=home(d.img_prefix or f"{root}/imgs"),
+        embeddings=home(d.embeddings_path or (f"{root}/embeddings/{emb_file}" if root else ""))
+        or None,
+        cache_dir=home(d.cache_dir or f"{root or '.'}/cache"),
     )

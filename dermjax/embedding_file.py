@@ -22,7 +22,7 @@ from absl import flags
 from ml_collections import config_dict
 
 from dermjax import parallel
-from dermjax.config import encoder_settings, load_config, packaged_config_path
+from dermjax.config import data_paths, encoder_settings, load_config, packaged_config_path
 from dermjax.data import embeddings, encoders, encoding, fs, metadata
 from dermjax.errors import ConfigError, DataError
 
@@ -162,6 +162,9 @@ def text_embeddings(cfg: config_dict.ConfigDict, meta: pd.DataFrame, path: str |
     """The embeddings file `path`: computed first when absent, else checked, never overwritten."""
     if path is None:
         raise DataError("no text embeddings file: set data.embeddings_path (or data.dataset)")
+    metadata.require_columns(
+        meta, [metadata.TEXT_DESC_COL], "the text embeddings", data_paths(cfg).metadata
+    )
     options = fs.storage_options(path)
     try:
         emb = embeddings.read_embeddings(path, storage_options=options)

@@ -51,16 +51,17 @@ def selected_metadata(cfg: config_dict.ConfigDict) -> tuple[DataPaths, pd.DataFr
     """The data paths and the metadata rows the config selects (demo data made if asked)."""
     d = cfg.data
     if d.demo:
-        demo.ensure_demo_data(os.path.join(d.local_root, d.dataset), seed=d.seed, n=d.demo_size)
+        root = os.path.join(os.path.expanduser(d.local_root), d.dataset)
+        demo.ensure_demo_data(root, seed=d.seed, n=d.demo_size)
     paths = data_paths(cfg)
     meta = metadata.load_metadata(
-        metadata.read_metadata_csv(paths.metadata, fs.storage_options(paths.metadata)),
+        paths.metadata,
+        storage_options=fs.storage_options(paths.metadata),
         min_samples_per_label=d.min_samples_per_label,
         datasets=d.datasets,
         derm1m_sources=d.derm1m_sources,
         has_text=d.has_text,
         data_fraction=d.data_fraction,
-        source=paths.metadata,
     )
     return paths, meta
 
@@ -151,7 +152,9 @@ def cache_plan(cfg: config_dict.ConfigDict, data: PreparedData) -> dict[str, tup
     """{rule: (cache folder, paths)} of the prepared caches this config's loaders read.
 
     Training reads the train split at its resize rule (shorter side + crop when geometric
-    augmentation is on, else exact); evaluation reads val and test resized exactly.
+    augmentation is on, else exact); evaluation reads val and test resized exactly. A folder
+    is named after its rule, size and image list (`<rule>_<H>x<W>_<digest>`), so the caches
+    of other splits or filters stay side by side instead of replacing each other.
     """
     h, w = cfg.data.img_size
     train_rule = images.train_rule(augment_spec(cfg).geometric)
@@ -160,19 +163,23 @@ def cache_plan(cfg: config_dict.ConfigDict, data: PreparedData) -> dict[str, tup
         if records is not None:
             plan.setdefault(images.EXACT, []).extend(records.paths)
     return {
-        rule: (os.path.join(data.paths.cache_dir, f"{rule}_{h}x{w}"), paths)
+        rule: (os.path.join(data.paths.cache_dir, prepared.folder_name(rule, (h, w), paths)), paths)
         for rule, paths in plan.items()
     }
 
 
 def open_caches(cfg: config_dict.ConfigDict, data: PreparedData) -> dict[str, prepared.Cache]:
-    """The prepared caches that match this run's data, by resize rule."""
+    """The prepared caches that match this run's data, by resize rule (a folder of the older
+    `<rule>_<H>x<W>` naming is used when it serves the images)."""
     if not cfg.data.use_cache:
         return {}
     caches = {}
+    h, w = cfg.data.img_size
     for rule, (directory, paths) in cache_plan(cfg, data).items():
-        found = prepared.open_cache(directory, paths, cfg.data.img_size, rule)
-        if found is not None:
-            log.info("using prepared cache at %s", directory)
-            caches[rule] = found
+        for folder in (directory, os.path.join(data.paths.cache_dir, f"{rule}_{h}x{w}")):
+            found = prepared.open_cache(folder, paths, cfg.data.img_size, rule)
+            if found is not None:
+                log.info("using prepared cache at %s", folder)
+                caches[rule] = found
+                break
     return caches

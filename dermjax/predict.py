@@ -45,7 +45,7 @@ def choose_mode(default_mode: str, has_text: bool) -> tuple[str, str | None]:
         return "image_only", note
     if has_text:
         return "both", None
-    return "image_only", "no --text given: predicting from the image only (text input masked)"
+    return "image_only", "no --text given (or an empty one): predicting from the image only"
 
 
 def _table(results: list[dict]) -> str:
@@ -73,8 +73,9 @@ def main(argv: list[str], overrides: list[tuple[str, str]]) -> None:
     ckpt = open_checkpoint(_CHECKPOINT.value, overrides=overrides)
     compile_cache.enable(ckpt.cfg.training.compilation_cache_dir)
     model = inference.load_model(ckpt)
-    mode, note = choose_mode(model.default_mode, _TEXT.value is not None)
-    vector = None if _TEXT.value is None else inference.text_vector(model, _TEXT.value)
+    text = _TEXT.value if (_TEXT.value or "").strip() else None  # "" is no text, as in training
+    mode, note = choose_mode(model.default_mode, text is not None)
+    vector = None if text is None else inference.text_vector(model, text)
     arrays, errors = inference.load_images(paths, model.img_size)
     for path, reason in errors.items():
         print(f"error: cannot read image {path}: {reason}", file=sys.stderr)

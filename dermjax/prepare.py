@@ -6,14 +6,18 @@ Decodes and resizes every image of the filtered splits once and stores it in Arr
 under `data.cache_dir` (default `<dataset>/cache`; local or gs://), one cache per resize rule and
 image size.
 Training then says "using prepared cache at ..." and reads pixels instead of JPEGs. An
-interrupted build resumes where it stopped; a cache built for other paths, size or rule is not
-used (the log says why). Build a gs:// cache once, from one machine: every host of a multi-host
-run then reads only the records of its own batch slices from it.
+interrupted build resumes where it stopped. Each cache folder is named after its rule, size and
+image list, so caches of other splits or filters stay as they are (the log lists them, to delete
+those no longer needed). Nothing is built when none of a sample of the images exists (a wrong
+data.img_prefix), and a build whose every image is unreadable is an error. Build a gs:// cache
+once, from one machine: every host of a multi-host run then reads only the records of its own
+batch slices from it.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import tempfile
 
 from absl import flags
@@ -21,7 +25,8 @@ from ml_collections import config_flags
 
 from dermjax.cli import run_main
 from dermjax.config import packaged_config_path, validate
-from dermjax.errors import UserError
+from dermjax.data import cache, fs
+from dermjax.errors import DataError, UserError
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", str(packaged_config_path("default")), "Config file (default: configs/default.py)."
@@ -42,21 +47,59 @@ def main(argv: list[str]) -> None:
         )
     validate(cfg)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    from dermjax.data.cache import build_cache
     from dermjax.experiment_data import cache_plan, load_data
 
     cfg.training.compute_stats = False  # statistics belong to the training run, not the cache
     with tempfile.TemporaryDirectory() as scratch:
         data = load_data(cfg, scratch)
     workers = _WORKERS.value if _WORKERS.value is not None else cfg.training.num_workers
-    for rule, (directory, paths) in cache_plan(cfg, data).items():
+    plan = cache_plan(cfg, data)
+    for _, paths in plan.values():
+        _check_some_exist(paths, data.paths.img_prefix)
+    for rule, (directory, paths) in plan.items():
         logging.info("building the %s cache of %d images at %s", rule, len(paths), directory)
-        build_cache(
+        cache.build_cache(
             paths,
             directory,
             img_size=tuple(cfg.data.img_size),
             rule=rule,
             num_workers=workers,
+        )
+        bad = cache.bad_paths(directory)
+        if len(bad) == len(set(paths)):
+            path, reason = next(iter(bad.items()))
+            raise DataError(
+                f"none of the {len(bad)} images of the {rule} cache at {directory} could be "
+                f"read (e.g. {path}: {reason}); check data.img_prefix={data.paths.img_prefix}"
+            )
+        _list_others(directory)
+
+
+def _check_some_exist(paths: list[str], img_prefix: str, sample: int = 16) -> None:
+    """DataError, before anything is built, when none of `sample` evenly spread paths exists."""
+    picked = paths[:: max(1, len(paths) // sample)][:sample]
+    if picked and not any(fs.exists(p) for p in picked):
+        raise DataError(
+            f"none of {len(picked)} sampled images exists (e.g. {picked[0]}); check "
+            f"data.img_prefix={img_prefix} (or data.local_root / data.dataset); nothing was built"
+        )
+
+
+def _list_others(directory: str) -> None:
+    """Logs the other caches of the same rule and size next to `directory`."""
+    parent, name = os.path.split(directory.rstrip("/"))
+    prefix = name.rsplit("_", 1)[0]
+    others = sorted(
+        n
+        for n in cache.listing(parent)
+        if n != name and (n == prefix or n.startswith(prefix + "_"))
+    )
+    if others:
+        logging.info(
+            "other prepared caches of this rule and size in %s (other splits or filters; "
+            "delete those no longer needed): %s",
+            parent,
+            ", ".join(others),
         )
 
 

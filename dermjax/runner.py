@@ -80,7 +80,7 @@ class RunFolders:
 
 
 def _absolute(path: str) -> str:
-    return path if "://" in path else os.path.abspath(path)
+    return path if "://" in path else os.path.abspath(os.path.expanduser(path))
 
 
 def run_folders(cfg: config_dict.ConfigDict, workdir: str | None) -> RunFolders:

@@ -210,6 +210,15 @@ def test_a_file_lacking_ids_with_text_is_an_error_with_the_resume_command(tmp_pa
     assert len(text_embeddings(cfg, _meta(["a", None]), path)) == 2
 
 
+def test_metadata_without_text_is_refused_naming_the_csv_before_a_file_is_written(tmp_path):
+    path = str(tmp_path / "hash256.parquet")
+    cfg = _cfg(tmp_path, path)
+    cfg.data.metadata_path = "/data/m.csv"
+    with pytest.raises(DataError, match=r"/data/m\.csv lacks column\(s\) \['text_desc'\]"):
+        text_embeddings(cfg, _meta(["a"]).drop(columns=["text_desc"]), path)
+    assert not os.path.exists(path)
+
+
 def test_a_fitting_file_is_used_without_reading_the_config_file_again(tmp_path, monkeypatch):
     # The fix hints name the --config file's command; building them re-read that file, so a
     # YAML edited (or broken) during a run stopped its evaluation after training.

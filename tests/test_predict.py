@@ -51,17 +51,19 @@ def test_predict_gives_evaluates_top1_and_probabilities_for_the_same_images(eval
 
 
 @pytest.mark.slow
-def test_predict_without_text_is_image_only_and_reports_a_bad_image(evaluated_run, tmp_path):
+@pytest.mark.parametrize("text", [[], ["--text= "]])  # an empty text is no text, as in training
+def test_predict_without_text_is_image_only_and_reports_a_bad_image(evaluated_run, tmp_path, text):
     workdir, rows = evaluated_run
     bad = tmp_path / "broken.jpg"
     bad.write_bytes(b"not an image")
     images = [rows["path"][0], str(bad), rows["path"][1]]
-    status, out, err = run_cli(predict.run, [f"--checkpoint={workdir}", *images, "--top-k=2"])
+    args = [f"--checkpoint={workdir}", *text, *images, "--top-k=2"]
+    status, out, err = run_cli(predict.run, args)
     assert status == 1
     errors = [line for line in err.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and errors[0].startswith(f"error: cannot read image {bad}: ")
     lines = out.splitlines()
-    assert lines[0] == "note: no --text given: predicting from the image only (text input masked)"
+    assert lines[0] == "note: no --text given (or an empty one): predicting from the image only"
     assert lines[1] == images[0] and lines[4] == images[2] and len(lines) == 7
     assert lines[2].split()[0] == "1" and lines[3].split()[0] == "2"
 

@@ -1,9 +1,11 @@
 """`python -m dermjax.prepare` builds the caches the loaders of that config then find."""
 
 import pathlib
+import re
 import subprocess
 import sys
 
+from dermjax import experiment_data
 from dermjax.config import load_config
 from dermjax.data import cache, images
 from dermjax.experiment_data import cache_plan, load_data
@@ -62,7 +64,55 @@ def test_a_cache_dir_that_is_a_file_is_one_error_line_naming_the_folder(tmp_path
     )  # fmt: skip
     assert proc.returncode == 1, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
-    assert proc.stderr.splitlines()[-1] == (
-        f"error: prepared cache folder {afile}/shorter_32x32: cannot write there (a part of the "
-        "path is a file, not a folder); set data.cache_dir to a folder you can write"
-    )
+    assert re.fullmatch(
+        f"error: prepared cache folder {afile}/shorter_32x32_[0-9a-f]{{12}}: cannot write there "
+        r"\(a part of the path is a file, not a folder\); set data\.cache_dir to a folder you "
+        "can write",
+        proc.stderr.splitlines()[-1],
+    ), proc.stderr
+
+
+def _prepare(tmp_path, *extra: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "dermjax.prepare", "--config=configs/demo.py", "--workers=0",
+         f"--config.data.local_root={tmp_path / 'data'}", "--config.data.demo_size=60",
+         "--config.data.min_samples_per_label=2", "--config.data.img_size=(32,32)", *extra],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+
+
+def _caches(tmp_path) -> dict[str, int]:
+    folder = tmp_path / "data" / "demo_v1" / "cache"
+    return {p.name: p.stat().st_mtime_ns for p in sorted(folder.iterdir())}
+
+
+def test_other_splits_get_their_own_cache_and_a_wrong_image_folder_builds_nothing(tmp_path):
+    # A rebuilt cache used to replace the one of other paths: hours of decoding on real data,
+    # lost to a changed seed or a mistyped data.img_prefix (which then cached only bad images).
+    assert _prepare(tmp_path).returncode == 0
+    first = _caches(tmp_path)
+    assert len(first) == 2
+    proc = _prepare(tmp_path, "--config.data.seed=7")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    second = _caches(tmp_path)
+    assert len(second) == 4 and {k: second[k] for k in first} == first  # untouched
+    assert "other prepared caches of this rule and size" in proc.stderr
+    proc = _prepare(tmp_path, f"--config.data.img_prefix={tmp_path / 'nowhere'}")
+    assert proc.returncode == 1
+    assert proc.stderr.splitlines()[-1].startswith("error: none of 16 sampled images exists (e.g.")
+    assert "nothing was built" in proc.stderr and _caches(tmp_path) == second
+
+
+def test_a_cache_folder_of_the_older_naming_is_still_used(tmp_path):
+    assert _prepare(tmp_path).returncode == 0
+    cfg = load_config("demo")
+    cfg.data.update(local_root=str(tmp_path / "data"), demo_size=60, min_samples_per_label=2)
+    cfg.data.img_size = (32, 32)
+    data = load_data(cfg, str(tmp_path))
+    for rule, (directory, _) in cache_plan(cfg, data).items():
+        pathlib.Path(directory).rename(pathlib.Path(directory).parent / f"{rule}_32x32")
+    found = experiment_data.open_caches(cfg, data)
+    assert {rule: pathlib.Path(c.directory).name for rule, c in found.items()} == {
+        images.SHORTER: "shorter_32x32",
+        images.EXACT: "exact_32x32",
+    }

@@ -51,6 +51,12 @@ def paths_digest(paths: Sequence[str]) -> str:
     return hashlib.sha256("\n".join(paths).encode()).hexdigest()
 
 
+def folder_name(rule: str, img_size: Sequence[int], paths: Sequence[str]) -> str:
+    """`<rule>_<H>x<W>_<first 12 hex digits of the deduplicated paths' digest>`."""
+    digest = paths_digest(list(dict.fromkeys(str(p) for p in paths)))
+    return f"{rule}_{int(img_size[0])}x{int(img_size[1])}_{digest[:12]}"
+
+
 def encode_record(image: np.ndarray) -> bytes:
     h, w = image.shape[:2]
     return np.array([h, w], _HEADER).tobytes() + np.ascontiguousarray(image, np.uint8).tobytes()
@@ -68,7 +74,7 @@ def _shard_file(directory: str, shard: int, num_shards: int, suffix: str) -> str
     return os.path.join(directory, f"shard-{shard:05d}-of-{num_shards:05d}.{suffix}")
 
 
-def _listing(directory: str) -> set[str]:
+def listing(directory: str) -> set[str]:
     """Names of the files in `directory` (fresh, not gcsfs's cached listing); empty if absent."""
     fsys = fs.filesystem(directory)
     fsys.invalidate_cache(directory)
@@ -205,7 +211,7 @@ def build_cache(
             out_dir, "prepared cache folder", "set data.cache_dir to a folder you can write"
         )
     manifest_file = os.path.join(out_dir, MANIFEST)
-    present = _listing(out_dir)
+    present = listing(out_dir)
     if MANIFEST in present:
         try:
             old = _read_json(manifest_file)
@@ -269,6 +275,15 @@ def build_cache(
     return Cache(out_dir, identity, paths)
 
 
+def bad_paths(directory: str) -> dict[str, str]:
+    """{path: reason} of the images a cache stored as bad (from its shards' `.done.json`)."""
+    bad: dict[str, str] = {}
+    for name in sorted(listing(directory)):
+        if name.startswith("shard-") and name.endswith(".done.json"):
+            bad.update(_read_json(os.path.join(directory, name))["bad"])
+    return bad
+
+
 def open_cache(directory: str, paths: Sequence[str], img_size, rule: str) -> Cache | None:
     """The cache at `directory` (local or gs://) if it is complete and serves `paths` as asked.
 
@@ -276,7 +291,7 @@ def open_cache(directory: str, paths: Sequence[str], img_size, rule: str) -> Cac
     or missing some of `paths`). Raises DataError for gs:// without Google Cloud credentials.
     """
     manifest_file = os.path.join(directory, MANIFEST)
-    if MANIFEST not in _listing(directory):
+    if MANIFEST not in listing(directory):
         logging.info("no prepared cache at %s", directory)
         return None
     try:

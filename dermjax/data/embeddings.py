@@ -138,6 +138,11 @@ def read_embeddings(path: str, storage_options: dict | None = None) -> pd.DataFr
             table = pq.read_table(f)
     except FileNotFoundError:
         raise
+    except (PermissionError, IsADirectoryError, NotADirectoryError) as e:  # the path, not the file
+        raise DataError(
+            f"embeddings file {path} cannot be opened ({type(e).__name__}: {e}); check its "
+            "permissions and path (data.embeddings_path)"
+        ) from e
     except (pa.ArrowException, OSError) as e:
         raise DataError(
             f"embeddings file {path} cannot be read as parquet ({type(e).__name__}: {e}); "

@@ -24,6 +24,8 @@ import io
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from dermjax.errors import DataError
+
 SHORTER = "shorter"
 EXACT = "exact"
 RULES = (SHORTER, EXACT)
@@ -42,8 +44,9 @@ _TRANSPOSE = {
 _SWAPS_AXES = (5, 6, 7, 8)
 
 
-class BadImageError(Exception):
-    """An image that is missing, truncated or cannot be decoded."""
+class BadImageError(DataError):
+    """An image that is missing, truncated or cannot be decoded (skipped, or with
+    data.on_bad_image=error raised to the user)."""
 
     def __init__(self, path: str, reason: str):
         super().__init__(path, reason)

@@ -110,6 +110,7 @@ class _BatchMaker:
         self.on_bad_image, self.log, self.draft = on_bad_image, log, draft
         self.cache_reader: CacheReader | None = None
         self.cache_ids: np.ndarray | None = None
+        self.cache_dir = None if cache is None else cache.directory
         if cache is not None:
             if cache.rule != rule or tuple(cache.img_size) != self.img_size:
                 raise ValueError(
@@ -125,7 +126,11 @@ class _BatchMaker:
             return [
                 a
                 if a is not None
-                else images.BadImageError(p, "marked bad when the cache was built")
+                else images.BadImageError(
+                    p,
+                    f"marked bad when the cache {self.cache_dir} was built (to read it again, "
+                    "delete that folder and run python -m dermjax.prepare)",
+                )
                 for p, a in zip(paths, arrays, strict=True)
             ]
         out = []
@@ -149,7 +154,9 @@ class _BatchMaker:
         for k, loaded in zip(live, self._read(rows[live]), strict=True):
             if isinstance(loaded, images.BadImageError):
                 if self.on_bad_image == "error":
-                    raise loaded
+                    raise images.BadImageError(
+                        loaded.path, f"{loaded.reason} (data.on_bad_image=skip leaves it out)"
+                    )
                 self.log.report(loaded)
                 valid[k] = False
                 continue

@@ -119,6 +119,11 @@ def test_an_unreadable_parquet_file_is_a_data_error_naming_it(tmp_path):
         read_embeddings(str(path))
 
 
+def test_a_path_that_cannot_be_opened_says_to_check_the_path_not_to_regenerate(tmp_path):
+    with pytest.raises(DataError, match=r"cannot be opened \(IsADirectoryError.*check its perm"):
+        read_embeddings(str(tmp_path))
+
+
 def test_a_parquet_file_without_the_embedding_column_is_a_data_error(tmp_path):
     path = str(tmp_path / "emb.parquet")
     pq.write_table(pa.table({"image_id": ["id0"], "vector": [[1.0]]}), path)
