@@ -15,6 +15,7 @@ import logging
 import sys
 
 import jax
+import yaml
 from absl import flags
 from ml_collections import config_flags
 
@@ -47,7 +48,8 @@ def _print_plan(cfg) -> None:
     """The resolved config and where the run would read and write (no file is touched)."""
     folders = runner.run_folders(cfg, _WORKDIR.value)
     paths = data_paths(cfg)
-    print(cfg, flush=True)
+    plain = json.loads(json.dumps(cfg.to_dict(), default=str))  # tuples as lists: plain YAML
+    print(yaml.safe_dump(plain, sort_keys=False), end="", flush=True)
     rows = {
         "metadata": paths.metadata,
         "images": paths.img_prefix,

@@ -155,4 +155,5 @@ def test_dry_run_prints_the_config_and_every_path_without_reading_data(tmp_path)
     assert f"run folder (logs, metrics, summary): {tmp_path}/workdirs/exp1" in out
     assert "checkpoints: gs://bucket/ckpt/exp1" in out
     assert "batch_size: 16" in out
+    assert "img_size:\n  - 224\n  - 224\n" in out and "!!python" not in out  # plain YAML
     assert list(tmp_path.iterdir()) == []  # no data read, no run folder made

@@ -257,7 +257,8 @@ class Trainer:
         if not counted.matrix.any() and self.skipped - skipped_before < steps_run:
             self._no_image_was_read(epoch)  # (every step skipped as non-finite: not the images)
         train = counted.compute()
-        aux_vision, aux_text = (0.0, 0.0) if vision_only else self.schedule.aux_weights(epoch)
+        no_aux = vision_only or not cfg.multimodal_classifier.use_auxiliary_loss
+        aux_vision, aux_text = (0.0, 0.0) if no_aux else self.schedule.aux_weights(epoch)
         return {
             "epoch": epoch,
             "frozen_backbone": warm,
