@@ -138,6 +138,13 @@ def _check_embeddings(
             f"({'; '.join(differences)}); it is never overwritten: {elsewhere()}, or delete it"
         )
     missing = embeddings.stale_ids(emb, meta, with_text=True)
+    if missing and _keyed_as_numbers(missing, emb):
+        raise DataError(
+            f"embeddings file {path} keys its rows by image_id read as numbers ({missing[0]} is "
+            f"stored as {missing[0].lstrip('0') or '0'}), as files made from an all-numeric "
+            "image_id column before dermjax read ids as text; ids keep their zeros now: "
+            f"{elsewhere()}"
+        )
     if missing:
         texted = int((~metadata.text_is_missing(meta[metadata.TEXT_DESC_COL])).sum())
         fix = (
@@ -156,6 +163,14 @@ def _check_embeddings(
             "dimension fit",
             path,
         )
+
+
+def _keyed_as_numbers(missing: list[str], emb: pd.DataFrame) -> bool:
+    """Whether every missing id is digits with leading zeros the file stores without them."""
+    if not all(m.isdigit() and m.startswith("0") for m in missing):
+        return False
+    stored = set(emb[embeddings.IMG_ID_COL].astype(str))
+    return all((m.lstrip("0") or "0") in stored for m in missing)
 
 
 def text_embeddings(cfg: config_dict.ConfigDict, meta: pd.DataFrame, path: str | None):

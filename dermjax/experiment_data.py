@@ -169,17 +169,13 @@ def cache_plan(cfg: config_dict.ConfigDict, data: PreparedData) -> dict[str, tup
 
 
 def open_caches(cfg: config_dict.ConfigDict, data: PreparedData) -> dict[str, prepared.Cache]:
-    """The prepared caches that match this run's data, by resize rule (a folder of the older
-    `<rule>_<H>x<W>` naming is used when it serves the images)."""
+    """The prepared caches that serve this run's images, by resize rule (`cache.find_cache`)."""
     if not cfg.data.use_cache:
         return {}
     caches = {}
-    h, w = cfg.data.img_size
-    for rule, (directory, paths) in cache_plan(cfg, data).items():
-        for folder in (directory, os.path.join(data.paths.cache_dir, f"{rule}_{h}x{w}")):
-            found = prepared.open_cache(folder, paths, cfg.data.img_size, rule)
-            if found is not None:
-                log.info("using prepared cache at %s", folder)
-                caches[rule] = found
-                break
+    for rule, (_, paths) in cache_plan(cfg, data).items():
+        found = prepared.find_cache(data.paths.cache_dir, rule, cfg.data.img_size, paths)
+        if found is not None:
+            log.info("using prepared cache at %s", found.directory)
+            caches[rule] = found
     return caches

@@ -57,6 +57,10 @@ def main(argv: list[str]) -> None:
     for _, paths in plan.values():
         _check_some_exist(paths, data.paths.img_prefix)
     for rule, (directory, paths) in plan.items():
+        ready = cache.find_cache(data.paths.cache_dir, rule, cfg.data.img_size, paths)
+        if ready is not None and ready.directory != directory:
+            logging.info("the %s images are already prepared at %s", rule, ready.directory)
+            continue
         logging.info("building the %s cache of %d images at %s", rule, len(paths), directory)
         cache.build_cache(
             paths,

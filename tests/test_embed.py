@@ -219,6 +219,16 @@ def test_metadata_without_text_is_refused_naming_the_csv_before_a_file_is_writte
     assert not os.path.exists(path)
 
 
+def test_a_file_keyed_by_ids_read_as_numbers_is_named_as_such(tmp_path):
+    # Before ids were read as text, an all-numeric image_id column lost its zeros (000001 -> 1).
+    path = str(tmp_path / "hash256.parquet")
+    cfg = _cfg(tmp_path, path)
+    old = _meta(["a", "b"]).assign(image_id=["1", "2"])
+    compute_embeddings(old, path, HashingTextEncoder(dim=256), progress=False)
+    with pytest.raises(DataError, match=r"read as numbers \(000001 is stored as 1\).*--out"):
+        text_embeddings(cfg, old.assign(image_id=["000001", "000002"]), path)
+
+
 def test_a_fitting_file_is_used_without_reading_the_config_file_again(tmp_path, monkeypatch):
     # The fix hints name the --config file's command; building them re-read that file, so a
     # YAML edited (or broken) during a run stopped its evaluation after training.

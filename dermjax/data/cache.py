@@ -52,9 +52,28 @@ def paths_digest(paths: Sequence[str]) -> str:
 
 
 def folder_name(rule: str, img_size: Sequence[int], paths: Sequence[str]) -> str:
-    """`<rule>_<H>x<W>_<first 12 hex digits of the deduplicated paths' digest>`."""
-    digest = paths_digest(list(dict.fromkeys(str(p) for p in paths)))
-    return f"{rule}_{int(img_size[0])}x{int(img_size[1])}_{digest[:12]}"
+    """`<rule>_<H>x<W>_<digest>`: 12 hex digits of the digest of the sorted, distinct paths, so
+    the same images in another order (another seed) name the same folder."""
+    digest = paths_digest(sorted({str(p) for p in paths}))
+    return f"{_size_prefix(rule, img_size)}_{digest[:12]}"
+
+
+def _size_prefix(rule: str, img_size: Sequence[int]) -> str:
+    return f"{rule}_{int(img_size[0])}x{int(img_size[1])}"
+
+
+def find_cache(cache_dir: str, rule: str, img_size, paths: Sequence[str]) -> Cache | None:
+    """A complete cache under `cache_dir` that serves `paths` at this rule and size: the folder
+    named after `paths` first, then any other of the same rule and size (a cache of more
+    images, or of the older `<rule>_<H>x<W>` naming); None if there is none."""
+    own = folder_name(rule, img_size, paths)
+    prefix = _size_prefix(rule, img_size)
+    others = sorted(n for n in listing(cache_dir) if n == prefix or n.startswith(prefix + "_"))
+    for name in [own, *(n for n in others if n != own)]:
+        found = open_cache(os.path.join(cache_dir, name), paths, img_size, rule)
+        if found is not None:
+            return found
+    return None
 
 
 def encode_record(image: np.ndarray) -> bytes:
@@ -75,12 +94,15 @@ def _shard_file(directory: str, shard: int, num_shards: int, suffix: str) -> str
 
 
 def listing(directory: str) -> set[str]:
-    """Names of the files in `directory` (fresh, not gcsfs's cached listing); empty if absent."""
+    """Names of the files in `directory` (fresh, not gcsfs's cached listing); empty if it is no
+    folder."""
     fsys = fs.filesystem(directory)
     fsys.invalidate_cache(directory)
     try:
+        if not fsys.isdir(directory):
+            return set()
         return {name.rstrip("/").rsplit("/", 1)[-1] for name in fsys.ls(directory, detail=False)}
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         return set()
 
 
@@ -197,12 +219,12 @@ def build_cache(
 ) -> Cache:
     """Build (or finish building) the cache of `records_paths` under `out_dir` (local or gs://).
 
-    Duplicate paths are stored once. A directory holding a cache of other paths/size/rule is
+    Paths are stored once each, sorted. A directory holding a cache of other paths/size/rule is
     cleared first. Bad images are stored as bad records and listed in the shard's `.done.json`.
     """
     if rule not in images.RULES:
         raise ValueError(f"unknown resize rule {rule!r}; expected one of {images.RULES}")
-    paths = list(dict.fromkeys(str(p) for p in records_paths))
+    paths = sorted({str(p) for p in records_paths})  # the same images: the same cache
     identity = _identity(paths, img_size, rule, shard_size)
     local = fs.is_local(out_dir)
     fsys = fs.filesystem(out_dir)

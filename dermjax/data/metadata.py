@@ -78,10 +78,12 @@ def read_metadata_csv(path: str, storage_options: dict | None = None) -> pd.Data
 
 
 def _lines(rows: pd.Index, from_csv: bool) -> str:
-    """Up to five rows as CSV line numbers (the header is line 1) or, for a frame, as labels."""
+    """Up to five rows: as a spreadsheet numbers the CSV's records (the header is row 1), or,
+    for a frame, by index label."""
     shown = [str(i + 2) if from_csv else str(i) for i in rows[:5]]
     more = f" and {len(rows) - 5} more" if len(rows) > 5 else ""
-    return f"{'CSV lines' if from_csv else 'rows'} {', '.join(shown)}{more}"
+    where = "CSV rows" if from_csv else "rows"
+    return f"{where} {', '.join(shown)}{more}{' (header = row 1)' if from_csv else ''}"
 
 
 def _complete_rows(df: pd.DataFrame, source: str, from_csv: bool) -> pd.DataFrame:
@@ -102,7 +104,7 @@ def _complete_rows(df: pd.DataFrame, source: str, from_csv: bool) -> pd.DataFram
             len(unlabelled),
             _lines(unlabelled, from_csv),
         )
-        df = df.drop(index=unlabelled)
+        df = df[df[LABEL_COL].notna()]
     return df
 
 

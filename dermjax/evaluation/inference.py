@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -201,9 +200,8 @@ def _exact_cache(model: LoadedModel, records: pipeline.Records):
     from dermjax.config import data_paths
     from dermjax.data import cache
 
-    h, w = model.img_size
-    directory = os.path.join(data_paths(model.cfg).cache_dir, f"{images.EXACT}_{h}x{w}")
-    return cache.open_cache(directory, records.paths, model.img_size, images.EXACT)
+    cache_dir = data_paths(model.cfg).cache_dir
+    return cache.find_cache(cache_dir, images.EXACT, model.img_size, records.paths)
 
 
 # ---- Image files ------------------------------------------------------------------------------

@@ -171,6 +171,24 @@ def _is_closed_loop_callback(unraisable: Any) -> bool:
     return isinstance(e, RuntimeError) and str(e) == "Event loop is closed"
 
 
+def _drop_closed_loop_callbacks() -> None:
+    """Wraps `sys.unraisablehook` (once) so that it drops `_is_closed_loop_callback` errors.
+
+    It stays for the rest of the process: such callbacks can still arrive after the restore
+    returned, and they never mean anything to a user. Every other unraisable error goes on.
+    """
+    hook = sys.unraisablehook
+    if getattr(hook, "drops_closed_loop_callbacks", False):
+        return
+
+    def filtered(unraisable: Any) -> None:
+        if not _is_closed_loop_callback(unraisable):
+            hook(unraisable)
+
+    filtered.drops_closed_loop_callbacks = True
+    sys.unraisablehook = filtered
+
+
 @contextlib.contextmanager
 def _quiet_leftover_reads():
     """Silences the abandoned reads of a damaged copy while copies are tried.
@@ -179,22 +197,16 @@ def _quiet_leftover_reads():
     later logs "exception was never retrieved" through asyncio, and TensorStore's callback for
     each raises "Event loop is closed" into `sys.unraisablehook`: thousands of traceback lines
     (a damaged ResNet-50 copy: 11,666) burying the one warning that says which copy was used.
-    The failure itself is reported by `unreadable`; anything else unraisable still prints.
+    The failure itself is reported by `unreadable`.
     """
     logger = logging.getLogger("asyncio")
-    level, hook = logger.level, sys.unraisablehook
-
-    def drop_closed_loop_callbacks(unraisable: Any) -> None:
-        if not _is_closed_loop_callback(unraisable):
-            hook(unraisable)
-
+    level = logger.level
     logger.setLevel(logging.CRITICAL)
-    sys.unraisablehook = drop_closed_loop_callbacks
+    _drop_closed_loop_callbacks()
     try:
         yield
     finally:
         gc.collect()  # the abandoned futures log when collected: collect them while quiet
-        sys.unraisablehook = hook
         logger.setLevel(level)
 
 

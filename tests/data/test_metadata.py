@@ -481,7 +481,9 @@ def test_rows_without_an_id_or_file_are_refused_with_their_lines(tmp_path, colum
     rows = pd.read_csv(_csv(tmp_path, "i1,isic,a.jpg,x,t\ni2,isic,b.jpg,y,t\n"), dtype=str)
     rows.loc[1, column] = None
     rows.to_csv(tmp_path / "m.csv", index=False)
-    with pytest.raises(DataError, match=rf"1 row\(s\) without {column} \(CSV lines 3\)"):
+    with pytest.raises(
+        DataError, match=rf"1 row\(s\) without {column} \(CSV rows 3 \(header = row 1\)\)"
+    ):
         load_metadata(str(tmp_path / "m.csv"))
 
 
@@ -489,13 +491,17 @@ def test_rows_without_a_label_are_dropped_with_their_lines(tmp_path, caplog):
     body = "i1,isic,a.jpg,x,t\ni2,isic,b.jpg,,t\ni3,isic,c.jpg,y,t\n"
     out = load_metadata(_csv(tmp_path, body))
     assert out["image_id"].tolist() == ["i1", "i3"]
-    assert "dropping 1 row(s) without a label (CSV lines 3)" in caplog.text
+    frame = pd.read_csv(tmp_path / "meta.csv", dtype=str).set_axis([0, 1, 0])  # repeated labels
+    assert load_metadata(frame)["image_id"].tolist() == ["i1", "i3"]
+    assert "dropping 1 row(s) without a label (CSV rows 3 (header = row 1))" in caplog.text
 
 
 def test_an_image_id_on_two_selected_rows_is_refused(tmp_path):
     # Text embeddings are matched by id: one of the two rows would get the other's text.
     body = "i1,isic,a.jpg,x,melanoma on arm\ni1,isic,b.jpg,y,psoriasis on arm\ni3,ddi,c.jpg,y,t\n"
-    with pytest.raises(DataError, match=r"1 image_id value\(s\) .*\['i1'\]; CSV lines 2, 3\)"):
+    with pytest.raises(
+        DataError, match=r"1 image_id value\(s\) .*\['i1'\]; CSV rows 2, 3 \(header = row 1\)\)"
+    ):
         load_metadata(_csv(tmp_path, body))
     assert len(load_metadata(_csv(tmp_path, body), datasets=["ddi"])) == 1  # not selected
 
