@@ -69,8 +69,8 @@ def find_cache(cache_dir: str, rule: str, img_size, paths: Sequence[str]) -> Cac
     own = folder_name(rule, img_size, paths)
     prefix = _size_prefix(rule, img_size)
     others = sorted(n for n in listing(cache_dir) if n == prefix or n.startswith(prefix + "_"))
-    for name in [own, *(n for n in others if n != own)]:
-        found = open_cache(os.path.join(cache_dir, name), paths, img_size, rule)
+    for name in [own, *(n for n in others if n != own)]:  # only the own folder's faults logged
+        found = open_cache(os.path.join(cache_dir, name), paths, img_size, rule, quiet=name != own)
         if found is not None:
             return found
     return None
@@ -306,21 +306,26 @@ def bad_paths(directory: str) -> dict[str, str]:
     return bad
 
 
-def open_cache(directory: str, paths: Sequence[str], img_size, rule: str) -> Cache | None:
+def open_cache(
+    directory: str, paths: Sequence[str], img_size, rule: str, *, quiet: bool = False
+) -> Cache | None:
     """The cache at `directory` (local or gs://) if it is complete and serves `paths` as asked.
 
     Returns None and logs why otherwise (absent, incomplete, built for another size/rule/version,
-    or missing some of `paths`). Raises DataError for gs:// without Google Cloud credentials.
+    or missing some of `paths`), unless `quiet`. Raises DataError for gs:// without Google Cloud
+    credentials.
     """
+    say = logging.debug if quiet else logging.info
+    warn = logging.debug if quiet else logging.warning
     manifest_file = os.path.join(directory, MANIFEST)
     if MANIFEST not in listing(directory):
-        logging.info("no prepared cache at %s", directory)
+        say("no prepared cache at %s", directory)
         return None
     try:
         manifest = _read_json(manifest_file)
         cached_paths = _read_json(os.path.join(directory, PATHS_FILE))
     except (OSError, ValueError) as e:
-        logging.warning("prepared cache at %s is unreadable: %s", directory, e)
+        warn("prepared cache at %s is unreadable: %s", directory, e)
         return None
     want = {"version": VERSION, "rule": rule, "img_size": [int(img_size[0]), int(img_size[1])]}
     problems = [
@@ -337,7 +342,7 @@ def open_cache(directory: str, paths: Sequence[str], img_size, rule: str) -> Cac
                 f"{len(missing)} of {len(paths)} paths are not cached (e.g. {missing[0]})"
             )
     if problems:
-        logging.warning(
+        warn(
             "prepared cache at %s is stale, reading the images instead: %s; rebuild it with "
             "`python -m dermjax.prepare` and this run's config",
             directory,

@@ -157,15 +157,19 @@ def test_an_uncreatable_cache_folder_is_a_data_error_naming_it(paths, tmp_path, 
     )
 
 
-def test_a_cache_is_found_for_its_images_in_any_order_or_a_subset_of_them(paths, tmp_path):
+def test_a_cache_is_found_for_its_images_in_any_order_or_a_subset_of_them(paths, tmp_path, caplog):
     # Another seed orders the same images differently; a run on fewer rows (data_fraction,
     # datasets) reads a cache of all of them; evaluation looks the same way (evaluation.inference).
     root = str(tmp_path / "caches")
     own = cache.folder_name("exact", SIZE, paths)
     assert own == cache.folder_name("exact", SIZE, paths[::-1]) and own.startswith("exact_16x16_")
     cache.build_cache(paths, f"{root}/{own}", img_size=SIZE, rule="exact", progress=False)
-    found = cache.find_cache(root, "exact", SIZE, [paths[3], paths[0]])
+    few = f"{root}/exact_16x16_0"  # sorts before any digest: tried first
+    cache.build_cache(paths[:2], few, img_size=SIZE, rule="exact", progress=False)
+    with caplog.at_level(logging.INFO):
+        found = cache.find_cache(root, "exact", SIZE, [paths[3], paths[0]])
     assert found is not None and found.directory == f"{root}/{own}"
+    assert "stale" not in caplog.text  # the cache of other images is no fault to warn about
     assert cache.find_cache(root, "exact", (8, 8), paths) is None  # another size
     assert cache.find_cache(root, "shorter", SIZE, paths) is None  # another rule
     os.rename(f"{root}/{own}", f"{root}/exact_16x16")  # the older naming
