@@ -153,8 +153,8 @@ def _is_float(text: str) -> bool:
 
 
 def _unknown(root: config_dict.ConfigDict, node: config_dict.ConfigDict, path: str) -> str:
-    """ "unknown key", with the likely key: a close name in the section, or the same name in
-    another section (`training.seed` -> data.seed)."""
+    """The unknown-key problem, with the likely key: a close name in the section, or the same
+    name in another section (`training.seed` -> data.seed)."""
     *sections, key = path.split(".")
     close = difflib.get_close_matches(key, list(node.keys()), n=1)
     if close:
