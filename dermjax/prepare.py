@@ -76,7 +76,7 @@ def main(argv: list[str]) -> None:
                 f"none of the {len(bad)} images of the {rule} cache at {directory} could be "
                 f"read (e.g. {path}: {reason}); check data.img_prefix={data.paths.img_prefix}"
             )
-        _list_others(directory)
+        _list_others(directory, rule, cfg.data.img_size)
 
 
 def _check_some_exist(paths: list[str], img_prefix: str, sample: int = 16) -> None:
@@ -89,15 +89,10 @@ def _check_some_exist(paths: list[str], img_prefix: str, sample: int = 16) -> No
         )
 
 
-def _list_others(directory: str) -> None:
+def _list_others(directory: str, rule: str, img_size) -> None:
     """Logs the other caches of the same rule and size next to `directory`."""
     parent, name = os.path.split(directory.rstrip("/"))
-    prefix = name.rsplit("_", 1)[0]
-    others = sorted(
-        n
-        for n in cache.listing(parent)
-        if n != name and (n == prefix or n.startswith(prefix + "_"))
-    )
+    others = [n for n in cache.same_kind(parent, rule, img_size) if n != name]
     if others:
         logging.info(
             "other prepared caches of this rule and size in %s (other splits or filters; "

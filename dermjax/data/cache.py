@@ -62,13 +62,19 @@ def _size_prefix(rule: str, img_size: Sequence[int]) -> str:
     return f"{rule}_{int(img_size[0])}x{int(img_size[1])}"
 
 
+def same_kind(cache_dir: str, rule: str, img_size) -> list[str]:
+    """Names of the cache folders under `cache_dir` of this rule and size (any image set, and
+    the older `<rule>_<H>x<W>` naming), sorted."""
+    prefix = _size_prefix(rule, img_size)
+    return sorted(n for n in listing(cache_dir) if n == prefix or n.startswith(prefix + "_"))
+
+
 def find_cache(cache_dir: str, rule: str, img_size, paths: Sequence[str]) -> Cache | None:
     """A complete cache under `cache_dir` that serves `paths` at this rule and size: the folder
     named after `paths` first, then any other of the same rule and size (a cache of more
     images, or of the older `<rule>_<H>x<W>` naming); None if there is none."""
     own = folder_name(rule, img_size, paths)
-    prefix = _size_prefix(rule, img_size)
-    others = sorted(n for n in listing(cache_dir) if n == prefix or n.startswith(prefix + "_"))
+    others = same_kind(cache_dir, rule, img_size)
     for name in [own, *(n for n in others if n != own)]:  # only the own folder's faults logged
         found = open_cache(os.path.join(cache_dir, name), paths, img_size, rule, quiet=name != own)
         if found is not None:
