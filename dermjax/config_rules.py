@@ -263,6 +263,7 @@ def _check_evaluation(c: _Checker) -> None:
     c.seq("evaluation.group_columns", name_ok, "None or a list of column names", optional=True)
     c.check("evaluation.groups_path", name_ok, "None or a file path", True)
     c.number("evaluation.n_boot", 0, integer=True)
+    c.number("evaluation.min_group_size", 1, integer=True)
     c.check(
         "evaluation.top_k",
         lambda v: len(v) > 0 and all(is_int(x) and x >= 1 for x in v) and not isinstance(v, str),

@@ -82,6 +82,8 @@ def main(argv: list[str], overrides: list[tuple[str, str]]) -> None:
             print(f"  by {column}: worst-group accuracy gap {gap:.3f}")
     if ev["bad_images"]:
         print(f"  {len(ev['bad_images'])} unreadable image(s) left out")
+    for note in ev.get("notes", []):
+        print(f"  note: {note}")
     print(f"wrote {out_dir}/{{evaluation.json,predictions.parquet,report.html}}")
 
 

@@ -105,6 +105,11 @@ def test_evaluation_json_has_groups_and_the_modality_ablation(evaluated):
     assert set(ev["ablation"]) == {"image_only", "text_only", "both"}
     assert ev["ablation"]["both"] == ev["overall"]
     assert ev["ablation"]["image_only"] != ev["ablation"]["text_only"]
+    has_text = pd.read_parquet(out_dir / "predictions.parquet")["has_text"]
+    assert 0 < has_text.sum() < len(has_text)  # the tiny demo has rows without text
+    assert ev["ablation"]["text_only"]["n"] == has_text.sum()  # not scored on all-zero inputs
+    assert ev["ablation"]["image_only"]["n"] == len(has_text)
+    assert f"text only covers the {has_text.sum()} of {len(has_text)}" in ev["notes"][0]
     assert "image only" in out and "text only" in out
     assert (out_dir / "report.html").stat().st_size > 0
 
@@ -198,5 +203,8 @@ def test_a_run_without_a_test_split_is_evaluated_on_validation_and_says_so(evalu
     status, _, err = run_cli(evaluate.run, args)
     assert status == 0, err
     assert "evaluating its validation split instead" in err
-    assert json.loads((out / "evaluation.json").read_text())["split"] == "val"
+    ev = json.loads((out / "evaluation.json").read_text())
+    assert ev["split"] == "val"
+    assert ev["notes"][0] == "The run has no test split: this is its val split."
     assert "val split" in (out / "report.html").read_text()
+    assert ev["notes"][0] in (out / "report.html").read_text()

@@ -206,6 +206,7 @@ def get_config() -> config_dict.ConfigDict:
     ev.group_columns = _P(tuple)  # metadata columns to break down by; None: dataset, skin type
     ev.groups_path = _P(str)  # table joined on image_id for group columns (e.g. DDI skin_tone)
     ev.n_boot = 1000  # bootstrap resamples for the group intervals (0: none)
+    ev.min_group_size = 10  # smaller groups are reported but left out of the worst-group gap
     ev.top_k = (1, 3, 5)  # top-k accuracies reported and top-k columns of predictions.parquet
     ev.after_training = True  # evaluate the test split into <run>/evaluation/test after training
 

@@ -7,6 +7,9 @@ that the two datasets share. Unknown values are missing: left out of that groupi
 
 Point estimates per group come from fairlearn's `MetricFrame`; intervals are percentile bootstrap
 intervals over each group's rows, computed for all resamples at once from per-row multiplicities.
+ECE is biased upward under resampling, so its interval can lie above the point estimate. Groups
+smaller than `min_group_size` are reported but left out of the worst-group gap and worst group,
+so that a handful of images cannot decide the headline.
 Within a group, macro-F1 uses scikit-learn's definition (classes present in the group's labels or
 predictions), since a dataset such as DDI covers only some classes and the original's definition
 would penalise it for the classes it lacks.
@@ -14,6 +17,7 @@ would penalise it for the classes it lacks.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -26,11 +30,19 @@ from dermjax.errors import ConfigError, DataError
 from dermjax.evaluation.metrics import check_inputs, expected_calibration_error, macro_auroc
 from dermjax.train import metrics as train_metrics
 
+log = logging.getLogger(__name__)
+
 IMAGE_ID = "image_id"
 FITZPATRICK_TYPES = ("I", "II", "III", "IV", "V", "VI")
 SKIN_TYPE_GROUPS = ("I-II", "III-IV", "V-VI")
 DDI_SKIN_TONES = {12: "I-II", 34: "III-IV", 56: "V-VI"}
 SKIN_TYPE_SOURCES = ("skin_type", "fitzpatrick_scale", "skin_tone")  # first non-missing wins
+CODINGS = {
+    "skin_type": "I..VI, I-II, III-IV, V-VI, or either numeric coding",
+    "fitzpatrick_scale": "1..6, -1 = unknown",
+    "skin_tone": "DDI's 12, 34, 56",
+}
+MIN_GROUP_SIZE = 10  # evaluation.min_group_size's default
 GROUP_METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "auroc_macro", "ece")
 HIGHER_IS_WORSE = ("ece",)
 ECE_BINS = 15
@@ -38,8 +50,9 @@ _BOOT_CELLS = 2_000_000  # resamples x rows evaluated per chunk (bounds memory)
 
 
 def _integers(values: pd.Series) -> pd.Series:
-    """Whole numbers as float (NaN elsewhere), accepting "3", 3 and 3.0."""
-    numbers = pd.to_numeric(values, errors="coerce")
+    """Whole numbers as float (NaN elsewhere), accepting "3", 3 and 3.0 (not True/False)."""
+    boolean = values.map(lambda v: isinstance(v, bool | np.bool_)).astype(bool)
+    numbers = pd.to_numeric(values.where(~boolean), errors="coerce")
     return numbers.where(numbers == np.floor(numbers))
 
 
@@ -69,21 +82,41 @@ def skin_type_group(skin_type: pd.Series) -> pd.Series:
     return skin_type.map(coarse).astype(object).where(lambda s: s.notna(), None)
 
 
+_PARSERS = {
+    "skin_type": _skin_type_strings,
+    "fitzpatrick_scale": fitzpatrick_skin_type,
+    "skin_tone": ddi_skin_type,
+}
+
+
 def add_skin_type(frame: pd.DataFrame) -> pd.DataFrame:
     """A copy with `skin_type` and `skin_type_group` from whichever skin-type columns exist."""
-    parse = {
-        "skin_type": _skin_type_strings,
-        "fitzpatrick_scale": fitzpatrick_skin_type,
-        "skin_tone": ddi_skin_type,
-    }
     out = frame.copy()
     skin = pd.Series(None, index=frame.index, dtype=object)
     for column in SKIN_TYPE_SOURCES:
         if column in frame.columns:
-            skin = skin.combine_first(parse[column](frame[column]))
+            parsed = _PARSERS[column](frame[column])
+            _warn_outside_coding(column, frame[column], parsed)
+            skin = skin.combine_first(parsed)
     out["skin_type"] = skin.astype(object).where(skin.notna(), None)
     out["skin_type_group"] = skin_type_group(out["skin_type"])
     return out
+
+
+def _warn_outside_coding(column: str, raw: pd.Series, parsed: pd.Series) -> None:
+    """Warns about values of a skin-type column that its coding does not know (not -1/empty)."""
+    unknown = _group_values(raw)
+    unknown = unknown[unknown.notna() & parsed.isna() & (unknown.str.strip() != "-1")]
+    if len(unknown):
+        examples = sorted(set(unknown))[:5]
+        log.warning(
+            "%d value(s) of the column %r are outside its skin-type coding (%s), e.g. %s: they "
+            "count as unknown skin type",
+            len(unknown),
+            column,
+            CODINGS[column],
+            examples,
+        )
 
 
 def load_group_table(path: str) -> pd.DataFrame:
@@ -125,31 +158,69 @@ def _group_values(values: pd.Series) -> pd.Series:
     return pd.Series([label(v) for v in values], index=values.index, dtype=object)
 
 
+def _join_side_table(
+    table: pd.DataFrame, side_table: pd.DataFrame, source: str, strict: bool
+) -> pd.DataFrame:
+    """`table` with the side table's columns joined on `image_id` (side values win).
+
+    Ids are compared as text, with whole numbers written without ".0". A table that matches
+    none of the rows is a DataError when `strict` (the up-front check), else a warning.
+    """
+    if IMAGE_ID not in table.columns:
+        raise DataError(
+            f"metadata lacks the column {IMAGE_ID!r} needed to join evaluation.groups_path"
+        )
+    ids = _group_values(table[IMAGE_ID])
+    side = side_table.assign(**{IMAGE_ID: _group_values(side_table[IMAGE_ID])})
+    side = side.set_index(IMAGE_ID)
+    matched = int(ids.isin(side.index).sum())
+    if matched == 0 and len(ids) and len(side):
+        numeric = pd.api.types.is_numeric_dtype(side_table[IMAGE_ID])
+        message = (
+            f"evaluation.groups_path: {source} matches none of the {len(ids)} rows' image_id "
+            f"values (the table has e.g. {side.index[0]!r}, the metadata {ids.iloc[0]!r})"
+            + (
+                "; its image_id column holds numbers, so ids such as '000001' lost their "
+                "leading zeros: store image_id as text"
+                if numeric
+                else "; fix the table's image_id column"
+            )
+        )
+        if strict:
+            raise DataError(message)
+        log.warning("%s", message)
+    else:
+        log.info("group table %s: values for %d of %d rows", source, matched, len(ids))
+    out = table.copy()
+    for column in side.columns:
+        joined = ids.map(side[column])
+        out[column] = joined.where(joined.notna(), table.get(column))
+    return out
+
+
 def group_frame(
     meta: pd.DataFrame,
     group_columns: Sequence[str] | None = None,
     side_table: pd.DataFrame | None = None,
+    *,
+    side_source: str = "the group table",
+    strict: bool = True,
 ) -> pd.DataFrame:
     """One string column per grouping, aligned to `meta`'s rows (None = no group for that row).
 
-    The side table is joined on `image_id` and its columns win where both have a value. Without
-    `group_columns`: `dataset` when present, plus `skin_type_group` when any skin-type source
-    (`skin_type`, `fitzpatrick_scale`, `skin_tone`) is present.
+    The side table is joined on `image_id` and its columns win where both have a value; one
+    that matches no row is refused (`strict`) or warned about. Without `group_columns`:
+    `dataset` when present, plus `skin_type_group` when any skin-type source (`skin_type`,
+    `fitzpatrick_scale`, `skin_tone`) is present. A skin-type source named in `group_columns`
+    is given in its normalised names ("III", "III-IV"), its unknown values missing.
     """
-    table = meta.copy()
+    table = meta
     if side_table is not None:
-        if IMAGE_ID not in meta.columns:
-            raise DataError(
-                f"metadata lacks the column {IMAGE_ID!r} needed to join evaluation.groups_path"
-            )
-        ids = meta[IMAGE_ID].astype(str)
-        side = side_table.assign(**{IMAGE_ID: side_table[IMAGE_ID].astype(str)})
-        side = side.set_index(IMAGE_ID)
-        for column in side.columns:
-            joined = ids.map(side[column])
-            table[column] = joined.where(joined.notna(), table.get(column))
+        table = _join_side_table(meta, side_table, side_source, strict)
     if any(c in table.columns for c in SKIN_TYPE_SOURCES):
-        table = add_skin_type(table)
+        table = add_skin_type(table)  # its `skin_type` replaces a raw one
+        for column in set(SKIN_TYPE_SOURCES) & set(group_columns or ()) & set(table.columns):
+            table[column] = _PARSERS[column](table[column])
     if group_columns is None:
         columns = [c for c in ("dataset", "skin_type_group") if c in table.columns]
     else:
@@ -306,12 +377,15 @@ def bootstrap_intervals(
     return out
 
 
-def _worst(by_group: dict[str, dict[str, Any]]) -> tuple[dict, dict]:
-    """(max - min over groups, the worst group) per metric; None where no group has a value."""
+def _worst(by_group: dict[str, dict[str, Any]], min_size: int) -> tuple[dict, dict]:
+    """(max - min over groups, the worst group) per metric, over groups of `min_size` or more
+    rows; None where no such group has a value."""
     gaps: dict[str, float | None] = {}
     worst: dict[str, str | None] = {}
     for name in GROUP_METRICS:
-        values = {g: m[name] for g, m in by_group.items() if m[name] is not None}
+        values = {
+            g: m[name] for g, m in by_group.items() if m[name] is not None and m["n"] >= min_size
+        }
         if not values:
             gaps[name], worst[name] = None, None
             continue
@@ -329,13 +403,16 @@ def group_metrics(
     n_boot: int = 1000,
     seed: int = 0,
     ci: float = 0.95,
+    min_group_size: int = MIN_GROUP_SIZE,
 ) -> dict[str, Any]:
     """Per grouping column: metrics of each group with bootstrap intervals, gaps, missing count.
 
     Returns {column: {"groups": {value: {"n", metric, "<metric>_ci": [lo, hi] or None, ...}},
-    "worst_group_gap": {metric: max - min}, "worst_group": {metric: value}, "n_missing": int}}
-    with metrics accuracy, balanced_accuracy, macro_f1, auroc_macro and ece (lower is better; its
-    worst group is the highest). Rows whose group is missing are left out of that column.
+    "worst_group_gap": {metric: max - min}, "worst_group": {metric: value}, "n_missing": int,
+    "min_group_size": int, "small_groups": [value, ...]}} with metrics accuracy,
+    balanced_accuracy, macro_f1, auroc_macro and ece (lower is better; its worst group is the
+    highest). Rows whose group is missing are left out of that column; groups of fewer than
+    `min_group_size` rows (`small_groups`) are left out of the gap and the worst group.
     `n_boot=0` skips the intervals (None).
     """
     labels, probs = check_inputs(labels, probs, len(classes))
@@ -371,11 +448,13 @@ def group_metrics(
                     stats[name] = point if np.isfinite(point) else None
                     stats[f"{name}_ci"] = intervals[name]
                 by_group[str(value)] = stats
-        gaps, worst = _worst(by_group)
+        gaps, worst = _worst(by_group, min_group_size)
         out[str(column)] = {
             "groups": by_group,
             "worst_group_gap": gaps,
             "worst_group": worst,
             "n_missing": int((~present).sum()),
+            "min_group_size": min_group_size,
+            "small_groups": [g for g, m in by_group.items() if m["n"] < min_group_size],
         }
     return out

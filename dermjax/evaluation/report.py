@@ -235,9 +235,18 @@ def _group_section(column: str, result: Mapping[str, Any], image: str | None) ->
         )
         rows.append(["worst group", ""] + [result["worst_group"][k] for k in SUMMARY_METRICS])
         parts.append(_table(header, rows))
+    small = result.get("small_groups") or []
+    if small:
+        names = html.escape(", ".join(map(str, small)))
+        parts.append(
+            f"<p class='note'>Fewer than {result.get('min_group_size')} samples, so left out of "
+            f"the gap and the worst group: {names}.</p>"
+        )
     parts.append(
         f"<p class='note'>{result.get('n_missing', 0)} sample(s) without a {html.escape(column)} "
-        "value are left out. Macro-F1 within a group averages the classes present in it.</p>"
+        "value are left out. Macro-F1 within a group averages the classes present in it. "
+        "Intervals are 95% percentile bootstrap intervals; resampling biases ECE upward, so its "
+        "interval can lie above the point estimate.</p>"
     )
     return "\n".join(parts)
 
@@ -265,7 +274,11 @@ def _header(evaluation: Mapping[str, Any], num_classes: int) -> str:
         parts.append(f"inputs: {html.escape(str(evaluation['mode']))}")
     if evaluation.get("bad_images"):
         parts.append(f"{len(evaluation['bad_images'])} unreadable image(s) left out")
-    return "<p>" + ", ".join(parts) + ".</p>"
+    notes = "".join(
+        f"<p class='note'><strong>{html.escape(str(n))}</strong></p>"
+        for n in evaluation.get("notes") or ()
+    )
+    return "<p>" + ", ".join(parts) + ".</p>" + notes
 
 
 def _preview(predictions: pd.DataFrame | None) -> str:

@@ -51,19 +51,19 @@ def split_rows(model: Checkpoint, split: str) -> tuple[str, pd.DataFrame, pipeli
             f"{model.classes}: point --config.data.* at the run's data"
         )
     train, val, test = experiment_data.split_metadata(cfg, meta)
-    stored = model.meta.get("train_rows")
-    if stored is not None and stored != len(train):
-        log.warning(
-            "the data gives %d training rows, the run had %d: the metadata changed, so the %s "
-            "split may not be the run's",
-            len(train),
-            stored,
-            split,
-        )
     frame = {"test": test, "val": val}[split]
     if frame is None and split == "test" and val is not None:
         log.warning("the run has no test split: evaluating its validation split instead")
         frame, split = val, "val"
+    stored = model.meta.get("train_rows")
+    if stored is not None and stored != len(train):
+        log.warning(
+            "the data and split settings give %d training rows, the run had %d: the metadata "
+            "or a data.* override changed the split, so the %s split may not be the run's",
+            len(train),
+            stored,
+            split,
+        )
     if frame is None:
         raise DataError(
             f"--split={split}: the run has no such split (see data.val_size, "
@@ -121,22 +121,52 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
-def group_frame(cfg: config_dict.ConfigDict, rows: pd.DataFrame) -> pd.DataFrame:
+def group_frame(
+    cfg: config_dict.ConfigDict, rows: pd.DataFrame, *, strict: bool = True
+) -> pd.DataFrame:
     """The group columns (evaluation.group_columns, evaluation.groups_path) of `rows`.
 
     Also the up-front check of those settings: training and `evaluate_checkpoint` call it on
-    the selected rows before any work, so a missing table or column is not found only after.
+    the selected rows before any work, so a missing table or column, or a side table that
+    matches no row (`strict`; a warning otherwise), is not found only after.
     """
     ev = cfg.evaluation
     side = groups.load_group_table(ev.groups_path) if ev.groups_path else None
     columns = None if ev.group_columns is None else list(ev.group_columns)
-    return groups.group_frame(rows, columns, side)
+    return groups.group_frame(rows, columns, side, side_source=ev.groups_path, strict=strict)
+
+
+def _ablation(
+    labels: np.ndarray,
+    probs: dict[str, np.ndarray],
+    has_text: np.ndarray,
+    overall: dict[str, Any],
+    top_k: Sequence[int],
+    classes: Sequence[str],
+) -> dict[str, Any]:
+    """Image only, text only and both. Text only covers the samples that have text: the others
+    would be scored on all-zero inputs, a constant guess."""
+    out = {
+        "image_only": metrics.classification_metrics(labels, probs["image_only"], classes, top_k)
+    }
+    if has_text.any():
+        out["text_only"] = metrics.classification_metrics(
+            labels[has_text], probs["text_only"][has_text], classes, top_k
+        )
+    return out | {"both": overall}
 
 
 def evaluate_model(
-    model: LoadedModel, split: str, rows: pd.DataFrame, records: pipeline.Records
+    model: LoadedModel,
+    split: str,
+    rows: pd.DataFrame,
+    records: pipeline.Records,
+    notes: Sequence[str] = (),
 ) -> tuple[dict[str, Any], pd.DataFrame]:
-    """(evaluation dict, predictions frame) of `model` on the `split_rows` of `split`."""
+    """(evaluation dict, predictions frame) of `model` on the `split_rows` of `split`.
+
+    `notes` (and the notes this adds) go into evaluation.json and the report's header.
+    """
     ev, classes = model.cfg.evaluation, model.classes
     modes = [model.default_mode, *(("image_only", "text_only") if model.multimodal else ())]
     logits, readable = predict_records(model, records, split=split, modes=modes)
@@ -151,7 +181,8 @@ def evaluate_model(
             f"{split} samples: its weights are not finite, so there is nothing to evaluate"
         )
     rows_ok = rows[readable].reset_index(drop=True)
-    by = group_frame(model.cfg, rows_ok)
+    by = group_frame(model.cfg, rows_ok, strict=False)
+    has_text = records.has_text[readable]
     overall = metrics.classification_metrics(labels, probs[model.default_mode], classes, ev.top_k)
     ref = model.ref
     evaluation: dict[str, Any] = {
@@ -166,18 +197,21 @@ def evaluate_model(
             classes,
             n_boot=ev.n_boot,
             seed=model.cfg.data.seed,
+            min_group_size=ev.min_group_size,
         ),
         "bad_images": rows.loc[~readable, IMG_ID_COL].astype(str).tolist(),
+        "notes": list(notes),
     }
     if model.multimodal:
-        evaluation["ablation"] = {
-            mode: metrics.classification_metrics(labels, probs[mode], classes, ev.top_k)
-            for mode in ("image_only", "text_only")
-        } | {"both": overall}
+        evaluation["ablation"] = _ablation(labels, probs, has_text, overall, ev.top_k, classes)
+        evaluation["notes"].append(
+            f"Modality ablation: text only covers the {int(has_text.sum())} of {labels.size} "
+            "samples that have text; image only and both cover all."
+        )
     predictions = predictions_frame(
         rows_ok, labels, probs[model.default_mode], classes, max(ev.top_k), by
     )
-    predictions.insert(3, "has_text", records.has_text[readable])
+    predictions.insert(3, "has_text", has_text)
     return _jsonable(evaluation), predictions
 
 
@@ -243,11 +277,13 @@ def evaluate_checkpoint(
         metrics_jsonl = os.path.join(ckpt.ref.run_dir, "metrics.jsonl")
     if out_dir is None:  # before any data is read or embedded
         _keep_the_runs_own_evaluation(ckpt, default_out_dir(ckpt, split))
+    asked = split
     split, rows, records = split_rows(ckpt, split)  # data problems show before the model
     group_frame(ckpt.cfg, rows)
     out_dir = out_dir or default_out_dir(ckpt, split)
     model = load_model(ckpt)
-    evaluation, predictions = evaluate_model(model, split, rows, records)
+    notes = [] if split == asked else [f"The run has no {asked} split: this is its {split} split."]
+    evaluation, predictions = evaluate_model(model, split, rows, records, notes)
     if jax.process_index() == 0:
         path = write_evaluation(out_dir, model, evaluation, predictions, metrics_jsonl)
         log.info("evaluation of the %s split written to %s", split, path)

@@ -164,3 +164,50 @@ def test_a_ready_skin_type_column_is_normalised():
     out = groups.add_skin_type(frame)
     assert out["skin_type"].tolist() == ["II", "V-VI", None, "IV", None]
     assert out["skin_type_group"].tolist() == ["I-II", "V-VI", None, "III-IV", None]
+
+
+def test_a_side_table_with_numeric_ids_joins_whole_numbers_and_names_lost_zeros(tmp_path, caplog):
+    table = tmp_path / "tones.parquet"
+    pd.DataFrame({"image_id": [1.0, 3.0], "skin_tone": [56, 12]}).to_parquet(table)
+    side = groups.load_group_table(str(table))
+    meta = pd.DataFrame({"image_id": ["1", "2", "3"]})
+    out = groups.group_frame(meta, ["skin_type_group"], side)  # 1.0 matches "1"
+    assert out["skin_type_group"].tolist() == ["V-VI", None, "I-II"]
+    padded = pd.DataFrame({"image_id": ["000001", "000003"]})
+    with pytest.raises(DataError, match=r"matches none of the 2 .*leading zeros.*as text"):
+        groups.group_frame(padded, ["skin_type_group"], side, side_source=str(table))
+    out = groups.group_frame(padded, ["skin_type_group"], side, strict=False)
+    assert out["skin_type_group"].tolist() == [None, None]
+    assert "matches none" in caplog.text
+
+
+def test_named_skin_type_columns_are_normalised_with_unknown_values_left_out():
+    meta = pd.DataFrame({"fitzpatrick_scale": [3, -1, 6], "skin_tone": [None, 34, 56]})
+    out = groups.group_frame(meta, ["fitzpatrick_scale", "skin_tone"])
+    assert out["fitzpatrick_scale"].tolist() == ["III", None, "VI"]
+    assert out["skin_tone"].tolist() == [None, "III-IV", "V-VI"]
+    result = groups.group_metrics(*_predictions(3, 1.0), out, CLASSES, n_boot=0)
+    assert result["fitzpatrick_scale"]["n_missing"] == 1
+    assert set(result["fitzpatrick_scale"]["groups"]) == {"III", "VI"}
+
+
+def test_values_outside_a_skin_type_coding_are_named_in_a_warning(caplog):
+    frame = pd.DataFrame({"fitzpatrick_scale": [1, -1, 12, 56, None]})
+    assert groups.add_skin_type(frame)["skin_type"].tolist() == ["I", None, None, None, None]
+    assert "2 value(s) of the column 'fitzpatrick_scale'" in caplog.text
+    assert "['12', '56']" in caplog.text and "'-1'" not in caplog.text
+
+
+def test_booleans_are_not_skin_types():
+    assert groups.fitzpatrick_skin_type(pd.Series([True, 1, False])).tolist() == [None, "I", None]
+
+
+def test_groups_below_min_group_size_are_reported_but_left_out_of_the_gap():
+    labels, probs = _predictions(41, 3.0, seed=5)
+    probs[40] = np.eye(3)[(labels[40] + 1) % 3] * 0.8 + 0.2 / 3  # "tiny"'s one sample: wrong
+    table = pd.DataFrame({"g": ["big"] * 40 + ["tiny"]})
+    out = groups.group_metrics(labels, probs, table, CLASSES, n_boot=0, min_group_size=10)["g"]
+    assert out["groups"]["tiny"]["accuracy"] == 0.0 and out["small_groups"] == ["tiny"]
+    assert out["worst_group"]["accuracy"] == "big" and out["worst_group_gap"]["accuracy"] == 0.0
+    out = groups.group_metrics(labels, probs, table, CLASSES, n_boot=0, min_group_size=1)["g"]
+    assert out["worst_group"]["accuracy"] == "tiny" and out["small_groups"] == []

@@ -116,3 +116,15 @@ def test_report_lists_group_intervals_gaps_and_the_config(plain_report, evaluati
     assert "<details><summary>config</summary>" in page
     assert "&quot;img_size&quot;: 64" in page and "&lt;script&gt;" in page
     assert "prob_acne" not in page  # the preview leaves out the probability columns
+
+
+def test_report_shows_notes_and_the_groups_left_out_of_the_gap(tmp_path, evaluation):
+    ev, predictions = evaluation
+    labels, probs = np.arange(12) % 4, np.full((12, 4), 0.25)
+    table = pd.DataFrame({"site": ["a"] * 10 + ["<b>"] * 2})
+    small = group_metrics(labels, probs, table, CLASSES, n_boot=0, min_group_size=10)
+    ev = {**ev, "groups": small, "notes": ["The run has no test split: this is its val split."]}
+    page = Path(write_report(str(tmp_path), ev, predictions, CLASSES)).read_text()
+    assert "<strong>The run has no test split: this is its val split.</strong>" in page
+    assert "Fewer than 10 samples, so left out of the gap and the worst group: &lt;b&gt;" in page
+    assert "its interval can lie above the point estimate" in page
