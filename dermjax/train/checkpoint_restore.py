@@ -165,27 +165,32 @@ def restore_first_readable(
     )
 
 
-def _is_closed_loop_callback(unraisable: Any) -> bool:
-    """TensorStore's completion callback for a read orbax abandoned, after its loop closed."""
-    e = unraisable.exc_value
-    return isinstance(e, RuntimeError) and str(e) == "Event loop is closed"
+def _is_abandoned_read(unraisable: Any) -> bool:
+    """An error of a read orbax abandoned: TensorStore's completion callback after its loop
+    closed, or orbax's read coroutine raising as it is closed (collected) unfinished. The
+    failure that made orbax abandon them is raised and reported; these say nothing more."""
+    e, source = unraisable.exc_value, getattr(unraisable, "object", None)
+    if isinstance(e, RuntimeError) and str(e) == "Event loop is closed":
+        return True
+    code = getattr(source, "cr_code", None)  # a coroutine
+    return code is not None and "orbax" in code.co_filename and "reading array" in str(e)
 
 
-def _drop_closed_loop_callbacks() -> None:
-    """Wraps `sys.unraisablehook` (once) so that it drops `_is_closed_loop_callback` errors.
+def _drop_abandoned_reads() -> None:
+    """Wraps `sys.unraisablehook` (once) so that it drops `_is_abandoned_read` errors.
 
-    It stays for the rest of the process: such callbacks can still arrive after the restore
+    It stays for the rest of the process: such errors can still arrive after the restore
     returned, and they never mean anything to a user. Every other unraisable error goes on.
     """
     hook = sys.unraisablehook
-    if getattr(hook, "drops_closed_loop_callbacks", False):
+    if getattr(hook, "drops_abandoned_reads", False):
         return
 
     def filtered(unraisable: Any) -> None:
-        if not _is_closed_loop_callback(unraisable):
+        if not _is_abandoned_read(unraisable):
             hook(unraisable)
 
-    filtered.drops_closed_loop_callbacks = True
+    filtered.drops_abandoned_reads = True
     sys.unraisablehook = filtered
 
 
@@ -195,14 +200,15 @@ def _quiet_leftover_reads():
 
     When one array of a damaged copy fails, orbax abandons the copy's other reads. Each of them
     later logs "exception was never retrieved" through asyncio, and TensorStore's callback for
-    each raises "Event loop is closed" into `sys.unraisablehook`: thousands of traceback lines
-    (a damaged ResNet-50 copy: 11,666) burying the one warning that says which copy was used.
+    each raises "Event loop is closed" into `sys.unraisablehook`, as does each of orbax's read
+    coroutines collected unfinished: thousands of traceback lines (a damaged ResNet-50 copy:
+    11,666) burying the one warning that says which copy was used.
     The failure itself is reported by `unreadable`.
     """
     logger = logging.getLogger("asyncio")
     level = logger.level
     logger.setLevel(logging.CRITICAL)
-    _drop_closed_loop_callbacks()
+    _drop_abandoned_reads()
     try:
         yield
     finally:
