@@ -111,7 +111,18 @@ def _check_embeddings(
     is_hash = settings.model_name == encoders.HASH_MODEL
     if is_hash and stored_spec is not None:
         hash_spec = encoders.HashingTextEncoder(dim=encoders.HASH_DIM).spec
-        differences += embeddings.spec_differences(stored_spec, hash_spec)
+        named = {d.split(":")[0] for d in differences}
+        differences += [
+            d
+            for d in embeddings.spec_differences(stored_spec, hash_spec)
+            if d.split(":")[0] not in named
+        ]
+    elif (
+        stored_settings is None and stored_spec is not None and stored_spec.get("name") == "hashing"
+    ):
+        differences.append(
+            f"encoder: file the built-in hashing encoder, config {settings.model_name!r}"
+        )
     dim = next((len(v) for v in emb[embeddings.EMBEDDING_COL] if v is not None), None)
     wanted = encoders.HASH_DIM if is_hash else cfg.encoder.output_dim
     if (

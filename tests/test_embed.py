@@ -200,6 +200,28 @@ def test_a_file_of_another_encoder_is_an_error_with_the_command_that_fixes_it(tm
     assert pathlib.Path(path).read_bytes() == before  # never overwritten
 
 
+def test_a_hashing_file_without_settings_is_refused_for_a_transformer_config(tmp_path):
+    # The demo generator writes hash256.parquet with the encoder spec but no settings; a config
+    # naming a transformer used to train on it with a "cannot be checked" warning only.
+    path = str(tmp_path / "hash256.parquet")
+    cfg = _cfg(tmp_path, path)
+    cfg.encoder.model_name, cfg.encoder.pooling_type = "sapbert", "mean"
+    compute_embeddings(_meta(["a"]), path, HashingTextEncoder(dim=256), progress=False)
+    with pytest.raises(EncoderMismatchError, match=r"encoder: file the built-in hashing encoder"):
+        text_embeddings(cfg, _meta(["a"]), path)
+
+
+def test_a_difference_in_settings_and_spec_is_named_once(tmp_path):
+    # A transformer's file for a hashing config: settings and spec both differ in dim.
+    path = str(tmp_path / "hash256.parquet")
+    cfg = _cfg(tmp_path, path)
+    other = dict(encoder_settings(cfg).as_dict(), model_name="sapbert", dim=768)
+    compute_embeddings(_meta(["a"]), path, FakeEncoder(dim=768), settings=other, progress=False)
+    with pytest.raises(EncoderMismatchError) as info:
+        text_embeddings(cfg, _meta(["a"]), path)
+    assert str(info.value).count("dim:") == 1 and "name: file 'fake'" in str(info.value)
+
+
 def test_a_file_lacking_ids_with_text_is_an_error_with_the_resume_command(tmp_path):
     path = str(tmp_path / "hash256.parquet")
     cfg = _cfg(tmp_path, path)
