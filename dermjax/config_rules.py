@@ -105,7 +105,12 @@ def _check_data(c: _Checker) -> None:
     cfg = c.cfg.data
     c.boolean("data.use_local")
     c.check("data.dataset", lambda v: isinstance(v, str) and v, "a non-empty string", True)
-    if cfg.dataset is None and not (cfg.metadata_path and cfg.img_prefix) and not cfg.demo:
+    if cfg.dataset is None and cfg.demo:
+        c.problems.append(
+            "data.dataset=None: data.demo=True needs it (the folder under data.local_root that "
+            "holds the demo data, e.g. demo_v1)"
+        )
+    elif cfg.dataset is None and not (cfg.metadata_path and cfg.img_prefix):
         c.problems.append(
             "data.dataset=None: set data.dataset, or both data.metadata_path and data.img_prefix"
         )

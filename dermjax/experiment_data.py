@@ -22,6 +22,7 @@ from dermjax.data import cache as prepared
 from dermjax.data import demo, embeddings, fs, images, metadata, pipeline, stats
 from dermjax.data.augment import AugmentSpec
 from dermjax.embedding_file import text_embeddings
+from dermjax.errors import DataError
 
 log = logging.getLogger(__name__)
 
@@ -47,12 +48,26 @@ class PreparedData:
         return {c: i for i, c in enumerate(self.classes)}
 
 
-def selected_metadata(cfg: config_dict.ConfigDict) -> tuple[DataPaths, pd.DataFrame]:
-    """The data paths and the metadata rows the config selects (demo data made if asked)."""
+def selected_metadata(
+    cfg: config_dict.ConfigDict, *, make_demo: bool = True
+) -> tuple[DataPaths, pd.DataFrame]:
+    """The data paths and the metadata rows the config selects.
+
+    With `data.demo` the demo data is made if absent; with `make_demo=False` (evaluating a
+    trained run) it must already be there: generating it elsewhere, or for another seed, would
+    silently evaluate on data the run never saw, or replace the run's.
+    """
     d = cfg.data
     if d.demo:
         root = os.path.join(os.path.expanduser(d.local_root), d.dataset)
-        demo.ensure_demo_data(root, seed=d.seed, n=d.demo_size)
+        if make_demo:
+            demo.ensure_demo_data(root, seed=d.seed, n=d.demo_size)
+        elif not demo.is_complete(root, seed=d.seed, n=d.demo_size):
+            raise DataError(
+                f"no demo data of seed {d.seed} and size {d.demo_size} at "
+                f"{os.path.abspath(root)}: run from the folder the run was trained in, or pass "
+                f"--config.data.local_root=DIR (the folder that holds {d.dataset}/)"
+            )
     paths = data_paths(cfg)
     meta = metadata.load_metadata(
         paths.metadata,

@@ -90,6 +90,14 @@ def test_cross_field_rules():
     assert "min must be <= max" in text
 
 
+def test_demo_data_needs_a_dataset_folder():
+    # It used to pass validation and crash the run with a TypeError in os.path.join.
+    cfg = load_config("demo")
+    cfg.data.dataset = None
+    with pytest.raises(ConfigError, match=r"data\.dataset=None: data\.demo=True needs it"):
+        validate(cfg)
+
+
 def test_val_size_none_means_no_validation_and_is_valid():
     cfg = load_config("default")
     cfg.data.val_size = None

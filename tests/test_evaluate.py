@@ -144,6 +144,26 @@ def test_missing_data_is_one_error_line_before_the_model_is_built(evaluated, tmp
     ]
 
 
+def test_evaluation_never_makes_or_replaces_demo_data(evaluated, tmp_path):
+    # From another folder the run's relative data.local_root pointed at no data, and evaluate
+    # generated a new demo dataset there; another data.seed regenerated the run's own.
+    workdir = evaluated[0]
+    elsewhere = tmp_path / "elsewhere"
+    args = [f"--checkpoint={workdir}", f"--config.data.local_root={elsewhere}"]
+    status, _, err = run_cli(evaluate.run, args)
+    assert status == 1 and not elsewhere.exists()
+    assert _errors(err) == [
+        f"error: no demo data of seed 42 and size 160 at {elsewhere}/demo_v1: run from the "
+        "folder the run was trained in, or pass --config.data.local_root=DIR (the folder that "
+        "holds demo_v1/)"
+    ]
+    done = next((workdir.parent / "data").rglob("DONE"))
+    before = done.read_text()
+    args = [f"--checkpoint={workdir}", "--config.data.seed=7", f"--out={tmp_path / 'out'}"]
+    status, _, err = run_cli(evaluate.run, args)
+    assert status == 1 and "no demo data of seed 7" in err and done.read_text() == before
+
+
 def _errors(err: str) -> list[str]:
     return [line for line in err.splitlines() if line.startswith("error:")]
 

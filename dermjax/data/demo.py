@@ -333,18 +333,23 @@ def generate(out: str, *, seed: int = 0, n: int = DEFAULT_N) -> DemoPaths:
     return paths
 
 
+def is_complete(root: str, seed: int = 0, n: int = DEFAULT_N) -> bool:
+    """Whether `root` holds a complete demo dataset of this seed and size (and version)."""
+    try:
+        with open(os.path.join(root, "DONE")) as f:
+            return json.load(f) == {"seed": seed, "n": n, "version": _VERSION}
+    except (OSError, json.JSONDecodeError):
+        return False
+
+
 def ensure_demo_data(root: str, seed: int = 0, n: int = DEFAULT_N) -> DemoPaths:
     """Returns the demo dataset under `root`, (re)generating it unless a complete one with the
     same seed and size is there; only files the generator writes are removed."""
     paths = demo_paths(root)
+    if is_complete(root, seed, n):
+        return paths
     done = os.path.join(root, "DONE")
     if os.path.exists(done):
-        with open(done) as f:
-            try:
-                if json.load(f) == {"seed": seed, "n": n, "version": _VERSION}:
-                    return paths
-            except json.JSONDecodeError:
-                pass
         os.remove(done)
     shutil.rmtree(paths.img_prefix, ignore_errors=True)
     for stale in (paths.metadata, paths.embeddings):

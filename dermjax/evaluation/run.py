@@ -43,7 +43,7 @@ def split_rows(model: Checkpoint, split: str) -> tuple[str, pd.DataFrame, pipeli
     if split not in SPLITS:
         raise UserError(f"--split={split}: use one of {list(SPLITS)}")
     cfg = model.cfg
-    paths, meta = experiment_data.selected_metadata(cfg)
+    paths, meta = experiment_data.selected_metadata(cfg, make_demo=False)
     found = metadata.class_list(meta)
     if found != model.classes:
         raise DataError(
