@@ -201,7 +201,10 @@ def _exact_cache(model: LoadedModel, records: pipeline.Records):
     from dermjax.data import cache
 
     cache_dir = data_paths(model.cfg).cache_dir
-    return cache.find_cache(cache_dir, images.EXACT, model.img_size, records.paths)
+    found = cache.find_cache(cache_dir, images.EXACT, model.img_size, records.paths)
+    if found is not None:
+        log.info("using prepared cache at %s", found.directory)
+    return found
 
 
 # ---- Image files ------------------------------------------------------------------------------
