@@ -128,6 +128,16 @@ unknown_option() {
   die "unknown option $1 (see --help)"
 }
 
+# no_dry_run_after_dashes ARGS...: the arguments after `--` go to another program, so a
+# --dry-run among them would leave this script running its commands for real.
+no_dry_run_after_dashes() {
+  local arg
+  for arg in "$@"; do
+    [[ $arg != --dry-run ]] ||
+      die "--dry-run after --: it would be passed on and the commands run for real; put it before --"
+  done
+}
+
 # require_opt VALUE OPTION WHAT: a one-line error naming OPTION when VALUE is empty.
 require_opt() {
   [[ -n $1 ]] || die "missing $2 ($3; see --help)"

@@ -47,6 +47,7 @@ while (($#)); do
     --no-wait) WAIT=0 && shift ;;
     --)
       shift
+      no_dry_run_after_dashes "$@"
       EXTRA=("$@")
       break
       ;;

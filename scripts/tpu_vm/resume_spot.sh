@@ -57,6 +57,7 @@ while (($#)); do
       ;;
     --)
       shift
+      no_dry_run_after_dashes "$@"
       FLAGS=(-- "$@")
       break
       ;;

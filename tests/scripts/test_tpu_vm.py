@@ -288,3 +288,17 @@ def test_tpu_config_validates_for_a_pod_slice():
     validate_for_run(cfg, device_count=16, process_count=4)  # v5litepod-16: 4 hosts, 16 chips
     assert cfg.training.dtype == "bfloat16" and cfg.vision_model.name == "resnet101"
     assert cfg.data.img_size == (324, 324) and cfg.training.batch_size == 64
+
+
+@pytest.mark.parametrize(
+    ("script", "args"),
+    [
+        ("launch.sh", [*WHERE, *LAUNCH]),
+        ("resume_spot.sh", [*WHERE, *CREATE, *LAUNCH]),
+        ("create.sh", [*WHERE, *CREATE]),
+    ],
+)
+def test_a_dry_run_after_the_dashes_is_refused_before_any_command(gcloud, script, args):
+    # After `--` it was passed on (to dermjax or gcloud) and the script ran gcloud for real.
+    calls, _, proc = gcloud(script, *args, "--", "--config.data.seed=1", "--dry-run", ok=False)
+    assert calls == [] and proc.stderr.startswith("error: --dry-run after --:")
