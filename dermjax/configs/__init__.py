@@ -1,4 +1,5 @@
-"""The shipped configs: `default` (every field), `demo` (CPU demo) and `from_yaml` (original YAML).
+"""The shipped configs: `default` (every field), `demo` (CPU demo), `from_yaml` (original YAML)
+and `tpu_resnet101` (a TPU pod slice run).
 
 They live in the package so that a regular (non-editable) install has them; the repository's
 `configs/` folder points here, and `--config=configs/NAME.py` falls back to `NAME.py` of this

@@ -87,7 +87,7 @@ def get_config() -> config_dict.ConfigDict:
     t.log_every_steps = 10  # dermjax: progress line every N steps
     t.shard_params = False  # dermjax: split params + optimizer states over devices (FSDP)
     # dermjax: compiled-program cache folder (or gs://); auto: $JAX_COMPILATION_CACHE_DIR, else
-    # ~/.cache/dermjax/jax; None: off
+    # $XDG_CACHE_HOME/dermjax/jax (~/.cache/dermjax/jax); None: off
     t.compilation_cache_dir = _opt("auto", str)
     t.scheduler = s = config_dict.ConfigDict()
     s.use_cosine_annealing = True  # cosine LR per epoch after warm-up (T_max = num_epochs)
@@ -190,8 +190,11 @@ def get_config() -> config_dict.ConfigDict:
         o[group] = g
 
     c.output = u = config_dict.ConfigDict()
-    u.save_dir = _P(str)  # checkpoint folder (local or gs://); None: <workdir>/checkpoints
-    u.log_dir = _P(str)  # dermjax: folder for metrics.jsonl; None: the workdir
+    # Without --workdir: checkpoints in <save_dir>/<experiment_name> (None: <run>/checkpoints),
+    # the run folder (train.log, metrics.jsonl, summary.json, lock) <log_dir>/<experiment_name>
+    # (None: ./workdirs/<experiment_name>). --workdir overrides both.
+    u.save_dir = _P(str)  # parent of the checkpoint folder (local or gs://)
+    u.log_dir = _P(str)  # dermjax: parent of the run folder
     u.experiment_name = "dermjax"  # run name (wandb run name, default workdir name)
     u.wandb_project = _P(str)  # wandb project; None disables wandb
 
