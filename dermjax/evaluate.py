@@ -74,12 +74,17 @@ def main(argv: list[str], overrides: list[tuple[str, str]]) -> None:
     print(f"{ref['kind']} checkpoint, step {ref['step']}, of {ref['directory']}")
     print(_line(f"{ev['split']} ({ev['mode'].replace('_', ' ')})", ev["overall"]))
     for mode, m in ev.get("ablation", {}).items():
-        if mode != "both":
+        if mode != "both" and m is not None:
             print(_line(f"  {mode.replace('_', ' ')}", m))
     for column, result in ev["groups"].items():
         gap = result["worst_group_gap"].get("accuracy")
         if gap is not None:
             print(f"  by {column}: worst-group accuracy gap {gap:.3f}")
+        if result.get("small_groups"):
+            print(
+                f"  by {column}: left out of the gap (under {result['min_group_size']} samples): "
+                + ", ".join(map(str, result["small_groups"]))
+            )
     if ev["bad_images"]:
         print(f"  {len(ev['bad_images'])} unreadable image(s) left out")
     for note in ev.get("notes", []):

@@ -13,6 +13,8 @@ from absl import flags
 
 from dermjax import evaluate
 from dermjax.data import metadata
+from dermjax.errors import DataError
+from dermjax.evaluation.run import evaluate_checkpoint
 from dermjax.experiment_data import selected_metadata
 from dermjax.runner import run
 from tests.train.test_loop import tiny_demo_config
@@ -162,6 +164,28 @@ def test_evaluation_never_makes_or_replaces_demo_data(evaluated, tmp_path):
     args = [f"--checkpoint={workdir}", "--config.data.seed=7", f"--out={tmp_path / 'out'}"]
     status, _, err = run_cli(evaluate.run, args)
     assert status == 1 and "no demo data of seed 7" in err and done.read_text() == before
+
+
+def test_a_group_table_matching_no_test_row_is_refused_by_the_cli_but_warned_after_training(
+    evaluated, tmp_path, caplog
+):
+    # After training, the runner has already checked the table against every row; a table of
+    # other rows than the test split's must not cost the run its report.
+    workdir, out_dir = evaluated[0], evaluated[1]
+    tested = set(pd.read_parquet(out_dir / "predictions.parquet")["image_id"])
+    cfg = tiny_demo_config(workdir.parent / "data", **{"training.num_epochs": 2})
+    meta = selected_metadata(cfg)[1]
+    others = [i for i in meta["image_id"] if i not in tested][:5]
+    table = tmp_path / "tones.csv"
+    pd.DataFrame({"image_id": others, "skin_tone": [12] * len(others)}).to_csv(table, index=False)
+    overrides = [("evaluation.groups_path", str(table)), ("evaluation.n_boot", "0")]
+    with pytest.raises(DataError, match="matches none of the"):
+        evaluate_checkpoint(str(workdir), out_dir=str(tmp_path / "cli"), overrides=overrides)
+    _, ev = evaluate_checkpoint(
+        str(workdir), out_dir=str(tmp_path / "after"), overrides=overrides, strict_groups=False
+    )
+    assert "matches none of the" in caplog.text and (tmp_path / "after" / "report.html").exists()
+    assert set(ev["groups"]) == {"dataset", "skin_type_group"}  # from the metadata alone
 
 
 def _errors(err: str) -> list[str]:

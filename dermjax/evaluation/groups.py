@@ -56,23 +56,31 @@ def _integers(values: pd.Series) -> pd.Series:
     return numbers.where(numbers == np.floor(numbers))
 
 
+def _named(values: pd.Series, names: Sequence[str]) -> pd.Series:
+    """Values that are one of `names` as text (any case, spaces around), None elsewhere."""
+    text = values.astype("string").str.strip().str.upper()
+    named = text.where(text.isin(names))
+    return named.astype(object).where(named.notna(), None)
+
+
 def fitzpatrick_skin_type(values: pd.Series) -> pd.Series:
-    """Fitzpatrick17k `fitzpatrick_scale` 1..6 -> "I".."VI"; -1 and anything else -> None."""
+    """Fitzpatrick17k `fitzpatrick_scale` 1..6 (or "I".."VI") -> "I".."VI"; -1 and anything
+    else -> None."""
     names = dict(enumerate(FITZPATRICK_TYPES, start=1))
-    return _integers(values).map(names).astype(object).where(lambda s: s.notna(), None)
+    numbers = _integers(values).map(names).astype(object).where(lambda s: s.notna(), None)
+    return numbers.combine_first(_named(values, FITZPATRICK_TYPES))
 
 
 def ddi_skin_type(values: pd.Series) -> pd.Series:
-    """DDI `skin_tone` 12 / 34 / 56 -> "I-II" / "III-IV" / "V-VI"; anything else -> None."""
-    return _integers(values).map(DDI_SKIN_TONES).astype(object).where(lambda s: s.notna(), None)
+    """DDI `skin_tone` 12 / 34 / 56 (or "I-II".."V-VI") -> "I-II" / "III-IV" / "V-VI"; anything
+    else -> None."""
+    numbers = _integers(values).map(DDI_SKIN_TONES).astype(object)
+    return numbers.where(numbers.notna(), None).combine_first(_named(values, SKIN_TYPE_GROUPS))
 
 
 def _skin_type_strings(values: pd.Series) -> pd.Series:
     """A `skin_type` column: "I".."VI" or "I-II".. as text (any case), or either numeric coding."""
-    text = values.astype("string").str.strip().str.upper()
-    named = text.where(text.isin(FITZPATRICK_TYPES + SKIN_TYPE_GROUPS))
-    named = named.astype(object).where(named.notna(), None)
-    return named.combine_first(fitzpatrick_skin_type(values)).combine_first(ddi_skin_type(values))
+    return fitzpatrick_skin_type(values).combine_first(ddi_skin_type(values))
 
 
 def skin_type_group(skin_type: pd.Series) -> pd.Series:
@@ -105,8 +113,9 @@ def add_skin_type(frame: pd.DataFrame) -> pd.DataFrame:
 
 def _warn_outside_coding(column: str, raw: pd.Series, parsed: pd.Series) -> None:
     """Warns about values of a skin-type column that its coding does not know (not -1/empty)."""
-    unknown = _group_values(raw)
-    unknown = unknown[unknown.notna() & parsed.isna() & (unknown.str.strip() != "-1")]
+    unknown = _group_values(raw).str.strip()
+    minus_one = _integers(raw) == -1
+    unknown = unknown[unknown.notna() & (unknown != "") & parsed.isna() & ~minus_one]
     if len(unknown):
         examples = sorted(set(unknown))[:5]
         log.warning(
@@ -217,7 +226,8 @@ def group_frame(
     table = meta
     if side_table is not None:
         table = _join_side_table(meta, side_table, side_source, strict)
-    if any(c in table.columns for c in SKIN_TYPE_SOURCES):
+    wanted = {"skin_type_group"} if group_columns is None else set(group_columns)
+    if wanted & {"skin_type_group", *SKIN_TYPE_SOURCES} and set(SKIN_TYPE_SOURCES) & set(table):
         table = add_skin_type(table)  # its `skin_type` replaces a raw one
         for column in set(SKIN_TYPE_SOURCES) & set(group_columns or ()) & set(table.columns):
             table[column] = _PARSERS[column](table[column])
@@ -379,14 +389,14 @@ def bootstrap_intervals(
 
 def _worst(by_group: dict[str, dict[str, Any]], min_size: int) -> tuple[dict, dict]:
     """(max - min over groups, the worst group) per metric, over groups of `min_size` or more
-    rows; None where no such group has a value."""
+    rows; None where fewer than two such groups have a value (nothing to compare)."""
     gaps: dict[str, float | None] = {}
     worst: dict[str, str | None] = {}
     for name in GROUP_METRICS:
         values = {
             g: m[name] for g, m in by_group.items() if m[name] is not None and m["n"] >= min_size
         }
-        if not values:
+        if len(values) < 2:
             gaps[name], worst[name] = None, None
             continue
         gaps[name] = float(max(values.values()) - min(values.values()))

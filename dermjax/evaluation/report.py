@@ -358,7 +358,7 @@ def write_report(
         rows = [
             [mode] + [ablation[mode].get(k) for k in ("n", *SUMMARY_METRICS)]
             for mode in ABLATION_MODES
-            if mode in ablation
+            if ablation.get(mode) is not None
         ]
         body += ["<h2>Modality ablation</h2>", _table(["inputs", "n", *SUMMARY_METRICS], rows)]
     body.append("<h2>Training</h2>")

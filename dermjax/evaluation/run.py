@@ -144,16 +144,17 @@ def _ablation(
     top_k: Sequence[int],
     classes: Sequence[str],
 ) -> dict[str, Any]:
-    """Image only, text only and both. Text only covers the samples that have text: the others
-    would be scored on all-zero inputs, a constant guess."""
-    out = {
-        "image_only": metrics.classification_metrics(labels, probs["image_only"], classes, top_k)
-    }
-    if has_text.any():
-        out["text_only"] = metrics.classification_metrics(
+    """Image only, text only and both. Text only covers the samples that have text (None when
+    none has): the others would be scored on all-zero inputs, a constant guess."""
+    image_only = metrics.classification_metrics(labels, probs["image_only"], classes, top_k)
+    text_only = (
+        metrics.classification_metrics(
             labels[has_text], probs["text_only"][has_text], classes, top_k
         )
-    return out | {"both": overall}
+        if has_text.any()
+        else None
+    )
+    return {"image_only": image_only, "text_only": text_only, "both": overall}
 
 
 def evaluate_model(
@@ -161,11 +162,13 @@ def evaluate_model(
     split: str,
     rows: pd.DataFrame,
     records: pipeline.Records,
+    by: pd.DataFrame,
     notes: Sequence[str] = (),
 ) -> tuple[dict[str, Any], pd.DataFrame]:
     """(evaluation dict, predictions frame) of `model` on the `split_rows` of `split`.
 
-    `notes` (and the notes this adds) go into evaluation.json and the report's header.
+    `by` is `group_frame` of `rows`. `notes` (and the notes this adds) go into evaluation.json
+    and the report's header.
     """
     ev, classes = model.cfg.evaluation, model.classes
     modes = [model.default_mode, *(("image_only", "text_only") if model.multimodal else ())]
@@ -181,7 +184,7 @@ def evaluate_model(
             f"{split} samples: its weights are not finite, so there is nothing to evaluate"
         )
     rows_ok = rows[readable].reset_index(drop=True)
-    by = group_frame(model.cfg, rows_ok, strict=False)
+    by = by[readable].reset_index(drop=True)
     has_text = records.has_text[readable]
     overall = metrics.classification_metrics(labels, probs[model.default_mode], classes, ev.top_k)
     ref = model.ref
@@ -207,6 +210,8 @@ def evaluate_model(
         evaluation["notes"].append(
             f"Modality ablation: text only covers the {int(has_text.sum())} of {labels.size} "
             "samples that have text; image only and both cover all."
+            if has_text.any()
+            else "Modality ablation: no sample has text, so there is no text-only result."
         )
     predictions = predictions_frame(
         rows_ok, labels, probs[model.default_mode], classes, max(ev.top_k), by
@@ -263,12 +268,15 @@ def evaluate_checkpoint(
     out_dir: str | None = None,
     overrides: Sequence[tuple[str, str]] = (),
     metrics_jsonl: str | None = None,
+    strict_groups: bool = True,
 ) -> tuple[str, dict[str, Any]]:
     """Evaluates the checkpoint `checkpoint` (run folder, checkpoints folder or step folder, or
     `open_checkpoint`'s result, which already carries its overrides).
 
     Writes into `out_dir` (default `<run>/evaluation/<split>`) on process 0; returns (out_dir,
-    evaluation). `metrics_jsonl` defaults to the run folder's, for the training curves.
+    evaluation). `metrics_jsonl` defaults to the run folder's, for the training curves. A group
+    table that matches none of the split's rows is an error with `strict_groups`, else a warning
+    (after training: the runner checked the table against all rows before it).
     """
     ckpt = checkpoint
     if isinstance(ckpt, str):
@@ -279,11 +287,11 @@ def evaluate_checkpoint(
         _keep_the_runs_own_evaluation(ckpt, default_out_dir(ckpt, split))
     asked = split
     split, rows, records = split_rows(ckpt, split)  # data problems show before the model
-    group_frame(ckpt.cfg, rows)
+    by = group_frame(ckpt.cfg, rows, strict=strict_groups)
     out_dir = out_dir or default_out_dir(ckpt, split)
     model = load_model(ckpt)
     notes = [] if split == asked else [f"The run has no {asked} split: this is its {split} split."]
-    evaluation, predictions = evaluate_model(model, split, rows, records, notes)
+    evaluation, predictions = evaluate_model(model, split, rows, records, by, notes)
     if jax.process_index() == 0:
         path = write_evaluation(out_dir, model, evaluation, predictions, metrics_jsonl)
         log.info("evaluation of the %s split written to %s", split, path)
@@ -301,5 +309,6 @@ def evaluate_run(run_dir: str, checkpoint_dir: str, *, split: str = "test") -> s
         split=split,
         out_dir=os.path.join(run_dir, "evaluation", split),
         metrics_jsonl=os.path.join(run_dir, "metrics.jsonl"),
+        strict_groups=False,
     )
     return out_dir

@@ -12,6 +12,7 @@ import contextlib
 import gc
 import logging
 import sys
+import types
 from collections.abc import Callable
 from typing import Any
 
@@ -173,7 +174,11 @@ def _is_abandoned_read(unraisable: Any) -> bool:
     if isinstance(e, RuntimeError) and str(e) == "Event loop is closed":
         return True
     code = getattr(source, "cr_code", None)  # a coroutine
-    return code is not None and "orbax" in code.co_filename and "reading array" in str(e)
+    return (
+        isinstance(code, types.CodeType)
+        and "orbax" in code.co_filename
+        and str(e).startswith("Encountered error while reading array")
+    )
 
 
 def _drop_abandoned_reads() -> None:
