@@ -63,10 +63,12 @@ def selected_metadata(
         if make_demo:
             demo.ensure_demo_data(root, seed=d.seed, n=d.demo_size)
         elif not demo.is_complete(root, seed=d.seed, n=d.demo_size):
+            there = demo.completed(root)
             raise DataError(
                 f"no demo data of seed {d.seed} and size {d.demo_size} at "
-                f"{os.path.abspath(root)}: run from the folder the run was trained in, or pass "
-                f"--config.data.local_root=DIR (the folder that holds {d.dataset}/)"
+                f"{os.path.abspath(root)}{f' (it holds {there})' if there else ''}: run from the "
+                "folder the run was trained in, or pass --config.data.local_root=DIR (the folder "
+                f"that holds {d.dataset}/)"
             )
     paths = data_paths(cfg)
     meta = metadata.load_metadata(

@@ -333,13 +333,19 @@ def generate(out: str, *, seed: int = 0, n: int = DEFAULT_N) -> DemoPaths:
     return paths
 
 
-def is_complete(root: str, seed: int = 0, n: int = DEFAULT_N) -> bool:
-    """Whether `root` holds a complete demo dataset of this seed and size (and version)."""
+def completed(root: str) -> dict | None:
+    """What the complete demo dataset under `root` was made with ({"seed", "n", "version"}),
+    None when there is none."""
     try:
         with open(os.path.join(root, "DONE")) as f:
-            return json.load(f) == {"seed": seed, "n": n, "version": _VERSION}
-    except (OSError, json.JSONDecodeError):
-        return False
+            return json.load(f)
+    except (OSError, ValueError):  # ValueError: also undecodable bytes
+        return None
+
+
+def is_complete(root: str, seed: int = 0, n: int = DEFAULT_N) -> bool:
+    """Whether `root` holds a complete demo dataset of this seed and size (and version)."""
+    return completed(root) == {"seed": seed, "n": n, "version": _VERSION}
 
 
 def ensure_demo_data(root: str, seed: int = 0, n: int = DEFAULT_N) -> DemoPaths:
