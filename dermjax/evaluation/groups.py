@@ -185,9 +185,14 @@ def _join_side_table(
     matched = int(ids.isin(side.index).sum())
     if matched == 0 and len(ids) and len(side):
         numeric = pd.api.types.is_numeric_dtype(side_table[IMAGE_ID])
+        unpadded = ids.dropna().map(lambda i: i.lstrip("0") or "0")
+        lost = unpadded[unpadded.isin(side.index)]  # ids the table holds without their zeros
+        theirs, ours = (
+            (lost.iloc[0], ids[lost.index[0]]) if len(lost) else (side.index[0], ids.iloc[0])
+        )
         message = (
             f"evaluation.groups_path: {source} matches none of the {len(ids)} rows' image_id "
-            f"values (the table has e.g. {side.index[0]!r}, the metadata {ids.iloc[0]!r})"
+            f"values (the table has e.g. {theirs!r}, the metadata {ours!r})"
             + (
                 "; its image_id column holds numbers, so ids such as '000001' lost their "
                 "leading zeros: store image_id as text"

@@ -173,8 +173,9 @@ def test_a_side_table_with_numeric_ids_joins_whole_numbers_and_names_lost_zeros(
     meta = pd.DataFrame({"image_id": ["1", "2", "3"]})
     out = groups.group_frame(meta, ["skin_type_group"], side)  # 1.0 matches "1"
     assert out["skin_type_group"].tolist() == ["V-VI", None, "I-II"]
-    padded = pd.DataFrame({"image_id": ["000001", "000003"]})
-    with pytest.raises(DataError, match=r"matches none of the 2 .*leading zeros.*as text"):
+    padded = pd.DataFrame({"image_id": ["x", "000003"]})
+    match = r"matches none of the 2 .*'3', the metadata '000003'.*leading zeros.*as text"
+    with pytest.raises(DataError, match=match):
         groups.group_frame(padded, ["skin_type_group"], side, side_source=str(table))
     out = groups.group_frame(padded, ["skin_type_group"], side, strict=False)
     assert out["skin_type_group"].tolist() == [None, None]
