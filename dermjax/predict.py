@@ -73,7 +73,7 @@ def main(argv: list[str], overrides: list[tuple[str, str]]) -> None:
     ckpt = open_checkpoint(_CHECKPOINT.value, overrides=overrides)
     compile_cache.enable(ckpt.cfg.training.compilation_cache_dir)
     model = inference.load_model(ckpt)
-    text = _TEXT.value if (_TEXT.value or "").strip() else None  # "" is no text, as in training
+    text = _TEXT.value if (_TEXT.value or "").strip() else None  # "" or blanks: no text
     mode, note = choose_mode(model.default_mode, text is not None)
     vector = None if text is None else inference.text_vector(model, text)
     arrays, errors = inference.load_images(paths, model.img_size)

@@ -288,7 +288,7 @@ def _check_fraction(n: int, k: int, fraction: float) -> None:
     kept = math.floor(fraction * n)
     if kept >= k and n - kept >= k:
         return
-    low, high = math.ceil(k / n * 1000) / 1000, math.floor((n - k) / n * 1000) / 1000
+    low, high = _fraction_range(n, k)
     raise DataError(
         f"data.data_fraction={fraction} keeps {kept} of {n} rows, and a stratified subsample "
         f"needs at least {k} (one per class) on each side; use data.data_fraction between "
@@ -365,6 +365,12 @@ def _take(
     return rest, taken
 
 
+def _fraction_range(n: int, k: int, scale: float = 1.0) -> tuple[float, float]:
+    """(low, high), to 3 decimals inward and times `scale`, of the fractions of `n` rows that
+    leave at least `k` rows on each side."""
+    return math.ceil(k / n * scale * 1000) / 1000, math.floor((n - k) / n * scale * 1000) / 1000
+
+
 def _check_split_size(
     n: int, k: int, fraction: float, scale: float, field: str, name: str, hint: str = ""
 ) -> None:
@@ -384,8 +390,7 @@ def _check_split_size(
     if taken >= k and n - taken >= k:
         return
     side = f"the {name} split" if taken < k else "the rest"
-    low = math.ceil(k / n * scale * 1000) / 1000
-    high = math.floor((n - k) / n * scale * 1000) / 1000
+    low, high = _fraction_range(n, k, scale)
     raise DataError(
         f"{field}={round(fraction * scale, 6)} takes {taken} of {n} rows for the {name} split, "
         f"leaving {side} with fewer rows than the {k} classes; use {field} between {low} and "
