@@ -4,11 +4,13 @@
       [--top-k=K] [--json] [--config.a.b=V ...]
 
 No training data is read: classes, image size, normalisation and the text encoder come from the
-checkpoint. Images are decoded and resized as evaluation does. `--text` is embedded with the
-checkpoint's encoder (the built-in hashing encoder works offline; a transformer model must be
-available locally, e.g. `--config.encoder.model_name=/path/to/model`) and used for every image;
-without it a multimodal model runs image-only through the masking path, and says so. An
-unreadable image is reported on stderr and the others are still predicted (exit status 1).
+checkpoint, and overrides may not change them. Images are decoded and resized as evaluation
+does. `--text` is embedded with the checkpoint's encoder (the built-in hashing encoder works
+offline; a transformer model must be available locally, e.g.
+`--config.encoder.model_name=/path/to/model`) and used for every image; as in training, only an
+empty text is no text. Without text a multimodal model runs image-only through the masking
+path, and says so. The output names the checkpoint step used. An unreadable image is reported
+on stderr (and in the JSON, in its place) and the others are still predicted (exit status 1).
 """
 
 from __future__ import annotations
@@ -30,7 +32,9 @@ _CHECKPOINT = flags.DEFINE_string(
 )
 _TEXT = flags.DEFINE_string("text", None, "Description used with every image; none: image only.")
 _TOP_K = flags.DEFINE_integer("top-k", 3, "Labels shown per image.", lower_bound=1)
-_JSON = flags.DEFINE_bool("json", False, "Print a JSON list instead of a table.")
+_JSON = flags.DEFINE_bool(
+    "json", False, "Print JSON (checkpoint, notes, one entry per image) instead of a table."
+)
 
 
 def choose_mode(default_mode: str, has_text: bool) -> tuple[str, str | None]:
@@ -48,10 +52,16 @@ def choose_mode(default_mode: str, has_text: bool) -> tuple[str, str | None]:
     return "image_only", "no --text given (or an empty one): predicting from the image only"
 
 
+def _source(ref) -> str:
+    return f"{ref.directory} ({ref.kind} checkpoint, step {ref.step})"
+
+
 def _table(results: list[dict]) -> str:
-    width = max((len(r["label"]) for item in results for r in item["top_k"]), default=5)
+    width = max((len(r["label"]) for item in results for r in item.get("top_k", ())), default=5)
     lines = []
     for item in results:
+        if "error" in item:  # reported on stderr
+            continue
         lines.append(item["image"])
         for rank, r in enumerate(item["top_k"], 1):
             lines.append(f"  {rank:>2}  {r['label']:<{width}}  {r['prob']:.4f}")
@@ -70,26 +80,37 @@ def main(argv: list[str], overrides: list[tuple[str, str]]) -> None:
     from dermjax.evaluation import inference
     from dermjax.evaluation.checkpoint_source import open_checkpoint
 
-    ckpt = open_checkpoint(_CHECKPOINT.value, overrides=overrides)
+    ckpt = open_checkpoint(_CHECKPOINT.value, overrides=overrides, as_trained=True)
     compile_cache.enable(ckpt.cfg.training.compilation_cache_dir)
     model = inference.load_model(ckpt)
-    text = _TEXT.value if (_TEXT.value or "").strip() else None  # "" or blanks: no text
+    text = _TEXT.value or None  # "" is no text; any other text is embedded, as in training
     mode, note = choose_mode(model.default_mode, text is not None)
     vector = None if text is None else inference.text_vector(model, text)
     arrays, errors = inference.load_images(paths, model.img_size)
     for path, reason in errors.items():
         print(f"error: cannot read image {path}: {reason}", file=sys.stderr)
-    good = [(p, a) for p, a in zip(paths, arrays, strict=True) if a is not None]
-    probs = inference.predict_images(model, [a for _, a in good], vector, mode)
+    good = [a for a in arrays if a is not None]
+    probs = iter(inference.predict_images(model, good, vector, mode))
     k = min(_TOP_K.value, len(model.classes))
     results = []
-    for (path, _), row in zip(good, probs, strict=True):
+    for path, array in zip(paths, arrays, strict=True):
+        if array is None:
+            results.append({"image": path, "error": errors[path]})
+            continue
+        row = next(probs)
         order = (-row).argsort(kind="stable")[:k]
         top = [{"label": model.classes[c], "prob": float(row[c])} for c in order]
         results.append({"image": path, "mode": mode, "top_k": top})
-    if note:
-        print(f"note: {note}", file=sys.stderr if _JSON.value else sys.stdout)
-    print(json.dumps(results, indent=1) if _JSON.value else _table(results), flush=True)
+    if _JSON.value:
+        ref = model.ref
+        used = {"path": ref.directory, "kind": ref.kind, "step": ref.step}
+        out = {"checkpoint": used, "notes": [note] if note else [], "predictions": results}
+        print(json.dumps(out, indent=1), flush=True)
+    else:
+        print(f"checkpoint: {_source(model.ref)}")
+        if note:
+            print(f"note: {note}")
+        print(_table(results), flush=True)
     if errors:
         sys.exit(1)
 

@@ -12,8 +12,12 @@ import pytest
 from absl import flags
 
 from dermjax import evaluate
+from dermjax.config import encoder_settings
 from dermjax.data import metadata
+from dermjax.data.encoders import HashingTextEncoder
+from dermjax.data.encoding import compute_embeddings
 from dermjax.errors import DataError
+from dermjax.evaluation import run as evaluation_run
 from dermjax.evaluation.run import evaluate_checkpoint
 from dermjax.experiment_data import selected_metadata
 from dermjax.runner import run
@@ -204,6 +208,39 @@ def test_overriding_a_trained_field_needs_out_and_keeps_the_runs_evaluation(eval
     assert f"the run's own evaluation in {out_dir} is kept" in line
     assert "done," not in err  # refused before any inference
     assert (out_dir / "evaluation.json").read_bytes() == before
+
+
+@pytest.mark.slow
+def test_embeddings_that_do_not_fit_the_model_are_one_line_with_evaluations_fix(
+    evaluated, tmp_path, monkeypatch
+):
+    workdir = evaluated[0]
+    fix = (
+        "the model reads embeddings of the encoder it was trained with (the built-in hashing "
+        "encoder): drop the --config.encoder.* / --config.data.embeddings_path override, or "
+        "point data.embeddings_path at a file that encoder made"
+    )
+    cfg = tiny_demo_config(workdir.parent / "data", **{"training.num_epochs": 2})
+    other = tmp_path / "hash128.parquet"
+    settings = encoder_settings(cfg).as_dict()
+    meta = selected_metadata(cfg)[1]
+    compute_embeddings(meta, str(other), HashingTextEncoder(dim=128), settings=settings)
+    out = f"--out={tmp_path / 'out'}"
+    args = [f"--checkpoint={workdir}", f"--config.data.embeddings_path={other}", out]
+    status, _, err = run_cli(evaluate.run, args)
+    assert status == 1
+    [line] = _errors(err)
+    assert f"embeddings file {other} was made by another encoder" in line
+    assert "dim: file 128, config 256" in line and line.endswith(fix)
+    assert "dermjax.embed" not in line  # training's fix (compute another file) is not this one
+    # The model's text input is checked too (a file the config check cannot tell apart, such
+    # as one without a dermjax spec, crashed inside the model).
+    monkeypatch.setattr(evaluation_run, "text_input_size", lambda ckpt: 384)
+    status, _, err = run_cli(evaluate.run, [f"--checkpoint={workdir}", out])
+    assert status == 1
+    [line] = _errors(err)
+    assert "has 256 values per row, the checkpoint's model takes 384;" in line
+    assert line.endswith(fix) and "Traceback" not in err
 
 
 @pytest.mark.slow

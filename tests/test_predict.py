@@ -1,6 +1,7 @@
 """python -m dermjax.predict from a checkpoint alone: evaluate's top-1, text or not, bad images."""
 
 import json
+import re
 
 import numpy as np
 import pandas as pd
@@ -51,7 +52,7 @@ def test_predict_gives_evaluates_top1_and_probabilities_for_the_same_images(eval
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("text", [[], ["--text= "]])  # an empty text is no text, as in training
+@pytest.mark.parametrize("text", [[], ["--text="]])  # an empty text is no text, as in training
 def test_predict_without_text_is_image_only_and_reports_a_bad_image(evaluated_run, tmp_path, text):
     workdir, rows = evaluated_run
     bad = tmp_path / "broken.jpg"
@@ -63,9 +64,12 @@ def test_predict_without_text_is_image_only_and_reports_a_bad_image(evaluated_ru
     errors = [line for line in err.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and errors[0].startswith(f"error: cannot read image {bad}: ")
     lines = out.splitlines()
-    assert lines[0] == "note: no --text given (or an empty one): predicting from the image only"
-    assert lines[1] == images[0] and lines[4] == images[2] and len(lines) == 7
-    assert lines[2].split()[0] == "1" and lines[3].split()[0] == "2"
+    assert re.fullmatch(
+        rf"checkpoint: {workdir}/checkpoints \(best checkpoint, step \d+\)", lines[0]
+    )
+    assert lines[1] == "note: no --text given (or an empty one): predicting from the image only"
+    assert lines[2] == images[0] and lines[5] == images[2] and len(lines) == 8
+    assert lines[3].split()[0] == "1" and lines[4].split()[0] == "2"
 
 
 @pytest.mark.slow
@@ -75,7 +79,12 @@ def test_predict_with_text_uses_it_and_prints_json(evaluated_run, model):
     args = [f"--checkpoint={workdir}", texted["path"], "--json", "--text", texted["text_desc"]]
     status, out, _ = run_cli(predict.run, args)
     assert status == 0
-    (result,) = json.loads(out)
+    printed = json.loads(out)
+    assert printed["checkpoint"] == {
+        "path": f"{workdir}/checkpoints", "kind": "best", "step": model.ref.step
+    }  # fmt: skip
+    assert printed["notes"] == []
+    (result,) = printed["predictions"]
     assert result["image"] == texted["path"] and result["mode"] == "both"
     assert len(result["top_k"]) == 3
     assert result["top_k"][0]["label"] == texted["top1_label"]
@@ -83,6 +92,38 @@ def test_predict_with_text_uses_it_and_prints_json(evaluated_run, model):
     (image,), _ = inference.load_images([texted["path"]], model.img_size)
     image_only = inference.predict_images(model, [image], None, "image_only")[0]
     assert not np.allclose(image_only, texted[[f"prob_{c}" for c in model.classes]].to_numpy(float))
+
+
+@pytest.mark.slow
+def test_json_keeps_an_unreadable_image_in_its_place_and_blank_text_is_text(
+    evaluated_run, tmp_path, caplog
+):
+    # Training embeds a text of blanks (only "" is missing text), so predict does too.
+    workdir, rows = evaluated_run
+    missing = tmp_path / "gone.jpg"
+    images = [str(missing), rows["path"][0]]
+    status, out, err = run_cli(
+        predict.run, [f"--checkpoint={workdir}", *images, "--json", "--text= "]
+    )
+    assert status == 1
+    printed = json.loads(out)
+    assert printed["predictions"][0] == {"image": str(missing), "error": "no such file"}
+    assert printed["predictions"][1]["image"] == images[1]
+    assert printed["predictions"][1]["mode"] == "both"
+    assert f"error: cannot read image {missing}: no such file" in err.splitlines()
+    assert "the text gives an all-zero embedding" in caplog.text  # hashing knows no word in it
+
+
+@pytest.mark.slow
+def test_an_override_of_what_the_model_was_trained_with_is_refused(evaluated_run):
+    workdir, rows = evaluated_run
+    args = [f"--checkpoint={workdir}", rows["path"][0], "--config.data.img_size=(64, 64)"]
+    status, out, err = run_cli(predict.run, args)
+    assert status == 1 and out == ""
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "(data.img_size: [32, 32] -> [64, 64])" in errors[0]
+    assert errors[0].endswith("as trained: drop them")
+    assert "results are not the run's" not in err
 
 
 @pytest.mark.slow

@@ -169,17 +169,30 @@ def read_embeddings(path: str, storage_options: dict | None = None) -> pd.DataFr
     return df
 
 
-def spec_differences(stored: dict[str, Any], expected: dict[str, Any]) -> list[str]:
-    """One 'key: file X, config Y' line per key whose value differs (long values shortened)."""
+# Where an encoder's weights were loaded from; not compared when both specs name the same weights.
+_LOCATION_KEYS = frozenset({"model", "model_id", "revision"})
+
+
+def spec_differences(
+    stored: dict[str, Any], expected: dict[str, Any], names: tuple[str, str] = ("file", "config")
+) -> list[str]:
+    """One 'key: <names[0]> X, <names[1]> Y' line per key whose value differs (long values
+    shortened). Specs with the same `weights_sha256` are the same encoder wherever its folder
+    is (moved, copied, re-installed): their model paths and hub revisions are not compared."""
 
     def short(value: Any) -> str:
         text = repr(value)
         return text if len(text) <= 60 else text[:57] + "..."
 
     stored, expected = canonical_spec(stored), canonical_spec(expected)
+    keys = set(stored) | set(expected)
+    if stored.get("weights_sha256") and stored.get("weights_sha256") == expected.get(
+        "weights_sha256"
+    ):
+        keys -= _LOCATION_KEYS
     return [
-        f"{k}: file {short(stored.get(k))}, config {short(expected.get(k))}"
-        for k in sorted(set(stored) | set(expected))
+        f"{k}: {names[0]} {short(stored.get(k))}, {names[1]} {short(expected.get(k))}"
+        for k in sorted(keys)
         if stored.get(k) != expected.get(k)
     ]
 

@@ -11,6 +11,8 @@ Resizing is PIL bilinear (always antialiased), which is what torchvision does fo
 JPEGs are decoded at reduced size first (`Image.draft`: DCT scaling by 1/2, 1/4 or 1/8 while
 staying at least as large as the resize target), which is several times faster on photo-sized
 files and changes pixels by about one grey level. Unlike the original, EXIF orientation is applied.
+Photos above PIL's decompression-bomb warning size (89 Mpx) decode without that warning; above
+its limit (twice that) they are bad images with the fix named.
 
 Every PIL mode becomes 8-bit RGB by value, not by clipping (see `to_rgb`): 16-bit greyscale is
 scaled by 1/257, alpha is dropped after un-premultiplying, palettes and colour spaces are
@@ -20,6 +22,7 @@ converted.
 from __future__ import annotations
 
 import io
+import warnings
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -42,6 +45,15 @@ _TRANSPOSE = {
     8: Image.Transpose.ROTATE_90,
 }
 _SWAPS_AXES = (5, 6, 7, 8)
+
+
+def quiet_large_image_warnings() -> None:
+    """Drops PIL's warning for photos above 89 Mpx (done at import): large clinical photos are
+    legitimate; its hard limit (DecompressionBombError) still applies."""
+    warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+
+
+quiet_large_image_warnings()
 
 
 class BadImageError(DataError):
@@ -151,6 +163,8 @@ def decode(
         return np.asarray(img, dtype=np.uint8)
     except UnidentifiedImageError as e:  # its message is a BytesIO repr, useless to a user
         raise BadImageError(path, "not an image file (PIL cannot identify its format)") from e
+    except Image.DecompressionBombError as e:
+        raise BadImageError(path, f"{e}; downscale the image") from e
     except Exception as e:  # PIL raises many types (OSError, SyntaxError, ValueError, ...)
         raise BadImageError(path, f"{type(e).__name__}: {e}") from e
 

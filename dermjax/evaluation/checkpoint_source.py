@@ -20,6 +20,7 @@ from ml_collections import config_dict
 
 from dermjax.cli import apply_overrides
 from dermjax.config import load_config, validate
+from dermjax.errors import UserError
 from dermjax.train.checkpoint import CheckpointError, CheckpointReader, resolve_load_from
 from dermjax.train.checkpoint_restore import RESTORE_PRIORITY
 
@@ -113,8 +114,14 @@ class Checkpoint:
         return self.default_mode == "both"
 
 
-def saved_text_dim(ref: CheckpointRef) -> int:
-    """The text input size of the saved head (for embeddings files without a dermjax spec)."""
+def text_input_size(ckpt: Checkpoint) -> int:
+    """Values per text embedding the model takes: from the stored encoder spec or, for a run
+    trained from an embeddings file without one, from the saved head's shapes."""
+    dim = (ckpt.meta.get("encoder") or {}).get("dim")
+    return int(dim) if dim else _saved_text_dim(ckpt.ref)
+
+
+def _saved_text_dim(ref: CheckpointRef) -> int:
     import orbax.checkpoint as ocp
 
     for sub in RESTORE_PRIORITY:  # the kind folders
@@ -128,11 +135,15 @@ def saved_text_dim(ref: CheckpointRef) -> int:
     raise CheckpointError(f"step {ref.step} under {ref.directory}: no saved state")
 
 
-def open_checkpoint(path: str, *, overrides: Sequence[tuple[str, str]] = ()) -> Checkpoint:
+def open_checkpoint(
+    path: str, *, overrides: Sequence[tuple[str, str]] = (), as_trained: bool = False
+) -> Checkpoint:
     """The checkpoint `path` names, with its config and meta (only JSON is read).
 
     `overrides` are `(field, text)` pairs as on the command line (`data.local_root`, ...),
-    applied on top of the checkpoint's config.
+    applied on top of the checkpoint's config. With `as_trained` (prediction: the model runs
+    exactly as trained), overrides of trained fields are refused, except `encoder.*`, where a
+    copy of the text encoder is found and which is checked against the checkpoint's encoder.
     """
     ref = locate_checkpoint(path)
     with CheckpointReader(ref.directory) as reader:
@@ -142,7 +153,15 @@ def open_checkpoint(path: str, *, overrides: Sequence[tuple[str, str]] = ()) -> 
     if overrides:
         apply_overrides(cfg, overrides)
         changed = trained_changes(meta["config"], cfg)
-        if changed:
+        if as_trained:
+            fixed = [c for c in changed if not c.startswith("encoder.")]
+            if fixed:
+                raise UserError(
+                    f"the overrides change what the model was trained with ({'; '.join(fixed)}); "
+                    "prediction runs the checkpoint's model, image size and normalisation as "
+                    "trained: drop them"
+                )
+        elif changed:
             log.warning(
                 "the overrides change what the run was trained or split with (%s): results are "
                 "not the run's",

@@ -28,7 +28,7 @@ from dermjax.data import embeddings, encoders, fs, images, pipeline
 from dermjax.data.augment import prepare_eval
 from dermjax.embedding_file import text_encoder
 from dermjax.errors import DataError
-from dermjax.evaluation.checkpoint_source import Checkpoint, open_checkpoint, saved_text_dim
+from dermjax.evaluation.checkpoint_source import Checkpoint, open_checkpoint, text_input_size
 from dermjax.train.checkpoint import CheckpointReader
 from dermjax.train.masking import MaskSpec, apply_masking
 from dermjax.train.step import ModelParts, StepSpec, split_model
@@ -99,7 +99,7 @@ def load_model(source: str | Checkpoint) -> LoadedModel:
     """
     ckpt = source if isinstance(source, Checkpoint) else open_checkpoint(source)
     ref, cfg, classes = ckpt.ref, ckpt.cfg, ckpt.classes
-    text_dim = int((ckpt.meta.get("encoder") or {}).get("dim") or saved_text_dim(ref))
+    text_dim = text_input_size(ckpt)
     abstract_model = nnx.eval_shape(  # shapes only: every weight is read from the checkpoint
         lambda: experiment.make_model(
             cfg,
@@ -220,7 +220,7 @@ def load_images(
     for path, data in zip(paths, fs.read_many(list(paths)), strict=True):
         try:
             if isinstance(data, Exception):
-                raise images.BadImageError(path, f"{type(data).__name__}: {data}")
+                raise images.BadImageError(path, _read_error(data))
             loaded.append(images.load_eval(data, path, img_size))
         except images.BadImageError as e:
             loaded.append(None)
@@ -228,30 +228,67 @@ def load_images(
     return loaded, errors
 
 
+def _read_error(error: Exception) -> str:
+    """Why a file could not be read, without repeating its (absolute) path."""
+    if isinstance(error, FileNotFoundError):
+        return "no such file"
+    if isinstance(error, IsADirectoryError):
+        return "a folder, not an image file"
+    if isinstance(error, PermissionError):
+        return "permission denied"
+    return f"{type(error).__name__}: {error}"
+
+
 def text_vector(model: LoadedModel, text: str) -> np.ndarray:
-    """`text` embedded by the checkpoint's text encoder (the hashing one works offline)."""
+    """`text` embedded by the checkpoint's text encoder (the hashing one works offline).
+
+    The local encoder must be the one the run was trained with (same weights, pooling, length,
+    dimension; its folder may have moved). A run trained from an embeddings file made
+    elsewhere stores no spec to check against, which is said in a warning.
+    """
     spec = dict(model.meta.get("encoder") or {})
+    name = model.cfg.encoder.model_name
     if spec.get("name") == "hashing":
-        if model.cfg.encoder.model_name != "hash":
+        if name != encoders.HASH_MODEL:
             raise DataError(
                 f"the checkpoint was trained with the built-in hashing text encoder; "
-                f"encoder.model_name={model.cfg.encoder.model_name!r} cannot replace it (the "
-                "model reads that encoder's vectors): drop the override"
+                f"encoder.model_name={name!r} cannot replace it (the model reads that encoder's "
+                "vectors): drop the override"
             )
         encoder: Any = encoders.HashingTextEncoder(
             dim=spec["dim"], ngram=tuple(spec["ngram"]), seed=spec["seed"]
         )
     else:
-        encoder = text_encoder(model.cfg)  # a local model folder or the HF cache, else DataError
-        if "dim" in spec and (diff := embeddings.spec_differences(spec, encoder.spec)):
+        try:  # a local model folder or the HF cache
+            encoder = text_encoder(model.cfg)
+        except DataError as e:
             raise DataError(
-                f"the local text encoder {model.cfg.encoder.model_name!r} is not the one the "
-                f"checkpoint was trained with ({'; '.join(diff)}): use that model"
+                f"{e}. The checkpoint's text encoder is needed to embed --text: point "
+                "--config.encoder.model_name=FOLDER at a copy of it"
+            ) from e
+        if "dim" not in spec:
+            log.warning(
+                "this model was trained on text embeddings that store no dermjax encoder spec "
+                "(made elsewhere): --text is embedded with encoder.model_name=%r, pooling %s, "
+                "max_length %s, which cannot be checked to be the encoder that made them",
+                name,
+                model.cfg.encoder.pooling_type,
+                model.cfg.encoder.max_length,
+            )
+        elif diff := embeddings.spec_differences(spec, encoder.spec, ("checkpoint", "local")):
+            raise DataError(
+                f"the local text encoder {name!r} is not the one the checkpoint was trained with "
+                f"({'; '.join(diff)}): use that model"
             )
     vector = np.asarray(encoder.encode([text])[0], np.float32)
     if vector.shape != (model.text_dim,):
         raise DataError(
             f"the text encoder gives {vector.shape[0]} values, the model takes {model.text_dim}"
+        )
+    if not vector.any():
+        log.warning(
+            "the text gives an all-zero embedding (the hashing encoder found no word in it): the "
+            "model sees text present but empty"
         )
     return vector
 

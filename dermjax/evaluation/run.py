@@ -26,7 +26,7 @@ from dermjax.data.metadata import IMG_ID_COL
 from dermjax.embedding_file import text_embeddings
 from dermjax.errors import DataError, UserError
 from dermjax.evaluation import groups, metrics
-from dermjax.evaluation.checkpoint_source import Checkpoint, open_checkpoint
+from dermjax.evaluation.checkpoint_source import Checkpoint, open_checkpoint, text_input_size
 from dermjax.evaluation.inference import LoadedModel, load_model, predict_records, softmax64
 
 log = logging.getLogger(__name__)
@@ -69,12 +69,33 @@ def split_rows(model: Checkpoint, split: str) -> tuple[str, pd.DataFrame, pipeli
             f"--split={split}: the run has no such split (see data.val_size, "
             "data.test_size, data.per_dataset_split_ratios)"
         )
-    emb = text_embeddings(cfg, meta, paths.embeddings)
+    trained_with = _encoder_name(model.meta.get("encoder") or {})
+    fix = (
+        f"the model reads embeddings of the encoder it was trained with ({trained_with}): drop "
+        "the --config.encoder.* / --config.data.embeddings_path override, or point "
+        "data.embeddings_path at a file that encoder made"
+    )
+    try:
+        emb = text_embeddings(cfg, meta, paths.embeddings)
+    except embeddings.EncoderMismatchError as e:
+        reason = str(e).partition("; it is never overwritten")[0]
+        raise DataError(f"{reason}; {fix}") from e
     class_to_idx = {c: i for i, c in enumerate(model.classes)}
     records = embeddings.build_records(
         frame, img_prefix=paths.img_prefix, class_to_idx=class_to_idx, emb_df=emb
     )
+    if records.text.shape[1] != (wanted := text_input_size(model)):
+        raise DataError(
+            f"embeddings file {paths.embeddings} has {records.text.shape[1]} values per row, the "
+            f"checkpoint's model takes {wanted}; {fix}"
+        )
     return split, frame.reset_index(drop=True), records
+
+
+def _encoder_name(spec: dict) -> str:
+    if spec.get("name") == "hashing":
+        return "the built-in hashing encoder"
+    return f"encoder.model_name={spec.get('model') or spec.get('model_name')!r}"
 
 
 def predictions_frame(

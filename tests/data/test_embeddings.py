@@ -12,6 +12,7 @@ from dermjax.data.embeddings import (
     build_records,
     join_text,
     read_embeddings,
+    spec_differences,
     write_embeddings,
 )
 from dermjax.data.encoders import HashingTextEncoder
@@ -159,3 +160,21 @@ def test_build_records_joins_paths_labels_and_text():
     assert records.text.shape == (3, 8)
     with pytest.raises(ValueError, match="not in class_to_idx"):
         build_records(meta, img_prefix="x", class_to_idx={"a": 0}, emb_df=emb)
+
+
+def test_spec_differences_ignore_where_the_same_weights_were_loaded_from():
+    spec = {"model": "/a/minilm", "model_id": "/a/minilm", "revision": None,
+            "weights_sha256": "abc", "pooling": "mean", "dim": 384}  # fmt: skip
+    moved = {**spec, "model": "/b/minilm", "model_id": "/b/minilm", "revision": "r1"}
+    assert spec_differences(spec, moved) == []
+    assert spec_differences(spec, {**moved, "pooling": "cls"}, ("checkpoint", "local")) == [
+        "pooling: checkpoint 'mean', local 'cls'"
+    ]
+    other = {**moved, "weights_sha256": "def"}
+    assert [d.split(":")[0] for d in spec_differences(spec, other)] == [
+        "model", "model_id", "revision", "weights_sha256"
+    ]  # fmt: skip
+    no_hash = {k: v for k, v in spec.items() if k != "weights_sha256"}  # settings, not a spec
+    assert spec_differences(no_hash, {**no_hash, "model": "/b/minilm"}) == [
+        "model: file '/a/minilm', config '/b/minilm'"
+    ]

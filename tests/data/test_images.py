@@ -1,6 +1,7 @@
 """Decoding and the original's train/eval geometry."""
 
 import io
+import warnings
 
 import numpy as np
 import pytest
@@ -245,3 +246,19 @@ def test_text_and_empty_files_give_clear_reasons_without_an_object_repr(tmp_path
         str(empty): "empty file",
     }
     assert not any("object at 0x" in reason for reason in errors.values())
+
+
+def test_photos_over_pils_warning_size_decode_quietly_and_over_its_limit_are_bad(monkeypatch):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # warns above 100 px, refuses above 200
+
+    def png(side):
+        buffer = io.BytesIO()
+        Image.fromarray(np.full((side, side, 3), 90, np.uint8)).save(buffer, "PNG")
+        return buffer.getvalue()
+
+    with warnings.catch_warnings(record=True) as caught:
+        images.quiet_large_image_warnings()  # at import; pytest resets filters for each test
+        assert images.load_eval(png(12), "big.png", (8, 8)).shape == (8, 8, 3)
+    assert not [w for w in caught if w.category is Image.DecompressionBombWarning]
+    with pytest.raises(images.BadImageError, match=r"exceeds limit of 200 pixels.*; downscale"):
+        images.load_eval(png(15), "huge.png", (8, 8))
