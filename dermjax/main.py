@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shlex
 import sys
 
 import jax
@@ -96,13 +97,13 @@ def main(argv: list[str]) -> None:
     summary = runner.run(cfg, _WORKDIR.value)
     if summary.get("preempted"):
         folders = runner.run_folders(cfg, _WORKDIR.value)
-        same = f" (same --workdir={folders.run_dir})" if _WORKDIR.value else ""
         done = (
             f"saved step {summary['step']} to {folders.checkpoint_dir}"
             if summary.get("trained", True)
             else "stopped before training, nothing new to save"
         )
-        print(f"Preempted: {done}. Resume by re-running the same command{same}.", flush=True)
+        command = shlex.join(["python", "-m", "dermjax.main", *sys.argv[1:]])
+        print(f"Preempted: {done}. Resume with the same command: {command}", flush=True)
         return
     if summary.get("already_finished"):
         print("This run had already finished; its summary:", flush=True)

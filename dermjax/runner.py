@@ -7,8 +7,9 @@
    `output.experiment_name`: logs under `<output.log_dir or workdirs>/<name>/`, checkpoints under
    `<output.save_dir>/<name>/` (or the log folder's `checkpoints/`). Runs that share `save_dir`
    or `log_dir` never share a folder unless they share a name.
-2. The run folder is locked (`RunLock`): a second process on the same run stops with a message
-   naming the first; the kernel drops the lock when its holder dies.
+2. The run folder is locked (`RunLock`), and a local checkpoint folder outside it too: a second
+   process on the same run stops with a message naming the first; the kernel drops the lock
+   when its holder dies.
 3. Resume rules (`check_resumable`): a folder with checkpoints is continued only when the stored
    config agrees on every field that changes what is trained; fields in `RESUMABLE_CHANGES`
    (epoch budget, patience, workers, paths, logging, checkpoint cadence) may differ and are
@@ -188,8 +189,14 @@ def finished_summary(
     path = os.path.join(folders.run_dir, "summary.json")
     if not os.path.exists(path):
         return None
-    with open(path) as f:
-        summary = json.load(f)
+    try:
+        with open(path) as f:
+            summary = json.load(f)
+    except (OSError, ValueError) as e:  # cut short by a kill or a full disk: evaluate again
+        log.warning("%s cannot be read (%s): evaluating the finished run again", path, e)
+        return None
+    if not isinstance(summary, dict):
+        return None
     return summary if summary.get("trained_steps") == saved_step else None
 
 
@@ -211,16 +218,31 @@ def run(cfg: config_dict.ConfigDict, workdir: str | None) -> dict[str, Any]:
         "give --workdir a folder you can write" if workdir else "set output.log_dir (or --workdir)",
     )
     main = jax.process_index() == 0
-    lock = RunLock(folders.run_dir) if main else contextlib.nullcontext()
     log_file = (
         _log_file(os.path.join(folders.run_dir, "train.log")) if main else contextlib.nullcontext()
     )
-    with lock, log_file:
+    with _locks(folders) if main else contextlib.nullcontext(), log_file:
         ckpt = open_checkpoints(cfg, folders)
         try:
             return _run_locked(cfg, folders, ckpt, start)
         finally:
             ckpt.close()
+
+
+@contextlib.contextmanager
+def _locks(folders: RunFolders):
+    """The run folder's lock, and the checkpoint folder's when it is a local folder elsewhere
+    (`output.save_dir`): two runs sharing it through different log folders would both write."""
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(RunLock(folders.run_dir))
+        ckpt = folders.checkpoint_dir
+        if "://" not in ckpt and not ckpt.startswith(folders.run_dir + os.sep):
+            fix = (
+                "wait for it to finish, stop it, or give this run another "
+                "output.experiment_name (or --workdir)"
+            )
+            stack.enter_context(RunLock(ckpt, what="checkpoint folder", fix=fix))
+        yield
 
 
 @contextlib.contextmanager
@@ -268,6 +290,14 @@ def _resume_point(cfg, folders: RunFolders, ckpt: Checkpointer) -> ResumePoint |
                 "--workdir or output.experiment_name, or delete that folder"
             )
         check_resumable(cfg, found[1]["config"], folders.checkpoint_dir)
+        for field in ("load_from", "init_from"):
+            if c[field]:
+                log.warning(
+                    "checkpoint.%s=%s is not used: this run folder has its own checkpoints, and "
+                    "the run continues from them",
+                    field,
+                    c[field],
+                )
         return ResumePoint(ckpt, None, folders.checkpoint_dir, *found)
     if c.load_from:
         directory, step = resolve_load_from(c.load_from)
@@ -276,7 +306,7 @@ def _resume_point(cfg, folders: RunFolders, ckpt: Checkpointer) -> ResumePoint |
         if found is None:
             raise RunFolderError(f"checkpoint.load_from={c.load_from}: no checkpoint in it")
         check_resumable(cfg, found[1]["config"], c.load_from)
-        return ResumePoint(reader, found[0], c.load_from, *found)
+        return ResumePoint(reader, step, c.load_from, *found)  # step None: newest readable
     return None
 
 
@@ -323,6 +353,8 @@ def _run_locked(cfg, folders: RunFolders, ckpt: Checkpointer, start: float) -> d
     try:
         if resume is not None:
             trainer.restore(resume.source, resume.step, resume.name, dict(resume.meta))
+            if own_resume and (restored := int(trainer.state["step"])) != resume.saved_step:
+                tracker.rewind(restored)  # fell back past a damaged newer copy
         elif cfg.checkpoint.init_from:
             trainer.init_weights(cfg.checkpoint.init_from)
         if not trainer.train():

@@ -45,6 +45,15 @@ def to_jsonable(value: Any) -> Any:
     return str(value)
 
 
+def _kept(records: Sequence[Mapping[str, Any]], step: int) -> list[str]:
+    """The lines a run resumed at global step `step` keeps: epoch records up to it."""
+    return [
+        json.dumps(r)
+        for r in records
+        if r.get("step", 0) <= step and r.get("event") in ("epoch", "val/confusion_matrix")
+    ]
+
+
 def _is_remote(path: str) -> bool:
     return "://" in path and not path.startswith("file://")
 
@@ -121,12 +130,23 @@ class Tracker:
                     records.append(json.loads(line))
                 except json.JSONDecodeError:  # a line cut short when the run was killed
                     warnings.warn(f"{self.metrics_path}: dropped an unreadable line", stacklevel=3)
-        return [
-            json.dumps(r)
-            for r in records
-            if r.get("step", 0) <= resume_step
-            and r.get("event") in ("epoch", "val/confusion_matrix")
-        ]
+        return _kept(records, resume_step)
+
+    def rewind(self, step: int) -> None:
+        """Drops the records after global step `step`: the resumed run fell back to an older
+        checkpoint than the one it started from (a damaged newer copy)."""
+        if not self.enabled:
+            return
+        self._last_step = step
+        if self._remote_lines is not None:
+            self._remote_lines = _kept([json.loads(x) for x in self._remote_lines], step)
+            return
+        if not os.path.exists(self.metrics_path):
+            return
+        with open(self.metrics_path, encoding="utf-8") as f:
+            records = [json.loads(line) for line in f.read().splitlines()]
+        with open(self.metrics_path, "w", encoding="utf-8") as f:
+            f.writelines(line + "\n" for line in _kept(records, step))
 
     def _start_wandb(self, project: str, wandb_dir: str | None, config: Any) -> None:
         try:
@@ -239,8 +259,16 @@ class Tracker:
         if not self.enabled:
             return
         values = to_jsonable(values)
-        with fsspec.open(f"{self.workdir}/summary.json", "w") as f:
-            json.dump(values, f, indent=2, allow_nan=False)
+        text = json.dumps(values, indent=2, allow_nan=False)
+        path = f"{self.workdir}/summary.json"
+        if _is_remote(path):  # an object store writes an object whole
+            with fsspec.open(path, "w") as f:
+                f.write(text)
+        else:  # a run killed while writing must not leave half a file
+            partial = f"{path}.partial"
+            with open(partial, "w", encoding="utf-8") as f:
+                f.write(text)
+            os.replace(partial, path)
         if self._run is not None:
             try:
                 self._run.summary.update(values)

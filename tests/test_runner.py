@@ -1,5 +1,6 @@
 """Run integrity: own folders per run, resume rules, finished runs, read-only sources, the lock."""
 
+import copy
 import json
 import os
 import shutil
@@ -8,6 +9,7 @@ import jax
 import numpy as np
 import pytest
 
+from dermjax import runner
 from dermjax.errors import DataError, RunFolderError
 from dermjax.experiment import rng_streams
 from dermjax.experiment_data import load_data
@@ -128,6 +130,41 @@ def test_a_second_process_on_the_run_folder_is_refused(finished_run):
     _, cfg, workdir, _ = finished_run
     with RunLock(str(workdir)), pytest.raises(RunFolderError, match=f"pid {os.getpid()}"):
         run(cfg, str(workdir))
+
+
+def test_a_second_run_on_a_shared_checkpoint_folder_is_refused(tmp_path):
+    # Two log folders, one output.save_dir/experiment_name: both would write the same checkpoints.
+    cfg = tiny_demo_config(tmp_path / "data")
+    cfg.output.save_dir, cfg.output.experiment_name = str(tmp_path / "ckpts"), "x"
+    cfg.output.log_dir = str(tmp_path / "logs_a")
+    first = run_folders(cfg, None)
+    cfg.output.log_dir = str(tmp_path / "logs_b")
+    with runner._locks(first), pytest.raises(RunFolderError) as info:
+        run(cfg, None)
+    assert str(info.value).startswith(f"checkpoint folder {tmp_path / 'ckpts' / 'x'} is in use")
+    assert str(info.value).endswith("give this run another output.experiment_name (or --workdir)")
+
+
+def test_a_finished_run_with_a_damaged_summary_is_evaluated_again(finished_run, tmp_path, caplog):
+    # A kill or a full disk while summary.json was written used to wedge the run for good.
+    _, cfg, source, summary = finished_run
+    copy = tmp_path / "copy"
+    shutil.copytree(source, copy)
+    (copy / "summary.json").write_text('{"val": {"accur')
+    again = run(cfg, str(copy))
+    assert "cannot be read" in caplog.text and "evaluating the finished run again" in caplog.text
+    assert again["test"] == summary["test"] and not again.get("already_finished")
+    assert json.loads((copy / "summary.json").read_text())["test"] == summary["test"]
+
+
+def test_load_from_is_said_to_be_unused_when_the_run_has_its_own_checkpoints(finished_run, caplog):
+    _, cfg, workdir, _ = finished_run
+    cfg = copy.deepcopy(cfg)
+    cfg.checkpoint.load_from = "/somewhere/else"
+    assert run(cfg, str(workdir))["already_finished"]
+    assert "checkpoint.load_from=/somewhere/else is not used: this run folder has its own" in (
+        caplog.text
+    )
 
 
 def test_init_from_a_finished_run_trains_and_leaves_the_source_untouched(finished_run, tmp_path):

@@ -69,6 +69,29 @@ def test_a_resumed_tracker_keeps_records_up_to_its_checkpoint_and_drops_later_on
     ]
 
 
+@pytest.mark.parametrize("remote", [False, True])
+def test_rewind_drops_the_records_after_an_older_checkpoint_the_run_fell_back_to(tmp_path, remote):
+    # The resume started from step 30's metadata, but its arrays were damaged: step 10 restored.
+    workdir = f"memory://tracking-{uuid.uuid4().hex}/run" if remote else str(tmp_path / "run")
+    first = Tracker(workdir, experiment_name="exp", config_dict=CONFIG)
+    for step in (10, 20, 30):
+        first.log("epoch", step, {"loss": 1 / step})
+    resumed = Tracker(workdir, experiment_name="exp", config_dict=CONFIG, resume_step=30)
+    resumed.rewind(10)
+    resumed.log("epoch", 20, {"loss": 0.0})
+    records = _read_jsonl(f"{workdir}/metrics.jsonl")
+    assert [(r["step"], r["loss"]) for r in records] == [(10, 0.1), (20, 0.0)]
+
+
+def test_summary_is_replaced_whole(tmp_path, monkeypatch):
+    tracker = Tracker(str(tmp_path), experiment_name="exp", config_dict=CONFIG)
+    tracker.summary({"test": {"accuracy": 0.5}})
+    monkeypatch.setattr(json, "dumps", lambda *a, **k: 1 / 0)  # fails before anything is written
+    with pytest.raises(ZeroDivisionError):
+        tracker.summary({"test": {"accuracy": 0.7}})
+    assert json.loads((tmp_path / "summary.json").read_text()) == {"test": {"accuracy": 0.5}}
+
+
 def test_a_fresh_tracker_moves_an_earlier_runs_records_aside(tmp_path):
     Tracker(str(tmp_path), experiment_name="exp", config_dict=CONFIG).log("epoch", 5, {"a": 1})
     with pytest.warns(UserWarning, match="moved to metrics.jsonl"):

@@ -35,6 +35,7 @@ were made: after a crash, a visible periodic step implies the best saved just be
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import logging
@@ -49,6 +50,7 @@ from dermjax.train.checkpoint_restore import (
     RESTORE_PRIORITY,
     CheckpointError,
     candidates,
+    drop_abandoned_reads,
     item_dir,
     open_manager,
     read_only_managers,
@@ -99,15 +101,23 @@ class CheckpointReader:
     def latest_meta(self) -> tuple[int, dict] | None:
         """(step, meta) of the newest step whose JSON meta is readable (no arrays are read).
 
-        None when the folder holds no readable checkpoint; unreadable newer ones are logged.
+        None when the folder holds no readable checkpoint, with a warning naming each copy.
+        Newer unreadable copies are only logged at INFO: the restore tries them again and its
+        warning names them.
         """
         self.wait()
         failures: list[str] = []
         for s, sub in candidates(self._managers, self.directory, None):
             try:
-                return s, self._read_meta(sub, s)
+                found = s, self._read_meta(sub, s)
             except Exception as e:  # damaged or missing meta: try an older copy
-                unreadable(failures, self.directory, sub, s, e)
+                unreadable(failures, sub, s, e)
+                continue
+            if failures:
+                log.info("%s: metadata of newer copies unreadable: %s", self.directory, failures)
+            return found
+        if failures:
+            log.warning("%s: no checkpoint metadata can be read: %s", self.directory, failures)
         return None
 
     def read_meta(self, step: int) -> dict:
@@ -118,7 +128,7 @@ class CheckpointReader:
             try:
                 return self._read_meta(sub, s)
             except Exception as e:
-                unreadable(failures, self.directory, sub, s, e)
+                unreadable(failures, sub, s, e)
         raise CheckpointError(
             f"Cannot read the metadata of step {step} under {self.directory}: "
             + "; ".join(failures)
@@ -141,7 +151,11 @@ class CheckpointReader:
             if data_iter is not None:
                 if item_dir(self._managers[sub], s, "data").exists():
                     items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
-                else:
+                elif self._read_meta(sub, s).get("data_iterator"):
+                    raise CheckpointError(  # resuming would silently change the data order
+                        "its data-iterator state (data/) is missing, though it was saved with one"
+                    )
+                else:  # saved without an iterator (e.g. converted from the original's)
                     log.warning(
                         "Checkpoint %s/%s/%d holds no data-iterator state; the iterator keeps "
                         "its current position.",
@@ -210,8 +224,34 @@ class CheckpointReader:
         self.close()
 
 
+# How storage refuses a write, as the OS or TensorStore words it -> what to tell the user.
+_REFUSED_WRITES = {
+    "No space left on device": "no space left on device",
+    "os_error_code='28'": "no space left on device",
+    "Disk quota exceeded": "disk quota exceeded",
+    "Read-only file system": "the file system is read-only",
+    "Permission denied": "permission denied",
+}
+
+
+def refused_write(error: BaseException) -> str | None:
+    """Why storage refused a checkpoint write (full, read-only, ...), None for other errors."""
+    seen: BaseException | None = error
+    while seen is not None:
+        text = str(seen)
+        for marker, reason in _REFUSED_WRITES.items():
+            if marker in text:
+                return reason
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
 class Checkpointer(CheckpointReader):
-    """Saves and restores training state, data-iterator position and run metadata."""
+    """Saves and restores training state, data-iterator position and run metadata.
+
+    A write the storage refuses (disk full, read-only, no permission) raises CheckpointError in
+    one line, where the run saves or waits for a save; the newer checkpoints stay whole.
+    """
 
     def __init__(
         self,
@@ -232,7 +272,41 @@ class Checkpointer(CheckpointReader):
         self.save_frequency = save_frequency
         self._keep = {"periodic": keep_last, "best": 1, "last": 1}
         self._async_save = async_save
+        self._write_failed = False
+        drop_abandoned_reads()  # a failed write abandons the others like a failed read
         super().__init__(directory, monitor_mode=monitor_mode)
+
+    @contextlib.contextmanager
+    def _writes(self):
+        """Turns a write the storage refused into one CheckpointError (other errors are bugs)."""
+        try:
+            yield
+        except CheckpointError:
+            raise
+        except Exception as e:
+            reason = refused_write(e)
+            if reason is None:
+                raise
+            self._write_failed = True
+            raise CheckpointError(
+                f"cannot write a checkpoint under {self.directory}: {reason}; make room (or fix "
+                "the folder) and re-run the same command: it resumes from the newest complete "
+                "checkpoint"
+            ) from e
+
+    def wait(self) -> None:
+        with self._writes():
+            super().wait()
+
+    def close(self) -> None:
+        """Finish pending saves and release the managers; after a refused write, only release
+        them (the error was raised already)."""
+        if not self._write_failed:
+            super().close()
+            return
+        for manager in self._managers.values():
+            with contextlib.suppress(Exception):
+                manager.close()
 
     def _open_managers(self) -> dict[str, ocp.CheckpointManager]:
         return {
@@ -250,16 +324,23 @@ class Checkpointer(CheckpointReader):
             raise ValueError(f"kind must be one of {sorted(KIND_SUBDIR)}, got {kind!r}.")
         sub = KIND_SUBDIR[kind]
         stamp = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
-        meta = {**meta, "kind": kind, "timestamp": stamp, "monitor_mode": self.monitor_mode}
+        meta = {
+            **meta,
+            "kind": kind,
+            "timestamp": stamp,
+            "monitor_mode": self.monitor_mode,
+            "data_iterator": data_iter is not None,  # a copy that lacks it is damaged
+        }
         json.dumps(meta)  # fail here, not in the background writer, on non-JSON values
-        self._drop_superseded(step, sub)
-        for name, manager in self._managers.items():  # keep saves visible in the order made
-            if name != sub:
-                manager.wait_until_finished()
-        items = {"state": ocp.args.StandardSave(state), "meta": ocp.args.JsonSave(meta)}
-        if data_iter is not None:
-            items["data"] = grain.checkpoint.CheckpointSave(data_iter)
-        self._managers[sub].save(step, args=ocp.args.Composite(**items), force=True)
+        with self._writes():
+            self._drop_superseded(step, sub)
+            for name, manager in self._managers.items():  # keep saves visible in the order made
+                if name != sub:
+                    manager.wait_until_finished()
+            items = {"state": ocp.args.StandardSave(state), "meta": ocp.args.JsonSave(meta)}
+            if data_iter is not None:
+                items["data"] = grain.checkpoint.CheckpointSave(data_iter)
+            self._managers[sub].save(step, args=ocp.args.Composite(**items), force=True)
 
     def _drop_superseded(self, step: int, sub: str) -> None:
         stale = [
@@ -272,11 +353,16 @@ class Checkpointer(CheckpointReader):
         if not stale:
             return
         self.wait()
+        why = (
+            "the run resumed from an earlier step"
+            if any(s > step for _, s in stale)
+            else "this step is saved again"
+        )
         log.warning(
-            "Saving step %d under %s: removing checkpoints it supersedes (the run resumed from an "
-            "earlier step): %s",
+            "Saving step %d under %s: removing checkpoints it supersedes (%s): %s",
             step,
             self.directory,
+            why,
             ", ".join(f"{name}/{s}" for name, s in stale),
         )
         for name, s in stale:

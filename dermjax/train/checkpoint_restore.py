@@ -39,7 +39,19 @@ class _DropReadOnlyNotice(logging.Filter):
         return not str(record.msg).startswith("Given directory is read only")
 
 
+class _DropReraisedWriteErrors(logging.Filter):
+    """orbax logs a failed background write three times with its whole traceback, then raises
+    the same error where the run waits for the save (`Checkpointer` reports it in one line)."""
+
+    _SAID = ("raised an exception", "in background save thread", "Save Finalize thread")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not ("orbax" in record.pathname and any(s in message for s in self._SAID))
+
+
 logging.getLogger("absl").addFilter(_DropReadOnlyNotice())
+logging.getLogger("absl").addFilter(_DropReraisedWriteErrors())
 
 
 class CheckpointError(UserError):
@@ -55,6 +67,8 @@ def open_manager(
         read_only=read_only,
         create=not read_only,
         save_interval_steps=0 if read_only else 1,
+        # The torn writes of a killed run (a whole state each); safe: the folder is locked.
+        cleanup_tmp_directories=not read_only and "://" not in path,
     )
     return ocp.CheckpointManager(path, options=options, item_handlers=item_handlers)
 
@@ -116,13 +130,14 @@ def candidates(
     return candidates
 
 
-def unreadable(failures: list[str], directory: str, sub: str, s: int, e: Exception) -> None:
+def unreadable(failures: list[str], sub: str, s: int, e: Exception) -> None:
+    """Adds why copy `sub/s` cannot be read to `failures` (reported once, by the caller)."""
     root = e
     while root.__cause__ is not None:  # orbax wraps TensorStore's error, which names the file
         root = root.__cause__
     reason = f"{sub}/{s}: {first_line(root, limit=300)}"
-    failures.append(reason)
-    log.warning("Checkpoint %s/%s cannot be read: %s", directory, sub, reason)
+    if reason not in failures:
+        failures.append(reason)
 
 
 def _check_fits(structure: Any, target: Any, *, partial: bool, where: str) -> None:
@@ -167,9 +182,10 @@ def restore_first_readable(
 
 
 def _is_abandoned_read(unraisable: Any) -> bool:
-    """An error of a read orbax abandoned: TensorStore's completion callback after its loop
-    closed, or orbax's read coroutine raising as it is closed (collected) unfinished. The
-    failure that made orbax abandon them is raised and reported; these say nothing more."""
+    """An error of a read or write orbax abandoned: TensorStore's completion callback after its
+    loop closed, or orbax's coroutine raising as it is closed (collected) unfinished, also at
+    interpreter shutdown. The failure that made orbax abandon them is raised and reported;
+    these say nothing more."""
     e, source = unraisable.exc_value, getattr(unraisable, "object", None)
     if isinstance(e, RuntimeError) and str(e) == "Event loop is closed":
         return True
@@ -177,11 +193,14 @@ def _is_abandoned_read(unraisable: Any) -> bool:
     return (
         isinstance(code, types.CodeType)
         and "orbax" in code.co_filename
-        and str(e).startswith("Encountered error while reading array")
+        and (
+            str(e).startswith("Encountered error while reading array")
+            or (isinstance(e, ImportError) and "Python is likely shutting down" in str(e))
+        )
     )
 
 
-def _drop_abandoned_reads() -> None:
+def drop_abandoned_reads() -> None:
     """Wraps `sys.unraisablehook` (once) so that it drops `_is_abandoned_read` errors.
 
     It stays for the rest of the process: such errors can still arrive after the restore
@@ -213,7 +232,7 @@ def _quiet_leftover_reads():
     logger = logging.getLogger("asyncio")
     level = logger.level
     logger.setLevel(logging.CRITICAL)
-    _drop_abandoned_reads()
+    drop_abandoned_reads()
     try:
         yield
     finally:
@@ -237,13 +256,13 @@ def _first_readable(
                 item_dir(managers[sub], s, "state")
             )
         except Exception as e:  # missing or damaged tree metadata: like any other damage
-            unreadable(failures, directory, sub, s, e)
+            unreadable(failures, sub, s, e)
             continue
         _check_fits(structure.tree, target, partial=partial, where=f"{directory} ({sub}/{s})")
         try:
             restored = managers[sub].restore(s, args=args_for(sub, s))
         except Exception as e:  # any damage: missing file, truncated chunk, bad JSON, ...
-            unreadable(failures, directory, sub, s, e)
+            unreadable(failures, sub, s, e)
             continue
         if failures:
             log.warning(

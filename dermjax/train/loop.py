@@ -327,7 +327,8 @@ class Trainer:
                     log.info(
                         "early stopping after epoch %d: %s stalled", epoch, cfg.training.monitor
                     )
-                    return True
+                    break
+            self.ckpt.wait()  # under the guard: a SIGTERM now must not tear the last save
         return True
 
     def test(self, started_at: float) -> dict[str, Any]:

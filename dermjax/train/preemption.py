@@ -15,9 +15,12 @@ import jax
 import numpy as np
 from absl import logging
 
+from dermjax.errors import UserError
 
-class NonFiniteLossError(FloatingPointError):
-    """The training loss became NaN or infinite (raised under `training.on_nonfinite="error"`)."""
+
+class NonFiniteLossError(UserError, FloatingPointError):
+    """The training loss became NaN or infinite (raised under `training.on_nonfinite="error"`);
+    a setting to change, so one error line, not a traceback."""
 
     def __init__(self, step: int, value: float) -> None:
         self.step = step

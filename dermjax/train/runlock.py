@@ -1,5 +1,8 @@
 """One run per local run folder: an exclusive `flock` on `<folder>/.dermjax.lock`.
 
+The runner also locks a run's checkpoint folder when it lies elsewhere (`output.save_dir`), so
+two runs that share it through different log folders cannot both write there.
+
 The kernel drops a `flock` when its holder's last file descriptor closes, so a crashed or
 SIGKILLed run never leaves the folder locked; the lock file itself stays behind and is harmless.
 While held, the file names the holder (pid, host, start time in UTC, command line), so a second
@@ -43,10 +46,17 @@ class RunLock:
     `acquire()` raises `RunFolderError` naming the holder when another process has the folder.
     """
 
-    def __init__(self, folder: str) -> None:
+    def __init__(
+        self,
+        folder: str,
+        *,
+        what: str = "run folder",
+        fix: str = "wait for it to finish, stop it, or use another --workdir",
+    ) -> None:
         if "://" in str(folder):
             raise ValueError(f"RunLock needs a local folder, got {folder}.")
         self.folder = os.path.abspath(folder)
+        self.what, self.fix = what, fix
         self.path = os.path.join(self.folder, LOCK_FILE)
         self._fd: int | None = None
         self._owner_pid: int | None = None
@@ -65,7 +75,7 @@ class RunLock:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as e:
             raise RunFolderError(
-                f"run folder {self.folder} cannot be locked ({e.strerror}): check that it is a "
+                f"{self.what} {self.folder} cannot be locked ({e.strerror}): check that it is a "
                 "writable local folder, or use another --workdir"
             ) from e
         try:
@@ -96,14 +106,13 @@ class RunLock:
                 if time.monotonic() > deadline:
                     break
                 time.sleep(0.05)
-        fix = "wait for it to finish, stop it, or use another --workdir"
         if not isinstance(holder, dict):
-            return f"run folder {self.folder} is in use by another process: {fix}"
+            return f"{self.what} {self.folder} is in use by another process: {self.fix}"
         command = " ".join(str(holder.get("command", "?")).split())  # one line
         command = command if len(command) <= 200 else command[:197] + "..."
         return (
-            f"run folder {self.folder} is in use by pid {holder.get('pid', '?')} on host "
-            f"{holder.get('host', '?')} since {holder.get('started', '?')} ({command}): {fix}"
+            f"{self.what} {self.folder} is in use by pid {holder.get('pid', '?')} on host "
+            f"{holder.get('host', '?')} since {holder.get('started', '?')} ({command}): {self.fix}"
         )
 
     def release(self) -> None:
