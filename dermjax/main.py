@@ -45,7 +45,7 @@ _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Multi-process runs
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "Multi-process runs: this process's id.")
 
 
-def _print_plan(cfg) -> None:
+def _print_plan(cfg, devices: int) -> None:
     """The resolved config and where the run would read and write (no file is touched)."""
     folders = runner.run_folders(cfg, _WORKDIR.value)
     paths = data_paths(cfg)
@@ -65,7 +65,7 @@ def _print_plan(cfg) -> None:
     for name, value in rows.items():
         if value is not None:
             print(f"{name}: {value}")
-    print(f"devices: {jax.device_count()} ({jax.devices()[0].platform}); config is valid")
+    print(f"devices: {devices} ({jax.devices()[0].platform}); config is valid")
 
 
 def setup_logging() -> None:
@@ -85,13 +85,17 @@ def setup_logging() -> None:
 def main(argv: list[str]) -> None:
     del argv
     cfg = _CONFIG.value
-    parallel.maybe_initialize_distributed(
-        _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value
-    )
-    validate_for_run(cfg, device_count=jax.device_count(), process_count=jax.process_count())
-    if _DRY_RUN.value:
-        _print_plan(cfg)
+    launch = (_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    if _DRY_RUN.value:  # alone: no runtime to start, no other process to wait for
+        processes = (parallel.explicit_launch(*launch) or {}).get("num_processes", 1)
+        devices = jax.local_device_count() * processes  # as many on every host
+        validate_for_run(cfg, device_count=devices, process_count=processes)
+        _print_plan(cfg, devices)
         return
+    parallel.maybe_initialize_distributed(*launch)
+    # Before validation: a config only one process got wrong would leave the others waiting.
+    parallel.check_same_launch({"config": cfg.to_dict()})
+    validate_for_run(cfg, device_count=jax.device_count(), process_count=jax.process_count())
     setup_logging()
     compile_cache.enable(cfg.training.compilation_cache_dir)
     summary = runner.run(cfg, _WORKDIR.value)

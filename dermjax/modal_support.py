@@ -19,8 +19,10 @@ import concurrent.futures
 import dataclasses
 import json
 import logging
+import math
 import os
 import pathlib
+import re
 import sys
 import tempfile
 import threading
@@ -29,7 +31,7 @@ from typing import Any
 
 from ml_collections import config_dict
 
-from dermjax.errors import ConfigError, DataError
+from dermjax.errors import ConfigError, DataError, UserError
 
 log = logging.getLogger(__name__)
 
@@ -67,12 +69,26 @@ class ModalSettings:
         return out
 
 
+# Modal's rule for Volume names; a GPU is a type with an optional ":count".
+_VOLUME_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
+_GPU = re.compile(r"[A-Za-z0-9._-]+(:[1-9][0-9]*)?")
+
+
 def settings_from_env(environ: Mapping[str, str] | None = None) -> ModalSettings:
-    """ModalSettings with every `DERMJAX_MODAL_*` variable of `environ` (default os.environ)."""
+    """ModalSettings with every `DERMJAX_MODAL_*` variable of `environ` (default os.environ).
+
+    Raises UserError naming every bad or unknown variable (a misspelled one used to be
+    ignored, leaving the default in place).
+    """
     environ = os.environ if environ is None else environ
+    fields = {ENV_PREFIX + f.name.upper(): f for f in dataclasses.fields(ModalSettings)}
+    problems = [
+        f"{name} is not a setting (known: {', '.join(sorted(fields))})"
+        for name in sorted(environ)
+        if name.startswith(ENV_PREFIX) and name not in fields
+    ]
     values: dict[str, Any] = {}
-    for field in dataclasses.fields(ModalSettings):
-        name = ENV_PREFIX + field.name.upper()
+    for name, field in fields.items():
         if name not in environ:
             continue
         text = environ[name].strip()
@@ -83,16 +99,29 @@ def settings_from_env(environ: Mapping[str, str] | None = None) -> ModalSettings
             else:
                 values[field.name] = kind(text)
         except ValueError:
-            raise ConfigError(
-                f"{name}={text!r}: expected a value of type {kind.__name__}"
-            ) from None
+            problems.append(f"{name}={text!r}: expected a value of type {kind.__name__}")
     settings = ModalSettings(**values)
     if not settings.gpu:
-        raise ConfigError(f"{ENV_PREFIX}GPU is empty: name a GPU type, e.g. H100,A100-80GB")
+        problems.append(f"{ENV_PREFIX}GPU is empty: name a GPU type, e.g. H100,A100-80GB")
+    problems += [
+        f"{ENV_PREFIX}GPU: {gpu!r} is not TYPE or TYPE:COUNT (e.g. A100-80GB or H100:2)"
+        for gpu in settings.gpu
+        if not _GPU.fullmatch(gpu)
+    ]
+    if not (math.isfinite(settings.cpu) and settings.cpu > 0):
+        problems.append(f"{ENV_PREFIX}CPU={settings.cpu}: must be a number of cores above 0")
     if not 1 <= settings.timeout_s <= 24 * 3600:
-        raise ConfigError(f"{ENV_PREFIX}TIMEOUT_S={settings.timeout_s}: must be 1..86400 s")
+        problems.append(f"{ENV_PREFIX}TIMEOUT_S={settings.timeout_s}: must be 1..86400 s")
     if not 0 <= settings.retries <= 10:
-        raise ConfigError(f"{ENV_PREFIX}RETRIES={settings.retries}: must be 0..10")
+        problems.append(f"{ENV_PREFIX}RETRIES={settings.retries}: must be 0..10")
+    problems += [
+        f"{ENV_PREFIX}{field.upper()}={getattr(settings, field)!r}: a Volume name is 1-64 "
+        "letters, digits, '.', '_' or '-'"
+        for field in ("data_volume", "runs_volume")
+        if not _VOLUME_NAME.fullmatch(getattr(settings, field))
+    ]
+    if problems:
+        raise UserError(f"Modal settings: {'; '.join(problems)}")
     return settings
 
 

@@ -9,6 +9,8 @@ same code runs on one CPU, one GPU, a multi-GPU box, or a multi-host TPU pod sli
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 from typing import Any
@@ -20,7 +22,7 @@ from jax.sharding import PartitionSpec as P
 
 from dermjax import failfast
 from dermjax.data import fs
-from dermjax.errors import ConfigError
+from dermjax.errors import ConfigError, UserError
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +68,21 @@ def maybe_initialize_distributed(
     DERMJAX_PROCESS_ID. Without them, JAX's own cluster detection runs only where a cluster is
     visible (a TPU VM, SLURM or Open MPI with several tasks, JAX_COORDINATOR_ADDRESS).
     """
+    given = explicit_launch(coordinator_address, num_processes, process_id)
+    if given is not None:
+        jax.distributed.initialize(**given)
+    elif _cluster_detected():
+        jax.distributed.initialize()
+    else:
+        return
+    failfast.watch()
+    log.info("jax.distributed: process %d of %d", jax.process_index(), jax.process_count())
+
+
+def explicit_launch(
+    coordinator_address: str | None, num_processes: int | None, process_id: int | None
+) -> dict[str, Any] | None:
+    """The checked launch values of the flags or DERMJAX_* variables; None when none is given."""
     given = {"coordinator_address": coordinator_address}
     given.update(num_processes=num_processes, process_id=process_id)
     for key, env in _ENV.items():
@@ -74,17 +91,72 @@ def maybe_initialize_distributed(
             if key != "coordinator_address" and not value.isdigit():
                 raise ConfigError(f"{env}={value!r}: expected a non-negative integer")
             given[key] = value if key == "coordinator_address" else int(value)
-    if any(v is not None for v in given.values()):
-        missing = [f"--{k} (or {_ENV[k]})" for k, v in given.items() if v is None]
-        if missing:
-            raise ConfigError(f"a multi-process launch also needs {', '.join(missing)}")
-        jax.distributed.initialize(**given)
-    elif _cluster_detected():
-        jax.distributed.initialize()
-    else:
+    if all(v is None for v in given.values()):
+        return None
+    missing = [f"--{k} (or {_ENV[k]})" for k, v in given.items() if v is None]
+    if missing:
+        raise ConfigError(f"a multi-process launch also needs {', '.join(missing)}")
+    _check_launch(**given)
+    return given
+
+
+def _check_launch(coordinator_address: str, num_processes: int, process_id: int) -> None:
+    """ConfigError for launch values jax.distributed would crash or hang on."""
+    host, _, port = str(coordinator_address).rpartition(":")
+    if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ConfigError(
+            f"--coordinator_address={coordinator_address!r}: expected HOST:PORT with a port "
+            "from 1 to 65535 (process 0's host, e.g. 10.0.0.2:1234)"
+        )
+    if num_processes < 1 or not 0 <= process_id < num_processes:
+        raise ConfigError(
+            f"--num_processes={num_processes} --process_id={process_id}: give every process "
+            "the same count (1 or more) and its own id from 0 to count - 1"
+        )
+
+
+def check_same_launch(launch: dict[str, Any]) -> None:
+    """Raises UserError on every process when the processes were launched with different
+    configs (or process counts), naming the fields; a no-op in a single-process run.
+
+    Different settings per process train silently wrong (label smoothing), deadlock (batch
+    size) or fail deep in JAX without naming the field (seed), so they are compared before
+    anything else. Every process takes part: two all-gathers of a few kilobytes.
+    """
+    if jax.process_count() == 1:
         return
-    failfast.watch()
-    log.info("jax.distributed: process %d of %d", jax.process_index(), jax.process_count())
+    from jax.experimental import multihost_utils
+
+    text = json.dumps(launch, sort_keys=True, default=str).encode()
+    digest = np.frombuffer(hashlib.sha256(text).digest(), np.uint8)
+    digests = np.asarray(multihost_utils.process_allgather(digest))
+    if (digests == digests[0]).all():
+        return
+    size = int(np.asarray(multihost_utils.process_allgather(np.int64(len(text)))).max())
+    padded = np.zeros(size, np.uint8)
+    padded[: len(text)] = np.frombuffer(text, np.uint8)
+    texts = np.asarray(multihost_utils.process_allgather(padded))
+    launches = [json.loads(bytes(row).rstrip(b"\0")) for row in texts]
+    differing = []
+    for key in sorted(_flat(launches[0]).keys() | _flat(launch).keys()):
+        values = [_flat(other).get(key) for other in launches]
+        if len({json.dumps(v, sort_keys=True) for v in values}) > 1:
+            shown = ", ".join(f"process {i}: {v!r}" for i, v in enumerate(values))
+            differing.append(f"{key} ({shown})")
+    raise UserError(
+        f"the processes were launched with different settings: {'; '.join(differing[:5])}"
+        f"{f'; and {len(differing) - 5} more' if len(differing) > 5 else ''}: launch every "
+        "process with the same config file and --config overrides"
+    )
+
+
+def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(tree, dict):
+        return {prefix.rstrip("."): tree}
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        out.update(_flat(value, f"{prefix}{key}."))
+    return out
 
 
 def make_mesh() -> Mesh:

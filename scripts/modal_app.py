@@ -27,8 +27,12 @@ import subprocess
 import modal
 
 from dermjax import modal_support as ms
+from dermjax.errors import UserError
 
-SETTINGS = ms.settings_from_env()
+try:
+    SETTINGS = ms.settings_from_env()
+except UserError as e:  # at import, under `modal run`: the problems, not a traceback
+    raise SystemExit(f"error: {e}") from None
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 SOURCE_IN_IMAGE = "/opt/dermjax-src"
 EXTRAS = "gcs,wandb,text"

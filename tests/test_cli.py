@@ -157,3 +157,20 @@ def test_dry_run_prints_the_config_and_every_path_without_reading_data(tmp_path)
     assert "batch_size: 16" in out
     assert "img_size:\n  - 224\n  - 224\n" in out and "!!python" not in out  # plain YAML
     assert list(tmp_path.iterdir()) == []  # no data read, no run folder made
+
+
+def test_a_multi_process_dry_run_checks_alone_for_the_whole_launch(tmp_path):
+    # It started the distributed runtime and waited (5 min) for processes that never came.
+    launch = ["--coordinator_address=127.0.0.1:1", "--num_processes=2", "--process_id=1"]
+    run = [sys.executable, "-m", "dermjax.main", "--config=configs/demo.py", "--dry_run", *launch]
+    proc = subprocess.run(
+        [*run, "--config.training.batch_size=16"], cwd=tmp_path, capture_output=True, text=True,
+        timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines()[-1] == "devices: 2 (cpu); config is valid"
+    proc = subprocess.run(
+        [*run, "--config.training.batch_size=15"], cwd=tmp_path, capture_output=True, text=True,
+        timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 2 and "training.batch_size=15: must be divisible by 2" in proc.stderr

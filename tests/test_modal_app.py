@@ -19,7 +19,7 @@ import pytest
 
 from dermjax import modal_support as ms
 from dermjax.data import fs
-from dermjax.errors import ConfigError, DataError
+from dermjax.errors import ConfigError, DataError, UserError
 
 modal = pytest.importorskip("modal")
 from modal._utils.async_utils import synchronizer  # noqa: E402
@@ -118,12 +118,26 @@ def test_defaults_are_the_documented_ones_and_empty_secret_names_drop_secrets(mo
     [
         {"DERMJAX_MODAL_TIMEOUT_S": "1h"},
         {"DERMJAX_MODAL_GPU": " , "},
+        {"DERMJAX_MODAL_GPU": "A100:80GB"},
         {"DERMJAX_MODAL_RETRIES": "11"},
+        {"DERMJAX_MODAL_CPU": "nan"},
+        {"DERMJAX_MODAL_CPU": "0"},
+        {"DERMJAX_MODAL_RUNS_VOLUME": "my runs"},
+        {"DERMJAX_MODAL_GPUS": "H100"},  # misspelled: was ignored, leaving the default GPUs
     ],
 )
 def test_bad_settings_name_the_variable(env):
-    with pytest.raises(ConfigError, match=next(iter(env))):
+    with pytest.raises(UserError, match=f"^Modal settings: {next(iter(env))}") as info:
         ms.settings_from_env(env)
+    assert "\n" not in str(info.value)
+
+
+def test_every_bad_setting_is_named_at_once_and_the_app_exits_with_one_line(monkeypatch):
+    env = {"DERMJAX_MODAL_TIMEOUT_S": "1h", "DERMJAX_MODAL_RETRIES": "11"}
+    with pytest.raises(UserError, match=r"TIMEOUT_S='1h'.*; DERMJAX_MODAL_RETRIES=11"):
+        ms.settings_from_env(env)
+    with pytest.raises(SystemExit, match=r"^error: Modal settings: DERMJAX_MODAL_RETRIES=11"):
+        load_app(monkeypatch, {"DERMJAX_MODAL_RETRIES": "11"})
 
 
 def test_the_image_installs_dermjax_with_its_configs_and_cuda_jax(monkeypatch):

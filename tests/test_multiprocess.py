@@ -167,16 +167,35 @@ def test_two_processes_agree_with_one_process_on_4_devices_and_resume_after_a_ki
 def test_a_process_failing_alone_stops_the_other_within_seconds_with_its_error(tmp_path):
     """Before `dermjax.failfast`, process 0 died 30 s later with a gloo timeout naming no cause."""
     log = tmp_path / "fail.log"
-    bad = "--config.training.batch_size=18"  # not divisible by 4 devices: only process 1 has it
+    (tmp_path / "afile").write_text("")
+    bad = f"--workdir={tmp_path / 'afile'}"  # only process 1 cannot write its run folder
     start = time.monotonic()
     procs = _launch(tmp_path / "data", tmp_path / "run", log, extra=([], [bad]))
     codes = [p.wait(timeout=240) for p in procs]
     took = time.monotonic() - start
     out = [Path(f"{log}.{i}").read_text() for i in range(2)]
-    assert codes == [2, 2], out
+    assert codes == [1, 1], out
     assert took < 120, took
-    problem = "training.batch_size=18: must be divisible by 4"
-    assert "error: 1 invalid config field(s):" in out[1] and problem in out[1]
-    assert "error: process 1 of 2 stopped the run: 1 invalid config field(s)" in out[0]
-    assert problem in out[0]
+    problem = f"run folder {tmp_path / 'afile'}: cannot write there"
+    assert f"error: {problem}" in out[1]
+    assert "error: process 1 of 2 stopped the run: " in out[0] and problem in out[0]
     assert not any("Terminating process" in text for text in out)  # JAX's abort
+
+
+def test_processes_launched_with_different_configs_both_stop_naming_the_fields(tmp_path):
+    # Another batch size deadlocked both processes; another label smoothing trained silently.
+    log = tmp_path / "differ.log"
+    other = ["--config.training.batch_size=32", "--config.data.seed=3"]
+    start = time.monotonic()
+    procs = _launch(tmp_path / "data", tmp_path / "run", log, extra=([], other))
+    codes = [p.wait(timeout=240) for p in procs]
+    out = [Path(f"{log}.{i}").read_text() for i in range(2)]
+    assert codes == [1, 1] and time.monotonic() - start < 120, out
+    for text in out:
+        [line] = [x for x in text.splitlines() if x.startswith("error:")]
+        assert line == (
+            "error: the processes were launched with different settings: config.data.seed "
+            "(process 0: 42, process 1: 3); config.training.batch_size (process 0: 16, process "
+            "1: 32): launch every process with the same config file and --config overrides"
+        )
+    assert not (tmp_path / "data").exists()  # stopped before any data was made

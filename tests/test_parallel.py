@@ -1,5 +1,7 @@
 """Multi-process start-up: explicit launches, JAX's cluster detection only where a cluster is seen."""
 
+import re
+
 import jax
 import pytest
 
@@ -63,6 +65,24 @@ def test_an_incomplete_launch_names_what_is_missing(calls, monkeypatch):
     monkeypatch.setenv("DERMJAX_NUM_PROCESSES", "two")
     with pytest.raises(ConfigError, match="DERMJAX_NUM_PROCESSES='two'"):
         parallel.maybe_initialize_distributed()
+    assert calls == []
+
+
+@pytest.mark.parametrize(
+    "address, count, index, named",
+    [
+        ("localhost", 2, 0, "--coordinator_address='localhost': expected HOST:PORT"),
+        ("127.0.0.1:99999", 2, 0, "with a port from 1 to 65535"),
+        ("127.0.0.1:1234", 2, 2, "--num_processes=2 --process_id=2: give every process"),
+        ("127.0.0.1:1234", 0, 0, "--num_processes=0 --process_id=0"),
+    ],
+)
+def test_launch_values_jax_would_crash_or_hang_on_are_one_error(
+    calls, address, count, index, named
+):
+    # They gave an IndexError or ValueError traceback, or hung without a message.
+    with pytest.raises(ConfigError, match=re.escape(named)):
+        parallel.maybe_initialize_distributed(address, count, index)
     assert calls == []
 
 

@@ -143,9 +143,13 @@ require_opt() {
   [[ -n $1 ]] || die "missing $2 ($3; see --help)"
 }
 
+# Google Cloud's rules; they also keep both safe inside the remote commands built from them.
 require_name_zone() {
   require_opt "$NAME" --name "the TPU VM's name"
   require_opt "$ZONE" --zone "e.g. us-central2-b"
+  [[ $NAME =~ ^[a-z]([-a-z0-9]{0,61}[a-z0-9])?$ ]] ||
+    die "--name '$NAME': a TPU VM name is lowercase letters, digits and '-', starting with a letter"
+  [[ $ZONE =~ ^[a-z]+-[a-z]+[0-9]+-[a-z]$ ]] || die "--zone '$ZONE': expected a zone such as us-central2-b"
 }
 
 # require_tools TOOL...: each must be on PATH (not checked under --dry-run, which runs nothing).

@@ -4,7 +4,8 @@
 # installs dermjax (install.sh) and re-runs the same launch command (launch.sh): the run resumes
 # from its newest checkpoint in --save-dir (checkpoint.auto_resume). When it is READY it does
 # nothing (the run may still be going; launch.sh restarts a run that stopped); in any other state
-# (CREATING, REPAIRING, ...) it does nothing and says so.
+# (CREATING, REPAIRING, ...) it does nothing and says so. Only gcloud's NOT_FOUND counts as gone:
+# when the state cannot be read (auth, network, project), nothing is deleted (exit 2).
 #
 #   scripts/tpu_vm/resume_spot.sh --name NAME --zone ZONE [--project PROJECT]
 #       --accelerator-type TYPE --version RUNTIME [--queued] [--timeout-min M]
@@ -84,14 +85,19 @@ if ((DRY_RUN)); then COMMON+=(--dry-run); fi
 DELETE=()
 if ((QUEUED)); then DELETE=(--queued); fi
 
+describe_error=$(mktemp)
+trap 'rm -f "$describe_error"' EXIT
 if state=$(query gcloud compute tpus tpu-vm describe "$NAME" "${LOCATION[@]}" \
-  --format='value(state)' 2>/dev/null); then
+  --format='value(state)' 2>"$describe_error"); then
   state=${state:-GONE}
 elif ((DRY_RUN)); then
   state=UNKNOWN
   note "dry run: the state is not read; these are the commands of the recreate path"
-else
-  state=GONE # describe fails when there is no such TPU VM
+elif grep -q NOT_FOUND "$describe_error"; then
+  state=GONE
+else # auth, network, permission, project: the VM may be running, so delete nothing
+  die "cannot read the state of TPU VM $NAME ($(tr '\n' ' ' <"$describe_error" | cut -c1-300 | sed 's/ *$//')):" \
+    "nothing was deleted; check gcloud auth, --project and --zone, then run this again"
 fi
 
 case $state in

@@ -18,8 +18,8 @@ from dermjax.configs import tpu_resnet101
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 SCRIPTS = ROOT / "scripts" / "tpu_vm"
-LOC = ["--zone=z1", "--project=p1"]
-WHERE = ["--name", "derm", "--zone", "z1", "--project=p1"]
+LOC = ["--zone=us-central2-b", "--project=p1"]
+WHERE = ["--name", "derm", "--zone", "us-central2-b", "--project=p1"]
 CREATE = ["--accelerator-type", "v5litepod-16", "--version=v2-alpha-tpuv5-lite"]
 LAUNCH = ["--config", "configs/tpu_resnet101.py", "--save-dir", "gs://bkt/ckpt"]
 OVERRIDES = ["--", "--config.training.num_epochs=3", "--config.output.experiment_name=it's a run"]
@@ -40,6 +40,9 @@ if "describe" in args:
         print("ACTIVE")
     elif os.environ["STUB_STATE"] == "GONE":
         sys.exit("ERROR: (gcloud.compute.tpus.tpu-vm.describe) NOT_FOUND")
+    elif os.environ["STUB_STATE"] == "NO_AUTH":
+        sys.exit("ERROR: (gcloud.compute.tpus.tpu-vm.describe) You do not currently have an "
+                 "active account selected.")
     else:
         print(os.environ["STUB_STATE"])
 """
@@ -276,6 +279,35 @@ def test_resume_spot_queued_deletes_and_recreates_the_queued_resource(gcloud):
         "queued-resources describe",
     ]
     assert calls[2] == [*_QR_CREATE, "--spot"]
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "error"),
+    [
+        ("--name", 'vm$(id)"x', "--name 'vm$(id)\"x': a TPU VM name is lowercase letters"),
+        ("--name", "My VM", "--name 'My VM': a TPU VM name"),
+        ("--zone", "bad zone", "--zone 'bad zone': expected a zone such as us-central2-b"),
+    ],
+)
+def test_a_name_or_zone_google_cloud_would_refuse_is_one_error(gcloud, option, value, error):
+    # The name becomes part of a remote shell command (install.sh's archive name).
+    where = {"--name": "derm", "--zone": "us-central2-b"} | {option: value}
+    args = [a for k, v in where.items() for a in (k, v)]
+    calls, _, proc = gcloud("launch.sh", *args, *LAUNCH, ok=False)
+    [line] = proc.stderr.splitlines()
+    assert calls == [] and line.startswith(f"error: {error}")
+
+
+@pytest.mark.parametrize("queued", [[], ["--queued"]])
+def test_resume_spot_deletes_nothing_when_the_state_cannot_be_read(gcloud, queued):
+    # A failed describe counted as "no such VM": with --queued it force-deleted a live slice.
+    calls, _, proc = gcloud("resume_spot.sh", *queued, *_RESUME, state="NO_AUTH", ok=False)
+    assert _verbs(calls) == ["tpu-vm describe"] and proc.returncode == 2
+    assert proc.stderr.splitlines() == [
+        "error: cannot read the state of TPU VM derm (ERROR: (gcloud.compute.tpus.tpu-vm.describe) "
+        "You do not currently have an active account selected.): nothing was deleted; check "
+        "gcloud auth, --project and --zone, then run this again"
+    ]
 
 
 def test_resume_spot_checks_every_argument_before_deleting(gcloud):
