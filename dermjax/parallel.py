@@ -117,11 +117,12 @@ def _check_launch(coordinator_address: str, num_processes: int, process_id: int)
 
 def check_same_launch(launch: dict[str, Any]) -> None:
     """Raises UserError on every process when the processes were launched with different
-    configs (or process counts), naming the fields; a no-op in a single-process run.
+    settings (`launch`: the config), naming the fields; a no-op in a single-process run.
 
     Different settings per process train silently wrong (label smoothing), deadlock (batch
     size) or fail deep in JAX without naming the field (seed), so they are compared before
-    anything else. Every process takes part: two all-gathers of a few kilobytes.
+    anything else. Every process takes part: an all-gather of a 32-byte hash, and only when
+    the hashes differ, of the settings themselves.
     """
     if jax.process_count() == 1:
         return
