@@ -52,10 +52,6 @@ def choose_mode(default_mode: str, has_text: bool) -> tuple[str, str | None]:
     return "image_only", "no --text given (or an empty one): predicting from the image only"
 
 
-def _source(ref) -> str:
-    return f"{ref.directory} ({ref.kind} checkpoint, step {ref.step})"
-
-
 def _table(results: list[dict]) -> str:
     width = max((len(r["label"]) for item in results for r in item.get("top_k", ())), default=5)
     lines = []
@@ -101,13 +97,13 @@ def main(argv: list[str], overrides: list[tuple[str, str]]) -> None:
         order = (-row).argsort(kind="stable")[:k]
         top = [{"label": model.classes[c], "prob": float(row[c])} for c in order]
         results.append({"image": path, "mode": mode, "top_k": top})
+    ref = model.ref
     if _JSON.value:
-        ref = model.ref
         used = {"path": ref.directory, "kind": ref.kind, "step": ref.step}
         out = {"checkpoint": used, "notes": [note] if note else [], "predictions": results}
         print(json.dumps(out, indent=1), flush=True)
     else:
-        print(f"checkpoint: {_source(model.ref)}")
+        print(f"checkpoint: {ref.directory} ({ref.kind} checkpoint, step {ref.step})")
         if note:
             print(f"note: {note}")
         print(_table(results), flush=True)
