@@ -8,6 +8,8 @@
   unknown field and every value of the wrong type is named in one ConfigError (exit status 2),
   together with the problems `dermjax.config.validate` finds in the rest of the config; `None`
   sets a field to None (e.g. `--config.data.val_size=None`);
+* Ctrl-C, or SIGTERM outside the training loop (which saves a checkpoint on it instead), prints
+  one line and exits with 130 or 143: files written before stay, so the same command continues;
 * `--config=configs/NAME.py` falls back to the packaged config NAME when no such file exists
   under the current folder, so the documented commands work from any folder after an install.
 The config flag must be named `config`.
@@ -19,7 +21,9 @@ import ast
 import difflib
 import os
 import re
+import signal
 import sys
+import threading
 import traceback
 from collections.abc import Callable, Sequence
 
@@ -46,9 +50,21 @@ _PARSERS = {
 }
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM outside `PreemptionGuard`: the process unwinds (closing files, waiting for
+    checkpoint writes) as on Ctrl-C instead of dying mid-write."""
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise Terminated()
+
+
 def run_main(main: Callable[[list[str]], None]) -> None:
     """Runs `main` like `absl.app.run`, turning user errors into `error: ...` and an exit code."""
     argv = list(sys.argv)
+    main_thread = threading.current_thread() is threading.main_thread()
+    if main_thread and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         argv = flags.FLAGS.read_flags_from_files(argv, force_gnu=False)
         argv = resolve_config_arg(argv)
@@ -69,6 +85,18 @@ def run_main(main: Callable[[list[str]], None]) -> None:
         print(f"error: {e}", file=sys.stderr)
         failfast.stop(str(e), e.exit_code)  # returns only in a single-process run
         sys.exit(e.exit_code)
+    except KeyboardInterrupt as e:
+        if _verbose_requested(argv):
+            traceback.print_exc()
+        name, status = ("SIGTERM", 143) if isinstance(e, Terminated) else ("Ctrl-C", 130)
+        detail = f" ({e})" if str(e) else ""
+        message = (
+            f"stopped by {name}{detail}: what was written before stays (checkpoints, caches, "
+            "embeddings); run the same command again to continue"
+        )
+        print(f"error: {message}", file=sys.stderr)
+        failfast.stop(message, status)  # returns only in a single-process run
+        sys.exit(status)
     except Exception as e:  # a bug: in a multi-process run the others stop too
         failfast.stop_on_bug(e)  # returns only in a single-process run
         raise

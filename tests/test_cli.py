@@ -139,6 +139,39 @@ def test_user_error_is_one_line_and_its_exit_code_unless_verbose(tmp_path, verbo
         assert proc.stderr == last
 
 
+@pytest.mark.parametrize("how, status", [("sigterm", 143), ("ctrl_c", 130)])
+def test_a_stop_outside_the_training_loop_is_one_line_after_cleanup(tmp_path, how, status):
+    script = tmp_path / "entry.py"
+    script.write_text(
+        textwrap.dedent(
+            """
+            import os, signal, sys, time
+            from dermjax.cli import run_main
+
+            def main(argv):
+                try:
+                    if sys.argv[-1] == "sigterm":
+                        os.kill(os.getpid(), signal.SIGTERM)
+                        time.sleep(30)
+                    raise KeyboardInterrupt
+                finally:
+                    print("cleaned up", flush=True)  # finally blocks run: files are closed
+
+            run_main(main)
+            """
+        )
+    )
+    proc = subprocess.run(
+        [sys.executable, str(script), how], cwd=tmp_path, capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == status, proc.stderr
+    assert proc.stdout == "cleaned up\n"
+    name = {"sigterm": "SIGTERM", "ctrl_c": "Ctrl-C"}[how]
+    assert proc.stderr.startswith(f"error: stopped by {name}: "), proc.stderr
+    assert proc.stderr.endswith("run the same command again to continue\n")
+    assert proc.stderr.count("\n") == 1
+
+
 def test_dry_run_prints_the_config_and_every_path_without_reading_data(tmp_path):
     data_root = tmp_path / "no_such_data"
     proc = subprocess.run(
