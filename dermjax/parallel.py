@@ -9,10 +9,14 @@ same code runs on one CPU, one GPU, a multi-GPU box, or a multi-host TPU pod sli
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
 import os
+import socket
+import sys
+import threading
 from typing import Any
 
 import jax
@@ -70,13 +74,73 @@ def maybe_initialize_distributed(
     """
     given = explicit_launch(coordinator_address, num_processes, process_id)
     if given is not None:
-        jax.distributed.initialize(**given)
+        if given["process_id"] == 0:
+            check_port_free(given["coordinator_address"])
+        fix = (
+            f"start every process (ids 0 to {given['num_processes'] - 1}) with the same "
+            "--coordinator_address and --num_processes, process 0 on that address's host"
+        )
+        _initialize(given, f"at {given['coordinator_address']}", fix)
     elif _cluster_detected():
-        jax.distributed.initialize()
+        _initialize(
+            {}, "that JAX's cluster detection found", "launch the same command on every host"
+        )
     else:
         return
     failfast.watch()
     log.info("jax.distributed: process %d of %d", jax.process_index(), jax.process_count())
+
+
+def init_timeout_s() -> int:
+    """How long start-up waits for every process: DERMJAX_INIT_TIMEOUT_S, default 300 (JAX's)."""
+    text = os.environ.get("DERMJAX_INIT_TIMEOUT_S", "300")
+    if not text.isdigit() or int(text) < 1:
+        raise ConfigError(f"DERMJAX_INIT_TIMEOUT_S={text!r}: expected a whole number of seconds")
+    return int(text)
+
+
+def _initialize(launch: dict[str, Any], where: str, fix: str) -> None:
+    """jax.distributed.initialize, said before the wait, with a one-line error when the
+    processes do not all connect in time (JAX itself aborts then, with a C++ stack dump)."""
+    timeout = init_timeout_s()
+    print(
+        f"connecting to the other processes {where} (waiting up to {timeout} s)",
+        file=sys.stderr,
+        flush=True,
+    )
+    connected = threading.Event()
+
+    def give_up() -> None:
+        if not connected.wait(timeout):
+            print(
+                f"error: not every process connected to the coordinator {where} within "
+                f"{timeout} s: {fix} (DERMJAX_INIT_TIMEOUT_S sets the wait)",
+                file=sys.stderr,
+                flush=True,
+            )
+            os._exit(1)  # the main thread is inside JAX's C++ wait: nothing to unwind
+
+    threading.Thread(target=give_up, name="dermjax-init-timeout", daemon=True).start()
+    jax.distributed.initialize(**launch, initialization_timeout=timeout + 60)
+    connected.set()
+
+
+def check_port_free(address: str) -> None:
+    """UserError when process 0's coordinator port is taken on this host (jax.distributed
+    segfaults then); a port only in TIME_WAIT after an earlier run counts as free."""
+    port = int(address.rpartition(":")[2])
+    for family, host in ((socket.AF_INET6, "::"), (socket.AF_INET, "")):
+        try:
+            with socket.socket(family, socket.SOCK_STREAM) as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                probe.bind((host, port))
+            return
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                raise UserError(
+                    f"--coordinator_address={address}: port {port} is already in use on this "
+                    "host (another run's coordinator?): give every process another free port"
+                ) from None  # anything else (no IPv6 here): try IPv4, else let JAX say
 
 
 def explicit_launch(

@@ -1,12 +1,16 @@
 """Multi-process start-up: explicit launches, JAX's cluster detection only where a cluster is seen."""
 
+import os
 import re
+import socket
+import subprocess
+import sys
 
 import jax
 import pytest
 
 from dermjax import parallel
-from dermjax.errors import ConfigError
+from dermjax.errors import ConfigError, UserError
 
 _VARS = (
     "DERMJAX_COORDINATOR_ADDRESS", "DERMJAX_NUM_PROCESSES", "DERMJAX_PROCESS_ID",
@@ -19,7 +23,11 @@ def calls(monkeypatch):
     for name in _VARS:
         monkeypatch.delenv(name, raising=False)
     made = []
-    monkeypatch.setattr(jax.distributed, "initialize", lambda **kw: made.append(kw))
+    monkeypatch.setattr(
+        jax.distributed,
+        "initialize",
+        lambda initialization_timeout, **kw: made.append(kw),
+    )
     monkeypatch.setattr(parallel, "_TPU_DEVICE_FILES", ())  # this machine is no TPU VM
     return made
 
@@ -84,6 +92,39 @@ def test_launch_values_jax_would_crash_or_hang_on_are_one_error(
     with pytest.raises(ConfigError, match=re.escape(named)):
         parallel.maybe_initialize_distributed(address, count, index)
     assert calls == []
+
+
+def test_a_coordinator_port_in_use_is_one_error_before_jax_segfaults_on_it(calls):
+    with socket.socket() as taken:
+        taken.bind(("", 0))
+        taken.listen()
+        address = f"127.0.0.1:{taken.getsockname()[1]}"
+        with pytest.raises(UserError, match=rf"--coordinator_address={address}: port .* in use"):
+            parallel.maybe_initialize_distributed(address, 2, 0)
+        assert calls == []
+        parallel.maybe_initialize_distributed(address, 2, 1)  # only process 0 binds it
+    parallel.maybe_initialize_distributed(address, 2, 0)  # closed: free again
+    assert len(calls) == 2
+
+
+def test_processes_that_never_all_connect_end_in_one_line_not_a_jax_abort(tmp_path):
+    with socket.socket() as free:
+        free.bind(("", 0))
+        port = free.getsockname()[1]
+    code = "from dermjax import parallel; parallel.maybe_initialize_distributed(%r, 2, 0)"
+    code %= f"127.0.0.1:{port}"
+    env = {**os.environ, "DERMJAX_INIT_TIMEOUT_S": "3"}
+    proc = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 1, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line[:1] not in "IW"]  # absl INFO/WARN
+    assert lines == [
+        f"connecting to the other processes at 127.0.0.1:{port} (waiting up to 3 s)",
+        f"error: not every process connected to the coordinator at 127.0.0.1:{port} within 3 s: "
+        "start every process (ids 0 to 1) with the same --coordinator_address and "
+        "--num_processes, process 0 on that address's host (DERMJAX_INIT_TIMEOUT_S sets the wait)",
+    ], proc.stderr
 
 
 @pytest.mark.parametrize(
