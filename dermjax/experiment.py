@@ -30,6 +30,7 @@ from dermjax.train import optim
 from dermjax.train.masking import MaskSpec
 from dermjax.train.schedules import EpochSchedule, WeightSchedule
 from dermjax.train.step import ModelParts, StepSpec, split_model
+from dermjax.weights.torchvision import resolve_weights_path
 
 log = logging.getLogger(__name__)
 
@@ -270,6 +271,8 @@ def compose(
 
     `weights_from_checkpoint`: the run restores its weights from a checkpoint (see make_model).
     """
+    if cfg.vision_model.pretrained and not weights_from_checkpoint:  # missing: say so before
+        resolve_weights_path(cfg.vision_model.name, cfg.vision_model.weights_path)  # the data
     data = experiment_data.load_data(cfg, run_dir)
     mesh = parallel.make_mesh()
     keys = rng_streams(cfg.data.seed)

@@ -23,6 +23,7 @@ from ml_collections import config_flags
 from dermjax import compile_cache, parallel, runner
 from dermjax.cli import run_main
 from dermjax.config import data_paths, packaged_config_path, validate_for_run
+from dermjax.weights.torchvision import WeightsNotFoundError, resolve_weights_path
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", str(packaged_config_path("default")), "Config file (default: configs/default.py)."
@@ -62,6 +63,13 @@ def _print_plan(cfg, devices: int) -> None:
         "init_from": cfg.checkpoint.init_from,
         "compilation cache": compile_cache.resolve(cfg.training.compilation_cache_dir),
     }
+    if cfg.vision_model.pretrained:
+        try:
+            rows["pretrained weights"] = resolve_weights_path(
+                cfg.vision_model.name, cfg.vision_model.weights_path
+            )
+        except WeightsNotFoundError as e:  # not needed when the run resumes: no error here
+            rows["pretrained weights"] = str(e)
     for name, value in rows.items():
         if value is not None:
             print(f"{name}: {value}")

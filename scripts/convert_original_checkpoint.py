@@ -194,7 +194,13 @@ def convert(
     """Converts `pth` under `cfg` into the new folder `out`; returns the conversion report."""
     out = Path(out).resolve()
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise UserError(f"--out {out}: exists and is not an empty folder; choose a new one")
+        unfinished = out.is_dir() and any(out.rglob("*.orbax-checkpoint-tmp*"))
+        what = (
+            "holds an unfinished conversion (stopped?): delete it"
+            if unfinished
+            else ("exists and is not an empty folder")
+        )
+        raise UserError(f"--out {out}: {what}; choose a new one")
     ckpt = original.read_pth(pth)
     structure = original.infer_head(ckpt.head)
     problems = config_problems(ckpt, structure, cfg, yaml_num_classes)

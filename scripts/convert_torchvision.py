@@ -5,10 +5,14 @@ Run once where torchvision can download its weights (needs torch + torchvision):
     python scripts/convert_torchvision.py --arch resnet50 --weights DEFAULT \
         --out ~/.cache/dermjax/weights/resnet50.safetensors
 
-or from a state_dict saved with `torch.save(model.state_dict(), FILE)`:
+or, without internet, from a state_dict saved with `torch.save(model.state_dict(), FILE)` (a
+`{"state_dict": ...}` or `{"model": ...}` wrapper and DataParallel's `module.` prefix are
+accepted):
 
     python scripts/convert_torchvision.py --arch densenet121 --state-dict densenet.pth \
         --out densenet121.safetensors
+
+An existing OUT is replaced only with --force.
 
 The converted model is checked on a fixed seeded float32 input against torchvision; nothing is
 written (exit 1) if max|Δ| exceeds 1e-4·max(1, max|ref|). Output: OUT (safetensors of the
@@ -21,6 +25,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import pickle
 import sys
 from pathlib import Path
 from typing import Any
@@ -33,13 +39,14 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from dermjax.errors import UserError  # noqa: E402
+from dermjax.errors import UserError, first_line  # noqa: E402
 from dermjax.models.registry import BACKBONES, default_image_size, is_vit  # noqa: E402
 from dermjax.weights.torchvision import (  # noqa: E402
     backbone_from_state_dict,
     fix_legacy_keys,
     import_torchvision,
     save_converted,
+    some_keys,
     to_numpy,
 )
 
@@ -56,12 +63,35 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     source.add_argument("--weights", help="weights enum member, e.g. DEFAULT or IMAGENET1K_V2")
     source.add_argument("--state-dict", type=Path, help="file saved with torch.save(state_dict)")
     parser.add_argument("--out", required=True, type=Path, help="output .safetensors file")
+    parser.add_argument("--force", action="store_true", help="replace an existing OUT")
     parser.add_argument(
         "--image-size",
         type=int,
         help="verification size (and ViT image size with --state-dict); default: the weights'",
     )
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    check_out(args.out, force=args.force)
+    return args
+
+
+def check_out(out: Path, *, force: bool) -> None:
+    """UserError, before any work, for an OUT that cannot or should not be written."""
+    if out.suffix != ".safetensors":
+        raise UserError(
+            f"--out {out}: name the file NAME.safetensors (NAME.json is written beside)"
+        )
+    if out.is_dir():
+        raise UserError(
+            f"--out {out} is a folder: give the file to write, e.g. {out / 'x.safetensors'}"
+        )
+    if out.exists() and not force:
+        raise UserError(f"--out {out} exists: add --force to replace it, or choose another file")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise UserError(f"--out {out}: cannot create its folder ({first_line(error)})") from None
+    if not os.access(out.parent, os.W_OK):
+        raise UserError(f"--out {out}: its folder {out.parent} is not writable")
 
 
 def _num_classes(state_dict: dict[str, Any]) -> int:
@@ -73,24 +103,80 @@ def _num_classes(state_dict: dict[str, Any]) -> int:
 
 def build_torch_model(tv: Any, args: argparse.Namespace) -> tuple[Any, Any, int]:
     """(torchvision model in eval mode, weights enum member or None, image size)."""
-    import torch
-
     if args.weights is not None:
         enum = tv.models.get_model_weights(args.arch)
         if args.weights not in enum.__members__:
             raise SystemExit(f"--weights {args.weights}: expected one of {list(enum.__members__)}")
         weights = enum[args.weights]
-        model = tv.models.get_model(args.arch, weights=weights)
+        try:
+            model = tv.models.get_model(args.arch, weights=weights)
+        except OSError as error:  # urllib's URLError included: no internet here
+            raise UserError(
+                f"cannot download torchvision's {args.arch} {args.weights} weights "
+                f"({first_line(error)}): where there is internet, save them with "
+                f"torch.save(torchvision.models.get_model({args.arch!r}, weights={args.weights!r})"
+                ".state_dict(), FILE), then convert here with --state-dict FILE"
+            ) from None
         size = args.image_size or weights.transforms().crop_size[0]
         if is_vit(args.arch):
             size = weights.meta["min_size"][0]
         return model.eval(), weights, size
-    state_dict = fix_legacy_keys(torch.load(args.state_dict, map_location="cpu", weights_only=True))
+    state_dict = read_state_dict(args.state_dict)
     size = args.image_size or default_image_size(args.arch)
     kwargs = {"image_size": size} if is_vit(args.arch) else {}
     model = tv.models.get_model(args.arch, num_classes=_num_classes(state_dict), **kwargs)
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    mis_shaped = [
+        f"{k}: {tuple(v.shape)} (model: {tuple(expected[k].shape)})"
+        for k, v in state_dict.items()
+        if k in expected and tuple(v.shape) != tuple(expected[k].shape)
+    ]
+    if missing or unexpected or mis_shaped:
+        problems = [
+            f"{title} ({len(keys)}): {some_keys(keys)}"
+            for title, keys in (
+                ("missing keys", missing),
+                ("unexpected keys", unexpected),
+                ("shape mismatches", mis_shaped),
+            )
+            if keys
+        ]
+        raise UserError(
+            f"--state-dict {args.state_dict} does not hold {args.arch} weights: "
+            f"{'; '.join(problems)}; check --arch (and --image-size for a ViT)"
+        )
     model.load_state_dict(state_dict)
     return model.eval(), None, size
+
+
+def read_state_dict(path: Path) -> dict[str, Any]:
+    """The tensors of a `torch.save`d state_dict, unwrapped from {"state_dict"|"model": ...} and
+    without DataParallel's `module.` prefix; UserError for a file that is none."""
+    import torch
+
+    try:
+        loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise UserError(f"--state-dict {path}: no such file") from None
+    except pickle.UnpicklingError as error:  # torch's message is long and holds ANSI codes
+        if "Unsupported global" in str(error):
+            raise UserError(
+                f"--state-dict {path} holds a pickled object such as a whole model, not a "
+                "state_dict: save it as torch.save(model.state_dict(), FILE) and convert that"
+            ) from None
+        raise UserError(f"--state-dict {path} is no file torch.save wrote (damaged?)") from None
+    except Exception as error:  # torch.load meets garbage with any error type (KeyError, ...)
+        raise UserError(f"--state-dict {path} cannot be read ({first_line(error)})") from None
+    for wrapper in ("state_dict", "model"):
+        if isinstance(loaded, dict) and isinstance(loaded.get(wrapper), dict):
+            loaded = loaded[wrapper]
+    if not isinstance(loaded, dict) or not all(hasattr(v, "shape") for v in loaded.values()):
+        raise UserError(f"--state-dict {path} holds no state_dict (a dict of tensors)")
+    if loaded and all(k.startswith("module.") for k in loaded):
+        loaded = {k.removeprefix("module."): v for k, v in loaded.items()}
+    return fix_legacy_keys(loaded)
 
 
 @nnx.jit
@@ -165,7 +251,6 @@ def main(argv: list[str] | None = None) -> int:
         "num_params": sum(p.numel() for p in tv_model.parameters()),
         "verification": check,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     save_converted(
         state, args.out, metadata={"arch": args.arch, "weights": sidecar["weights"] or ""}
     )

@@ -176,7 +176,8 @@ def test_dry_run_prints_the_config_and_every_path_without_reading_data(tmp_path)
     data_root = tmp_path / "no_such_data"
     proc = subprocess.run(
         [sys.executable, "-m", "dermjax.main", "--config=configs/default.py", "--dry_run",
-         f"--config.data.local_root={data_root}", "--config.vision_model.pretrained=false",
+         f"--config.data.local_root={data_root}", "--config.vision_model.pretrained=true",
+         f"--config.vision_model.weights_path={tmp_path}/none.safetensors",
          "--config.output.save_dir=gs://bucket/ckpt", "--config.output.experiment_name=exp1",
          "--config.training.batch_size=16"],
         cwd=tmp_path, capture_output=True, text=True, timeout=120,
@@ -187,6 +188,10 @@ def test_dry_run_prints_the_config_and_every_path_without_reading_data(tmp_path)
     assert f"embeddings: {data_root}/dataset_v1/embeddings/sapbert_256_cls.parquet" in out
     assert f"run folder (logs, metrics, summary): {tmp_path}/workdirs/exp1" in out
     assert "checkpoints: gs://bucket/ckpt/exp1" in out
+    weights = (
+        f"pretrained weights: no converted torchvision weights for 'efficientnet_b0' at {tmp_path}/"
+    )
+    assert weights in out  # said, not an error: a resuming run does not read them
     assert "batch_size: 16" in out
     assert "img_size:\n  - 224\n  - 224\n" in out and "!!python" not in out  # plain YAML
     assert list(tmp_path.iterdir()) == []  # no data read, no run folder made

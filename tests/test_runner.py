@@ -15,6 +15,7 @@ from dermjax.experiment import rng_streams
 from dermjax.experiment_data import load_data
 from dermjax.runner import config_changes, run, run_folders
 from dermjax.train.runlock import RunLock
+from dermjax.weights.torchvision import WeightsNotFoundError
 from tests.train.test_loop import tiny_demo_config
 
 
@@ -234,6 +235,17 @@ def test_a_missing_group_table_for_the_report_stops_the_run_before_training(tmp_
     with pytest.raises(DataError, match=f"group table {table} does not exist"):
         run(cfg, str(tmp_path / "run"))
     assert not (tmp_path / "run" / "metrics.jsonl").exists()  # no epoch ran
+
+
+def test_missing_pretrained_weights_stop_the_run_before_any_data_is_read(tmp_path):
+    weights = tmp_path / "none.safetensors"
+    cfg = tiny_demo_config(
+        tmp_path / "data",
+        **{"vision_model.pretrained": True, "vision_model.weights_path": str(weights)},
+    )
+    with pytest.raises(WeightsNotFoundError, match=f"weights for 'resnet50' at {weights}"):
+        run(cfg, str(tmp_path / "run"))
+    assert not (tmp_path / "data").exists()  # the demo data was not even generated
 
 
 def test_a_run_folder_that_cannot_be_written_is_one_error(tmp_path):

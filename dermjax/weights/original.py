@@ -97,9 +97,15 @@ def read_pth(path: str | Path) -> OriginalCheckpoint:
     except OSError as error:
         raise OriginalCheckpointError(f"--pth {path}: cannot read it ({error})") from error
     except Exception as error:  # pickle/zip errors: not a torch.save file of plain data
-        first = str(error).splitlines()[0][:200] if str(error) else type(error).__name__
+        if "Unsupported global" in str(error):  # torch's long message, with terminal colours
+            raise OriginalCheckpointError(
+                f"--pth {path}: holds pickled objects (a whole model?), not the original's "
+                "checkpoint dict of state_dicts"
+            ) from error
+        first = re.sub(r"\x1b\[[0-9;]*m", "", str(error)).strip().splitlines() or [""]
         raise OriginalCheckpointError(
-            f"--pth {path}: not a checkpoint torch.load(weights_only=True) can read ({first})"
+            f"--pth {path}: not a checkpoint torch.load(weights_only=True) can read "
+            f"({type(error).__name__}: {first[0][:200]})"
         ) from error
     if not isinstance(raw, Mapping):
         raise OriginalCheckpointError(f"--pth {path}: holds a {type(raw).__name__}, not a dict")
@@ -113,13 +119,13 @@ def read_pth(path: str | Path) -> OriginalCheckpoint:
         raise OriginalCheckpointError(
             f"--pth {path}: not a checkpoint of the original workflow (missing {missing})"
         )
-    vision = dict(raw["vision_model_state_dict"])
+    vision = _without_data_parallel(raw["vision_model_state_dict"])
     stray = [k for k in vision if not k.startswith("model.")]
     if stray:
         raise OriginalCheckpointError(
             f"--pth {path}: vision_model_state_dict keys lack the `model.` prefix: {stray[:3]}"
         )
-    head = dict(raw["multimodal_classifier_state_dict"])
+    head = _without_data_parallel(raw["multimodal_classifier_state_dict"])
     weights = [to_numpy(head.pop(k)) for k in _LOSS_BUFFERS if k in head]
     if len(weights) == 2 and not np.allclose(weights[0], weights[1]):
         raise OriginalCheckpointError(f"--pth {path}: the two class-weight buffers differ")
@@ -134,6 +140,13 @@ def read_pth(path: str | Path) -> OriginalCheckpoint:
         optimizers=dict(raw.get("optimizers_state_dict") or {}),
         info={k: v for k, v in raw.items() if k not in skip},
     )
+
+
+def _without_data_parallel(state_dict: Mapping[str, Any]) -> dict[str, Any]:
+    """The state_dict without the `module.` prefix torch.nn.DataParallel adds to every key."""
+    if state_dict and all(k.startswith("module.") for k in state_dict):
+        return {k.removeprefix("module."): v for k, v in state_dict.items()}
+    return dict(state_dict)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -10,6 +10,7 @@ of the torch-keyed state_dict (see scripts/convert_torchvision.py).
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import shlex
@@ -23,8 +24,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from dermjax.errors import UserError
+from dermjax.errors import UserError, first_line
 from dermjax.models.registry import HEAD_NAMES
+
+log = logging.getLogger(__name__)
 
 _DENSENET_LEGACY = re.compile(
     r"^(.*denselayer\d+\.(?:norm|relu|conv))\."
@@ -39,6 +42,7 @@ _LEAF_NAMES = {"bias": "bias", "running_mean": "mean", "running_var": "var"}
 _TORCH_LEAF = {"kernel": "weight", "scale": "weight", "mean": "running_mean", "var": "running_var"}
 
 DEFAULT_WEIGHTS_DIR = "~/.cache/dermjax/weights"
+SHOWN_KEYS = 6  # per kind of problem in an error message; the rest are counted
 _TV_LIBRARY = None  # keeps the torchvision op-schema shim alive (see import_torchvision)
 
 
@@ -177,8 +181,8 @@ def load_state_dict(
     """Copies a torchvision state_dict (torch tensors or numpy arrays) into `module` in place.
 
     Strict: every Param/BatchStat must be filled and every key used with a matching shape, else
-    one `WeightsMismatchError` names all missing, unexpected and mis-shaped keys (nothing is
-    modified). `drop_head` ignores the classification head (`fc.*`, `classifier.*`, `heads.*`)
+    one `WeightsMismatchError` names the missing, unexpected, mis-shaped and non-float keys
+    (the first `SHOWN_KEYS` of each, counting the rest; nothing is modified). `drop_head` ignores the classification head (`fc.*`, `classifier.*`, `heads.*`)
     on both sides, for include_top=False backbones or new heads. `encoder.pos_embedding` with
     another token count is resized (bicubic, torchvision-exact). Values are cast to the module's
     dtypes.
@@ -189,7 +193,7 @@ def load_state_dict(
     }
     if drop_head:
         expected = {p: v for p, v in expected.items() if not _is_head(p)}
-    updates, unexpected, mis_shaped, seen = {}, [], [], set()
+    updates, unexpected, mis_shaped, not_float, seen = {}, [], [], [], set()
     for key, value in _dermjax_keys(state_dict).items():
         if drop_head and _is_head(key):
             continue
@@ -208,15 +212,21 @@ def load_state_dict(
         if array.shape != want:
             mis_shaped.append(f"{key}: got {array.shape} (as stored in dermjax), model has {want}")
             continue
+        if jnp.issubdtype(expected[path].dtype, jnp.floating) and not jnp.issubdtype(
+            array.dtype, jnp.floating
+        ):
+            not_float.append(f"{key}: {array.dtype}")  # a cast would train on garbage
+            continue
         updates[path] = array
     missing = [torch_key(p) for p in expected if p not in seen]
-    if missing or unexpected or mis_shaped:
+    if missing or unexpected or mis_shaped or not_float:
         problems = [
-            f"{title} ({len(keys)}): {', '.join(keys)}"
+            f"{title} ({len(keys)}): {some_keys(keys)}"
             for title, keys in (
                 ("missing keys", missing),
                 ("unexpected keys", unexpected),
                 ("shape mismatches", mis_shaped),
+                ("not floating-point", not_float),
             )
             if keys
         ]
@@ -226,6 +236,12 @@ def load_state_dict(
     for path, array in updates.items():
         var = _variable(module, path)
         var.set_value(jnp.asarray(array, dtype=expected[path].dtype))
+
+
+def some_keys(keys: list[str]) -> str:
+    """The first `SHOWN_KEYS` of `keys`, and how many more there are."""
+    shown = ", ".join(keys[:SHOWN_KEYS])
+    return shown + (f", and {len(keys) - SHOWN_KEYS} more" if len(keys) > SHOWN_KEYS else "")
 
 
 def _concrete_rng_state(module: nnx.Module, seed: int) -> None:
@@ -269,19 +285,47 @@ def pretrained_backbone(
 ) -> nnx.Module:
     """Backbone `name` with converted torchvision weights (see `resolve_weights_path`).
 
-    A file that does not fit `name` raises `WeightsMismatchError` naming the file and the keys.
+    A file that is no safetensors file, or does not fit `name`, raises `WeightsMismatchError`
+    naming the file, what is wrong and the command that converts weights for `name` (to the
+    weights folder: never over the file the user pointed at, unless that is the folder's file).
     """
-    from safetensors.numpy import load_file
-
     path = resolve_weights_path(name, weights_path)
-    state_dict = load_file(str(path))
+    default = weights_dir() / f"{name}.safetensors"
+    fix = (
+        f"point vision_model.weights_path at a file converted for {name}, or convert one: "
+        f"{conversion_command(name, default, force=path.resolve() == default.resolve())}"
+    )
+    state_dict, meta = read_converted(path, name)
+    stored = meta.get("arch")
+    if stored and stored != name:
+        raise WeightsMismatchError(f"{path} holds {stored} weights, not {name}; {fix}")
     try:
-        return backbone_from_state_dict(name, state_dict, **backbone_kwargs)
+        module = backbone_from_state_dict(name, state_dict, **backbone_kwargs)
     except WeightsMismatchError as error:
         raise WeightsMismatchError(
-            f"{path} does not hold {name} weights ({error}); point vision_model.weights_path at "
-            f"a file converted for {name}: {conversion_command(name, path)}"
+            f"{path} does not hold {name} weights ({error}); {fix}"
         ) from error
+    source = f" ({meta['weights']})" if meta.get("weights") else ""
+    log.info("backbone %s: torchvision weights%s from %s", name, source, path)
+    return module
+
+
+def read_converted(path: Path, name: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """The arrays and metadata of a converted weights file; `WeightsMismatchError` when `path`
+    is no readable safetensors file (a torch .pth, a cut-off copy)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="numpy") as f:
+            arrays = {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118 (no __iter__)
+            return arrays, dict(f.metadata() or {})
+    except (SafetensorError, OSError) as error:
+        out = weights_dir() / f"{name}.safetensors"
+        raise WeightsMismatchError(
+            f"{path} is not a readable safetensors file ({first_line(error)}); a torch .pth "
+            f"state_dict converts with: python scripts/convert_torchvision.py --arch {name} "
+            f"--state-dict {shlex.quote(str(path))} --out {shlex.quote(str(out))}"
+        ) from None
 
 
 def save_converted(
@@ -289,7 +333,8 @@ def save_converted(
     path: str | os.PathLike,
     metadata: Mapping[str, str] | None = None,
 ) -> None:
-    """Writes the torch-keyed state_dict (legacy keys fixed, no `num_batches_tracked`)."""
+    """Writes the torch-keyed state_dict (legacy keys fixed, no `num_batches_tracked`), readable
+    by others as the umask allows (safetensors itself creates owner-only files)."""
     from safetensors.numpy import save_file
 
     arrays = {
@@ -298,13 +343,9 @@ def save_converted(
         if not key.endswith("num_batches_tracked")
     }
     save_file(arrays, str(path), metadata=dict(metadata or {}))
-
-
-def load_converted(module: nnx.Module, path: str | os.PathLike, *, drop_head: bool = False) -> None:
-    """Loads weights written by `save_converted` into `module` (strict, see `load_state_dict`)."""
-    from safetensors.numpy import load_file
-
-    load_state_dict(module, load_file(str(path)), drop_head=drop_head)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
 
 
 def weights_dir() -> Path:
@@ -312,11 +353,12 @@ def weights_dir() -> Path:
     return Path(os.environ.get("DERMJAX_WEIGHTS_DIR") or DEFAULT_WEIGHTS_DIR).expanduser()
 
 
-def conversion_command(name: str, out: str | os.PathLike) -> str:
-    """The command that writes converted default torchvision weights for `name` to `out`."""
+def conversion_command(name: str, out: str | os.PathLike, *, force: bool = False) -> str:
+    """The command that writes converted default torchvision weights for `name` to `out`
+    (`force`: over the file there)."""
     return (
         f"python scripts/convert_torchvision.py --arch {shlex.quote(name)} --weights DEFAULT "
-        f"--out {shlex.quote(str(out))}"
+        f"--out {shlex.quote(str(out))}" + (" --force" if force else "")
     )
 
 

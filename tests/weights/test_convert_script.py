@@ -2,11 +2,13 @@
 
 import importlib.util
 import json
+import re
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from dermjax.errors import UserError
 from dermjax.weights import torchvision as tvw
 from tests.models import parity
 
@@ -78,3 +80,85 @@ def test_refuses_to_write_when_the_converted_model_disagrees(
     assert script.main(_argv(source, out)) == 1
     assert "verification failed" in capsys.readouterr().err
     assert not out.exists() and not out.with_suffix(".json").exists()
+
+
+def test_an_existing_out_is_replaced_only_with_force(script, saved_resnet50, tmp_path):
+    source, _ = saved_resnet50
+    out = tmp_path / "resnet50.safetensors"
+    out.write_bytes(b"the user's file")
+    with pytest.raises(UserError, match=r"exists: add --force to replace it"):
+        script.main(_argv(source, out))
+    assert out.read_bytes() == b"the user's file"
+    assert script.main([*_argv(source, out), "--force"]) == 0
+    assert out.stat().st_size > 1_000_000
+    assert out.stat().st_mode & 0o044  # others may read it as the umask allows (not 0600)
+
+
+@pytest.mark.parametrize(
+    "out, named",
+    [
+        ("notes.json", "name the file NAME.safetensors"),  # its sidecar would overwrite it
+        ("folder.safetensors/", "is a folder"),
+        ("a_file/x.safetensors", "cannot create its folder"),
+    ],
+)
+def test_outs_that_cannot_be_written_fail_before_any_work(script, tmp_path, out, named):
+    (tmp_path / "notes.json").write_text("{}")
+    (tmp_path / "folder.safetensors").mkdir()
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(UserError, match=re.escape(named)):
+        script.parse_args(
+            ["--arch", "resnet50", "--weights", "DEFAULT", "--out", str(tmp_path / out)]
+        )
+    assert (tmp_path / "notes.json").read_text() == "{}"
+
+
+def test_wrapped_and_data_parallel_state_dicts_convert_to_the_same_weights(
+    script, saved_resnet50, tmp_path
+):
+    import torch
+
+    source, state = saved_resnet50
+    plain = torch.load(source, weights_only=True)
+    wrapped = tmp_path / "wrapped.pth"
+    torch.save({"state_dict": {f"module.{k}": v for k, v in plain.items()}, "epoch": 3}, wrapped)
+    out = tmp_path / "resnet50.safetensors"
+    assert script.main(_argv(wrapped, out)) == 0
+    model = tvw.pretrained_backbone("resnet50", out, include_top=True)
+    np.testing.assert_array_equal(
+        np.asarray(model.layer4[2].bn3.var.get_value()), state["layer4.2.bn3.running_var"]
+    )
+
+
+def test_unusable_state_dict_files_are_one_line_errors(script, saved_resnet50, tmp_path):
+    import torch
+
+    tv = parity.import_torchvision()
+    whole = tmp_path / "whole.pth"
+    torch.save(tv.models.resnet18(), whole)
+    other = tmp_path / "resnet18.pth"
+    torch.save(tv.models.resnet18().state_dict(), other)
+    (tmp_path / "junk.pth").write_bytes(b"junk" * 9)
+    out = tmp_path / "x.safetensors"
+    for source, named in [
+        (tmp_path / "none.pth", "none.pth: no such file"),
+        (whole, "holds a pickled object such as a whole model, not a state_dict"),
+        (tmp_path / "junk.pth", "junk.pth (is no file torch.save wrote|cannot be read)"),
+        (other, r"does not hold resnet50 weights: missing keys \(\d+\): .*, and \d+ more"),
+    ]:
+        with pytest.raises(UserError, match=named) as error:
+            script.main(_argv(source, out))
+        assert "\n" not in str(error.value) and "\x1b" not in str(error.value)
+    assert not out.exists()
+
+
+def test_a_failed_download_says_how_to_convert_offline(script, tmp_path, monkeypatch):
+    tv = parity.import_torchvision()
+
+    def offline(*args, **kwargs):
+        raise OSError("<urlopen error [Errno -2] Name or service not known>")
+
+    monkeypatch.setattr(tv.models, "get_model", offline)
+    argv = ["--arch", "resnet50", "--weights", "DEFAULT", "--out", str(tmp_path / "r.safetensors")]
+    with pytest.raises(UserError, match=r"cannot download .* then convert here with --state-dict"):
+        script.main(argv)

@@ -446,6 +446,37 @@ def test_structure_mismatch_and_legacy_layout_are_user_errors(script, tmp_path):
         original.read_pth(tmp_path / "legacy.pth")
 
 
+def test_data_parallel_prefixes_are_dropped_and_a_pickled_model_is_named(tmp_path):
+    head = OriginalHead(1280, CASES["efficientnet_b0"]).state_dict()
+    vision = {"model.0.0.weight": torch.zeros(32, 3, 3, 3)}
+    torch.save(
+        {
+            "epoch": 0,
+            "classes": CLASSES,
+            "vision_model_state_dict": {f"module.{k}": v for k, v in vision.items()},
+            "multimodal_classifier_state_dict": {f"module.{k}": v for k, v in head.items()},
+        },
+        tmp_path / "dp.pth",
+    )
+    ckpt = original.read_pth(tmp_path / "dp.pth")
+    assert list(ckpt.vision) == list(vision) and set(ckpt.head) <= set(head)
+    torch.save(torch.nn.Linear(2, 2), tmp_path / "model.pth")
+    with pytest.raises(UserError) as error:
+        original.read_pth(tmp_path / "model.pth")
+    assert str(error.value) == (
+        f"--pth {tmp_path / 'model.pth'}: holds pickled objects (a whole model?), not the "
+        "original's checkpoint dict of state_dicts"
+    )
+
+
+def test_an_unfinished_conversion_folder_is_named_as_such(script, tmp_path):
+    out = tmp_path / "out"
+    (out / "checkpoints" / "6.orbax-checkpoint-tmp-1").mkdir(parents=True)
+    cfg = make_config("efficientnet_b0", CASES["efficientnet_b0"])
+    with pytest.raises(UserError, match=r"holds an unfinished conversion \(stopped\?\): delete it"):
+        script.convert(tmp_path / "a.pth", cfg, out)
+
+
 @pytest.mark.parametrize("field", ["load_from", "init_from"])
 def test_pth_in_load_from_is_a_config_error_naming_the_converter(field):
     cfg = default.get_config()

@@ -162,7 +162,7 @@ def test_converted_file_round_trips_through_safetensors(densenet_state, tmp_path
         rtol=1e-6,
     )
     model = _abstract("densenet121", include_top=True)
-    tvw.load_converted(model, path)
+    tvw.load_state_dict(model, tvw.read_converted(path, "densenet121")[0])
     np.testing.assert_allclose(
         _value(model, "classifier", "bias"), densenet_state["classifier.bias"], rtol=1e-6
     )
@@ -195,3 +195,51 @@ def test_weights_of_another_backbone_name_the_file_as_a_user_error(densenet_stat
     tvw.save_converted(densenet_state, path)
     with pytest.raises(UserError, match=r"densenet\.safetensors does not hold vgg16 weights"):
         tvw.pretrained_backbone("vgg16", path)
+
+
+def test_a_file_of_another_arch_is_named_and_the_fix_never_overwrites_it(
+    densenet_state, tmp_path, monkeypatch
+):
+    monkeypatch.setenv("DERMJAX_WEIGHTS_DIR", str(tmp_path / "w"))
+    path = tmp_path / "mine.safetensors"
+    tvw.save_converted(densenet_state, path, metadata={"arch": "densenet121"})
+    with pytest.raises(UserError) as error:
+        tvw.pretrained_backbone("vgg16", path)
+    message = str(error.value)
+    assert message.startswith(f"{path} holds densenet121 weights, not vgg16;")
+    assert message.endswith(f"--out {tmp_path / 'w' / 'vgg16.safetensors'}")  # not over mine
+    default = tmp_path / "w" / "densenet121.safetensors"
+    default.parent.mkdir()
+    tvw.save_converted(densenet_state, default)  # no metadata: the keys tell
+    with pytest.raises(UserError) as error:
+        tvw.pretrained_backbone("vgg16", default)
+    message = str(error.value)
+    assert re.search(r"unexpected keys \(\d+\): (\S+, ){6}and \d+ more\)", message), message
+    assert len(message) < 1200
+
+
+def test_integer_weights_are_refused_not_cast(densenet_state, tmp_path):
+    ints = {k: np.asarray(v * 1000).astype(np.int32) for k, v in densenet_state.items()}
+    path = tmp_path / "densenet121.safetensors"
+    tvw.save_converted(ints, path)
+    with pytest.raises(
+        UserError, match=r"not floating-point \(\d+\): features\.conv0\.weight: int32"
+    ):
+        tvw.pretrained_backbone("densenet121", path)
+
+
+@pytest.mark.parametrize("content", [b"PK\x03\x04 a torch .pth zip", "truncated"])
+def test_a_file_that_is_no_safetensors_is_one_error_with_the_conversion_command(
+    densenet_state, tmp_path, content
+):
+    path = tmp_path / "densenet121.safetensors"
+    if content == "truncated":
+        tvw.save_converted(densenet_state, path)
+        content = path.read_bytes()[:5000]
+    path.write_bytes(content)
+    with pytest.raises(UserError) as error:
+        tvw.pretrained_backbone("densenet121", path)
+    message = str(error.value)
+    assert message.startswith(f"{path} is not a readable safetensors file (SafetensorError: ")
+    assert f"--arch densenet121 --state-dict {path} --out " in message
+    assert "\n" not in message
