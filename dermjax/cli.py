@@ -174,8 +174,8 @@ def apply_overrides(cfg: config_dict.ConfigDict, overrides: Sequence[tuple[str, 
 
     Raises one ConfigError naming every unknown field and every value that does not parse, plus
     whatever `validate` finds in the config with the good overrides applied. A repeated override
-    of a tuple field appends to it (`--config.data.datasets=ddi --config.data.datasets=isic`);
-    otherwise the last one wins.
+    of a tuple of names appends to it (`--config.data.datasets=ddi --config.data.datasets=isic`);
+    otherwise the last one wins (`--config.data.img_size` given twice is the second size).
     """
     texts: dict[str, list[str]] = {}
     for path, text in overrides:
@@ -220,11 +220,14 @@ def _locate(cfg: config_dict.ConfigDict, path: str):
 
 
 def _parse(field_type: type, values: list[str]):
-    """The override value for a field of `field_type` (last one wins, tuples concatenate)."""
+    """The override value for a field of `field_type` (last one wins, names concatenate)."""
     if values[-1] == "None":
         return None
-    if field_type is tuple:
-        return sum((tuple(_PARSERS[tuple].parse(v)) for v in values), ())
+    if field_type is tuple:  # a list of names grows; numbers (a size, weights) are replaced
+        parsed = [tuple(_PARSERS[tuple].parse(v)) for v in values]
+        if parsed[-1] and all(isinstance(x, str) for x in parsed[-1]):
+            return sum((p for p in parsed if all(isinstance(x, str) for x in p)), ())
+        return parsed[-1]
     if field_type in _PARSERS:
         return _PARSERS[field_type].parse(values[-1])
     if field_type is str:

@@ -30,6 +30,7 @@ def test_overrides_parse_as_the_field_type_and_none_clears():
         [
             ("data.val_size", "None"),
             ("data.img_size", "(32, 32)"),
+            ("data.img_size", "(48,48)"),  # a size is replaced, not extended
             ("augmentation.scale", "None"),
             ("training.batch_size", "8"),
             ("training.scheduler.vision_eta_min", "0"),
@@ -40,7 +41,7 @@ def test_overrides_parse_as_the_field_type_and_none_clears():
         ],
     )
     assert cfg.data.val_size is None
-    assert cfg.data.img_size == (32, 32)
+    assert cfg.data.img_size == (48, 48)
     assert cfg.augmentation.scale is None
     assert cfg.training.batch_size == 8
     assert cfg.training.scheduler.vision_eta_min == 0.0
