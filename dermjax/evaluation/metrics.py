@@ -141,7 +141,9 @@ def classification_metrics(
     Keys: n, accuracy, balanced_accuracy, macro_f1 (the original's: mean F1 over all classes,
     absent ones counting 0), macro_f1_sklearn (scikit-learn's average="macro": only classes
     present in labels or predictions), top_k_accuracy ({"k": value}; k >= C gives 1.0),
-    per_class ({class: precision, recall, f1, support, auroc}), auroc_macro (one-vs-rest, over
+    per_class ({class: precision, recall, f1, support, auroc}; None where undefined: precision
+    of a class never predicted, recall of one absent, F1 of one neither predicted nor present,
+    as training's `per_class_recall` does), auroc_macro (one-vs-rest, over
     classes with positives and negatives; None when none), ece, brier, confusion_matrix (rows =
     true class) and reliability (`reliability_bins`, for the reliability diagram).
     """
@@ -150,7 +152,7 @@ def classification_metrics(
     preds = probs.argmax(axis=1)
     cm = train_metrics.confusion_matrix(labels, preds, num_classes)
     precision, recall, f1, support = precision_recall_fscore_support(
-        labels, preds, labels=list(range(num_classes)), zero_division=0
+        labels, preds, labels=list(range(num_classes)), zero_division=np.nan
     )
     auroc = per_class_auroc(labels, probs)
     present = [v for v in auroc if v is not None]
@@ -163,9 +165,9 @@ def classification_metrics(
         "top_k_accuracy": {str(k): top_k_accuracy(labels, probs, k) for k in top_k},
         "per_class": {
             str(name): {
-                "precision": float(precision[c]),
-                "recall": float(recall[c]),
-                "f1": float(f1[c]),
+                "precision": _number(precision[c]),
+                "recall": _number(recall[c]),
+                "f1": _number(f1[c]),
                 "support": int(support[c]),
                 "auroc": auroc[c],
             }

@@ -57,6 +57,16 @@ def test_macro_f1_counts_absent_classes_as_zero_unlike_sklearn():
     out = classification_metrics(labels, probs, ["a", "b", "c", "d"])
     assert out["macro_f1"] == pytest.approx(out["macro_f1_sklearn"] / 2)
     assert out["per_class"]["c"]["auroc"] is None
+    undefined = {"precision": None, "recall": None, "f1": None, "support": 0, "auroc": None}
+    assert out["per_class"]["c"] == undefined  # not 0: nothing to be right or wrong about
+
+
+def test_precision_of_a_class_never_predicted_is_undefined_not_zero():
+    probs = np.array([[0.9, 0.1], [0.8, 0.2], [0.6, 0.4]])
+    out = classification_metrics(np.array([0, 0, 1]), probs, ["a", "b"])
+    assert out["per_class"]["b"]["precision"] is None
+    assert out["per_class"]["b"]["recall"] == 0.0 and out["per_class"]["b"]["f1"] == 0.0
+    assert out["per_class"]["a"]["precision"] == pytest.approx(2 / 3)
     assert out["auroc_macro"] == pytest.approx(
         np.mean([out["per_class"][c]["auroc"] for c in "ab"])
     )
