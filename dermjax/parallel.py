@@ -26,9 +26,16 @@ from jax.sharding import PartitionSpec as P
 
 from dermjax import failfast
 from dermjax.data import fs
-from dermjax.errors import ConfigError, UserError
+from dermjax.errors import UserError
 
 log = logging.getLogger(__name__)
+
+
+class LaunchError(UserError):
+    """Launch flags or DERMJAX_* variables that cannot start a multi-process run (exit status 2,
+    like a bad config, but one line: they are no config fields)."""
+
+    exit_code = 2
 
 
 # Environment variables that mean "JAX finds the other processes by itself" (TPU VM pod slices,
@@ -95,7 +102,7 @@ def init_timeout_s() -> int:
     """How long start-up waits for every process: DERMJAX_INIT_TIMEOUT_S, default 300 (JAX's)."""
     text = os.environ.get("DERMJAX_INIT_TIMEOUT_S", "300")
     if not text.isdigit() or int(text) < 1:
-        raise ConfigError(f"DERMJAX_INIT_TIMEOUT_S={text!r}: expected a whole number of seconds")
+        raise LaunchError(f"DERMJAX_INIT_TIMEOUT_S={text!r}: expected a whole number of seconds")
     return int(text)
 
 
@@ -153,27 +160,27 @@ def explicit_launch(
         if given[key] is None and os.environ.get(env):
             value = os.environ[env]
             if key != "coordinator_address" and not value.isdigit():
-                raise ConfigError(f"{env}={value!r}: expected a non-negative integer")
+                raise LaunchError(f"{env}={value!r}: expected a non-negative integer")
             given[key] = value if key == "coordinator_address" else int(value)
     if all(v is None for v in given.values()):
         return None
     missing = [f"--{k} (or {_ENV[k]})" for k, v in given.items() if v is None]
     if missing:
-        raise ConfigError(f"a multi-process launch also needs {', '.join(missing)}")
+        raise LaunchError(f"a multi-process launch also needs {', '.join(missing)}")
     _check_launch(**given)
     return given
 
 
 def _check_launch(coordinator_address: str, num_processes: int, process_id: int) -> None:
-    """ConfigError for launch values jax.distributed would crash or hang on."""
+    """LaunchError for launch values jax.distributed would crash or hang on."""
     host, _, port = str(coordinator_address).rpartition(":")
     if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
-        raise ConfigError(
+        raise LaunchError(
             f"--coordinator_address={coordinator_address!r}: expected HOST:PORT with a port "
             "from 1 to 65535 (process 0's host, e.g. 10.0.0.2:1234)"
         )
     if num_processes < 1 or not 0 <= process_id < num_processes:
-        raise ConfigError(
+        raise LaunchError(
             f"--num_processes={num_processes} --process_id={process_id}: give every process "
             "the same count (1 or more) and its own id from 0 to count - 1"
         )

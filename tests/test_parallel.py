@@ -10,7 +10,7 @@ import jax
 import pytest
 
 from dermjax import parallel
-from dermjax.errors import ConfigError, UserError
+from dermjax.errors import UserError
 
 _VARS = (
     "DERMJAX_COORDINATOR_ADDRESS", "DERMJAX_NUM_PROCESSES", "DERMJAX_PROCESS_ID",
@@ -68,10 +68,10 @@ def test_a_tpu_vm_is_detected_by_its_chips(calls, monkeypatch, tmp_path):
 
 
 def test_an_incomplete_launch_names_what_is_missing(calls, monkeypatch):
-    with pytest.raises(ConfigError, match=r"--num_processes .*--process_id"):
+    with pytest.raises(parallel.LaunchError, match=r"--num_processes .*--process_id"):
         parallel.maybe_initialize_distributed("127.0.0.1:1234")
     monkeypatch.setenv("DERMJAX_NUM_PROCESSES", "two")
-    with pytest.raises(ConfigError, match="DERMJAX_NUM_PROCESSES='two'"):
+    with pytest.raises(parallel.LaunchError, match="DERMJAX_NUM_PROCESSES='two'"):
         parallel.maybe_initialize_distributed()
     assert calls == []
 
@@ -89,7 +89,7 @@ def test_launch_values_jax_would_crash_or_hang_on_are_one_error(
     calls, address, count, index, named
 ):
     # They gave an IndexError or ValueError traceback, or hung without a message.
-    with pytest.raises(ConfigError, match=re.escape(named)):
+    with pytest.raises(parallel.LaunchError, match=re.escape(named)):
         parallel.maybe_initialize_distributed(address, count, index)
     assert calls == []
 
