@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+import time
 
 from absl import flags
 from ml_collections import config_flags
@@ -58,10 +59,11 @@ def main(argv: list[str]) -> None:
         _check_some_exist(paths, data.paths.img_prefix)
     for rule, (directory, paths) in plan.items():
         ready = cache.find_cache(data.paths.cache_dir, rule, cfg.data.img_size, paths)
-        if ready is not None and ready.directory != directory:
+        if ready is not None:
             logging.info("the %s images are already prepared at %s", rule, ready.directory)
             continue
         logging.info("building the %s cache of %d images at %s", rule, len(paths), directory)
+        start = time.perf_counter()
         cache.build_cache(
             paths,
             directory,
@@ -74,8 +76,19 @@ def main(argv: list[str]) -> None:
             path, reason = next(iter(bad.items()))
             raise DataError(
                 f"none of the {len(bad)} images of the {rule} cache at {directory} could be "
-                f"read (e.g. {path}: {reason}); check data.img_prefix={data.paths.img_prefix}"
+                f"read (e.g. {path}: {reason}); check data.img_prefix={data.paths.img_prefix}, "
+                "then run again: images that appear or change are read again"
             )
+        logging.info(
+            "%s cache ready: %d images at %s (%.0f s)%s",
+            rule,
+            len(set(paths)),
+            directory,
+            time.perf_counter() - start,
+            f"; {len(bad)} unreadable, listed with their reasons in its shard-*.done.json files"
+            if bad
+            else "",
+        )
         _list_others(directory, rule, cfg.data.img_size)
 
 

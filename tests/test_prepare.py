@@ -1,9 +1,12 @@
 """`python -m dermjax.prepare` builds the caches the loaders of that config then find."""
 
+import os
 import pathlib
 import re
+import signal
 import subprocess
 import sys
+import time
 
 from dermjax import experiment_data
 from dermjax.config import load_config
@@ -116,3 +119,35 @@ def test_a_cache_folder_of_the_older_naming_is_still_used(tmp_path):
         images.SHORTER: "shorter_32x32",
         images.EXACT: "exact_32x32",
     }
+
+
+def test_a_second_prepare_builds_nothing_and_each_build_ends_with_a_summary(tmp_path):
+    first = _prepare(tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert re.search(r"shorter cache ready: \d+ images at .* \(\d+ s\)", first.stderr)
+    second = _prepare(tmp_path)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "building" not in second.stderr
+    assert second.stderr.count("images are already prepared at") == 2
+
+
+def test_ctrl_c_stops_a_build_with_workers_in_one_line(tmp_path):
+    assert _prepare(tmp_path).returncode == 0  # the demo data, made once
+    cmd = [sys.executable, "-m", "dermjax.prepare", "--config=configs/demo.py", "--workers=2",
+           f"--config.data.local_root={tmp_path / 'data'}", "--config.data.demo_size=60",
+           "--config.data.min_samples_per_label=2", "--config.data.img_size=(48,48)"]  # fmt: skip
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        start_new_session=True,
+    )  # fmt: skip
+    caches = tmp_path / "data" / "demo_v1" / "cache"
+    deadline = time.monotonic() + 300
+    while not any(p.name.startswith("shorter_48x48") for p in caches.iterdir()):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.2)
+    time.sleep(2)  # the workers are starting or decoding
+    os.killpg(proc.pid, signal.SIGINT)  # a terminal's Ctrl-C reaches the whole group
+    _, err = proc.communicate(timeout=120)  # a worker hit mid-task used to hang the pool
+    assert proc.returncode == 130, err[-3000:]
+    assert "SpawnPoolWorker" not in err and "Traceback" not in err, err[-3000:]
+    assert err.splitlines()[-1].startswith("error: stopped by Ctrl-C")

@@ -10,8 +10,14 @@ Layout of a cache directory (local disk or gs://):
   manifest.json                         identity: version, rule, img_size, paths digest, shard size
   paths.json                            the cached paths, in record order
   shard-SSSSS-of-KKKKK.array_record     records [S * shard_size, (S + 1) * shard_size)
-  shard-SSSSS-of-KKKKK.done.json        written after its shard is complete (bad paths listed)
-A rebuild skips shards whose `.done.json` exists, so an interrupted build resumes.
+  shard-SSSSS-of-KKKKK.done.json        written after its shard is complete: bad paths with
+                                        their reasons, the shard's size in bytes and, for local
+                                        images, each image's size and modification time
+A rebuild skips shards whose `.done.json` exists, so an interrupted build resumes; it rebuilds a
+shard whose file is missing or cut short, or one of whose local images has changed (replaced,
+edited, deleted, or created after a build that found it missing). Training checks the same before
+it uses a cache, and reads the images instead of a stale one. Only one build at a time writes a
+local cache folder (a lock file in it).
 
 On gs:// a shard is written to a local temporary file and uploaded (array_record writes local
 files only), then its `.done.json`. Reading downloads no shard whole: array_record's reader (its
@@ -24,11 +30,13 @@ the shards they lie in).
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import logging
 import multiprocessing
 import os
+import signal
 import tempfile
 from collections.abc import Sequence
 
@@ -38,6 +46,8 @@ from array_record.python.array_record_data_source import ArrayRecordDataSource
 from tqdm import tqdm
 
 from dermjax.data import fs, images
+from dermjax.errors import DataError, first_line
+from dermjax.train.runlock import RunLock
 
 VERSION = 1
 MANIFEST = "manifest.json"
@@ -113,8 +123,52 @@ def listing(directory: str) -> set[str]:
 
 
 def _write_json(path: str, obj: object, indent: int | None = 1) -> None:
-    with fs.open_file(path, "w") as f:
+    """Writes `obj` to `path`, whole or not at all (a local file is written aside and renamed;
+    an object store's upload is atomic)."""
+    written = path + ".tmp" if fs.is_local(path) else path
+    with fs.open_file(written, "w") as f:
         json.dump(obj, f, indent=indent)
+    if written != path:
+        os.replace(written, path)
+
+
+def file_stamp(path: str) -> list[int] | None:
+    """[size, modification time in ns] of a local image file; None when it does not exist."""
+    try:
+        st = os.stat(path.removeprefix("file://"))
+    except OSError:
+        return None
+    return [st.st_size, st.st_mtime_ns]
+
+
+def _done_records(directory: str, present: set[str]) -> dict[str, dict]:
+    """{`.done.json` name: its content} of the finished shards among the names `present`."""
+    names = sorted(n for n in present if n.startswith("shard-") and n.endswith(".done.json"))
+    return {n: _read_json(os.path.join(directory, n)) for n in names}
+
+
+def _shard_faults(
+    done_name: str, record: dict, sizes: dict[str, int], wanted: set[str] | None = None
+) -> tuple[str | None, list[str]]:
+    """(damage, changed): whether a finished shard's file is missing or of another size than
+    written, and its local images (of `wanted`, default all) changed since it was built."""
+    shard = done_name.removesuffix(".done.json") + ".array_record"
+    if "bytes" in record and sizes.get(shard) != record["bytes"]:
+        return f"{shard} is missing or cut short", []
+    stamps = record.get("stamps", {})
+    paths = stamps if wanted is None else [p for p in stamps if p in wanted]
+    return None, [p for p in paths if file_stamp(p) != stamps[p]]
+
+
+def _file_sizes(directory: str) -> dict[str, int]:
+    """{name: size in bytes} of the files in `directory` (fresh listing)."""
+    fsys = fs.filesystem(directory)
+    fsys.invalidate_cache(directory)
+    try:
+        entries = fsys.ls(directory, detail=True)
+    except (FileNotFoundError, NotADirectoryError):
+        return {}
+    return {e["name"].rstrip("/").rsplit("/", 1)[-1]: int(e.get("size") or 0) for e in entries}
 
 
 def _read_json(path: str) -> object:
@@ -200,16 +254,28 @@ class _Prepare:
     def __init__(self, img_size, rule: str, draft: bool):
         self.img_size, self.rule, self.draft = tuple(img_size), rule, draft
 
-    def __call__(self, path: str) -> tuple[bytes, str | None]:
+    def __call__(self, path: str) -> tuple[bytes, str | None, list[int] | bool | None]:
+        """(record, bad reason or None, `file_stamp` taken before reading; False if remote)."""
+        stamp = file_stamp(path) if fs.is_local(path) else False
         try:
             data = fs.read_bytes(path)
-            return encode_record(
-                images.decode(data, path, self.img_size, self.rule, draft=self.draft)
-            ), None
+            return (
+                encode_record(
+                    images.decode(data, path, self.img_size, self.rule, draft=self.draft)
+                ),
+                None,
+                stamp,
+            )
         except images.BadImageError as e:
-            return b"", e.reason
+            return b"", e.reason, stamp
         except OSError as e:
-            return b"", f"{type(e).__name__}: {e}"
+            return b"", f"{type(e).__name__}: {e}", stamp
+
+
+def _ignore_interrupts() -> None:
+    """Build workers leave Ctrl-C to the main process, which stops them (a worker interrupted
+    mid-task could leave the pool unable to shut down)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def build_cache(
@@ -230,14 +296,34 @@ def build_cache(
     """
     if rule not in images.RULES:
         raise ValueError(f"unknown resize rule {rule!r}; expected one of {images.RULES}")
+    build = functools.partial(
+        _build, records_paths, out_dir, img_size, rule, num_workers, progress, shard_size, draft
+    )
+    if not fs.is_local(out_dir):  # an object store has no lock: build it from one machine
+        return build()
+    fs.ensure_writable_folder(
+        out_dir, "prepared cache folder", "set data.cache_dir to a folder you can write"
+    )
+    fix = "wait for that build to finish (or stop it), then run again"
+    with RunLock(out_dir, what="prepared cache folder", fix=fix):
+        return build()
+
+
+def _build(
+    records_paths: Sequence[str],
+    out_dir: str,
+    img_size: tuple[int, int],
+    rule: str,
+    num_workers: int,
+    progress: bool,
+    shard_size: int,
+    draft: bool,
+) -> Cache:
+    """`build_cache` once the folder is this process's."""
     paths = sorted({str(p) for p in records_paths})  # the same images: the same cache
     identity = _identity(paths, img_size, rule, shard_size)
     local = fs.is_local(out_dir)
     fsys = fs.filesystem(out_dir)
-    if local:
-        fs.ensure_writable_folder(
-            out_dir, "prepared cache folder", "set data.cache_dir to a folder you can write"
-        )
     manifest_file = os.path.join(out_dir, MANIFEST)
     present = listing(out_dir)
     if MANIFEST in present:
@@ -251,6 +337,13 @@ def build_cache(
             if stale:
                 fsys.rm([os.path.join(out_dir, n) for n in stale])
             present = set()
+    sizes = _file_sizes(out_dir) if present else {}
+    for name, record in _done_records(out_dir, present).items():
+        damage, changed = _shard_faults(name, record, sizes)
+        if damage or changed:
+            why = damage or f"{len(changed)} of its images changed since (e.g. {changed[0]})"
+            logging.warning("rebuilding %s: %s", name.removesuffix(".done.json"), why)
+            present.discard(name)
     _write_json(os.path.join(out_dir, PATHS_FILE), paths, indent=None)
     _write_json(manifest_file, {**identity, "complete": False})
 
@@ -262,36 +355,53 @@ def build_cache(
     }
     todo = [p for shard_paths in shards.values() for p in shard_paths]
     prepare = _Prepare(img_size, rule, draft)
-    pool = multiprocessing.get_context("spawn").Pool(num_workers) if num_workers > 0 else None
+    pool = None
+    if num_workers > 0:  # started while Ctrl-C is ignored: they inherit that from the start
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:
+            pool = multiprocessing.get_context("spawn").Pool(
+                num_workers, initializer=_ignore_interrupts
+            )
+        finally:
+            signal.signal(signal.SIGINT, previous)
     bar = tqdm(
         total=len(paths), initial=len(paths) - len(todo), disable=not progress, desc="prepare cache"
     )
     results = pool.imap(prepare, todo, chunksize=4) if pool else map(prepare, todo)
     scratch = None if local else tempfile.TemporaryDirectory(prefix="dermjax-cache-")
+    written = None
     try:
         for s, shard_paths in shards.items():
             final = _shard_file(out_dir, s, num_shards, "array_record")
             written = final + ".tmp" if local else os.path.join(scratch.name, "shard")
-            writer = array_record_module.ArrayRecordWriter(written, WRITER_OPTIONS)
-            bad = {}
-            for path in shard_paths:
-                record, reason = next(results)
-                writer.write(record)
-                if reason is not None:
-                    bad[path] = reason
-                bar.update(1)
-            writer.close()
-            if local:
-                os.replace(written, final)
-            else:
-                fsys.put_file(written, final)
-            _write_json(
-                _shard_file(out_dir, s, num_shards, "done.json"),
-                {"records": len(shard_paths), "bad": bad},
-            )
+            bad, stamps = {}, {}
+            try:
+                writer = array_record_module.ArrayRecordWriter(written, WRITER_OPTIONS)
+                for path in shard_paths:
+                    record, reason, stamp = next(results)
+                    writer.write(record)
+                    if reason is not None:
+                        bad[path] = reason
+                    if stamp is not False:
+                        stamps[path] = stamp
+                    bar.update(1)
+                writer.close()
+                size = os.path.getsize(written)
+                if local:
+                    os.replace(written, final)
+                else:
+                    fsys.put_file(written, final)
+                done = {"records": len(shard_paths), "bad": bad, "bytes": size, "stamps": stamps}
+                _write_json(_shard_file(out_dir, s, num_shards, "done.json"), done)
+            except (OSError, RuntimeError) as e:  # array_record reports I/O as RuntimeError
+                raise DataError(
+                    f"prepared cache {out_dir}: cannot write {os.path.basename(final)} "
+                    f"({first_line(e)}); free space or set data.cache_dir elsewhere, then run "
+                    "again: finished shards are kept"
+                ) from e
             if bad:
-                logging.warning(
-                    "%d bad images in cache shard %d, e.g. %s", len(bad), s, next(iter(bad))
+                tqdm.write(
+                    f"{len(bad)} bad images in cache shard {s}, e.g. {next(iter(bad.items()))}"
                 )
     finally:
         bar.close()
@@ -299,6 +409,8 @@ def build_cache(
             pool.terminate()
         if scratch is not None:
             scratch.cleanup()
+        elif written is not None and os.path.exists(written):
+            os.remove(written)  # a shard cut short by an error or a stop
     _write_json(manifest_file, {**identity, "complete": True})
     return Cache(out_dir, identity, paths)
 
@@ -347,6 +459,8 @@ def open_cache(
             problems.append(
                 f"{len(missing)} of {len(paths)} paths are not cached (e.g. {missing[0]})"
             )
+    if not problems:
+        problems += _faults(directory, set(paths))
     if problems:
         warn(
             "prepared cache at %s is stale, reading the images instead: %s; rebuild it with "
@@ -357,6 +471,20 @@ def open_cache(
         return None
     _use_storage_emulator()  # before any grain worker starts, so that workers inherit it
     return cache
+
+
+def _faults(directory: str, wanted: set[str]) -> list[str]:
+    """Damaged shards, and `wanted` local images changed since the build, as problems."""
+    sizes = _file_sizes(directory)
+    damaged, changed = [], []
+    for name, record in _done_records(directory, set(sizes)).items():
+        damage, shard_changed = _shard_faults(name, record, sizes, wanted)
+        damaged += [damage] if damage else []
+        changed += shard_changed
+    problems = damaged[:1]
+    if changed:
+        problems.append(f"{len(changed)} images changed since it was built (e.g. {changed[0]})")
+    return problems
 
 
 def main(argv: Sequence[str] | None = None) -> Cache:

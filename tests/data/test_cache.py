@@ -8,7 +8,8 @@ import pytest
 from PIL import Image
 
 from dermjax.data import cache, images, pipeline
-from dermjax.errors import DataError
+from dermjax.errors import DataError, RunFolderError
+from dermjax.train.runlock import RunLock
 
 SIZE = (16, 16)
 
@@ -174,3 +175,85 @@ def test_a_cache_is_found_for_its_images_in_any_order_or_a_subset_of_them(paths,
     assert cache.find_cache(root, "shorter", SIZE, paths) is None  # another rule
     os.rename(f"{root}/{own}", f"{root}/exact_16x16")  # the older naming
     assert cache.find_cache(root, "exact", SIZE, paths).directory == f"{root}/exact_16x16"
+
+
+def _replace_image(path: str, color: int) -> None:
+    before = os.stat(path).st_mtime_ns
+    Image.new("RGB", (26, 21), (color, 0, 0)).save(path, format="JPEG")
+    os.utime(path, ns=(before + 10**9, before + 10**9))  # a later time, even on coarse clocks
+
+
+def test_an_image_changed_after_the_build_is_never_served_stale(paths, tmp_path, caplog):
+    directory = str(tmp_path / "c")
+    cache.build_cache(paths, directory, img_size=SIZE, rule="exact", shard_size=3, progress=False)
+    kept = os.path.join(directory, "shard-00002-of-00003.done.json")
+    kept_stamp = os.stat(kept).st_mtime_ns
+    _replace_image(paths[1], 255)
+    with caplog.at_level(logging.WARNING):
+        assert cache.open_cache(directory, paths, SIZE, "exact") is None
+    assert f"1 images changed since it was built (e.g. {paths[1]})" in caplog.text
+    assert cache.open_cache(directory, paths[3:], SIZE, "exact") is not None  # others unaffected
+    rebuilt = cache.build_cache(
+        paths, directory, img_size=SIZE, rule="exact", shard_size=3, progress=False
+    )
+    assert os.stat(kept).st_mtime_ns == kept_stamp  # only the changed image's shard was rebuilt
+    assert read_back(rebuilt, [paths[1]])[0][..., 0].min() > 200  # the new, red pixels
+    assert cache.open_cache(directory, paths, SIZE, "exact") is not None
+
+
+def test_an_image_missing_at_build_time_is_read_once_it_exists(paths, tmp_path):
+    directory = str(tmp_path / "c")
+    os.rename(paths[0], paths[0] + ".away")
+    cache.build_cache(paths, directory, img_size=SIZE, rule="exact", progress=False)
+    assert list(cache.bad_paths(directory)) == [paths[0]]
+    assert cache.open_cache(directory, paths, SIZE, "exact") is not None  # still missing: sound
+    os.rename(paths[0] + ".away", paths[0])
+    assert cache.open_cache(directory, paths, SIZE, "exact") is None
+    rebuilt = cache.build_cache(paths, directory, img_size=SIZE, rule="exact", progress=False)
+    assert cache.bad_paths(directory) == {}
+    assert read_back(rebuilt, [paths[0]])[0] is not None
+
+
+def test_a_shard_cut_short_is_refused_and_rebuilt(paths, tmp_path, caplog):
+    directory = str(tmp_path / "c")
+    cache.build_cache(paths, directory, img_size=SIZE, rule="exact", shard_size=3, progress=False)
+    shard = os.path.join(directory, "shard-00001-of-00003.array_record")
+    os.truncate(shard, os.path.getsize(shard) // 2)
+    with caplog.at_level(logging.WARNING):
+        assert cache.open_cache(directory, paths, SIZE, "exact") is None
+    assert "shard-00001-of-00003.array_record is missing or cut short" in caplog.text
+    rebuilt = cache.build_cache(
+        paths, directory, img_size=SIZE, rule="exact", shard_size=3, progress=False
+    )
+    assert all(image is not None for image in read_back(rebuilt, paths))
+
+
+def test_a_folder_another_build_holds_is_refused(paths, tmp_path):
+    directory = str(tmp_path / "c")
+    with (
+        RunLock(directory),
+        pytest.raises(RunFolderError, match=r"prepared cache folder .* in use"),
+    ):
+        cache.build_cache(paths, directory, img_size=SIZE, rule="exact", progress=False)
+    assert not os.path.exists(os.path.join(directory, cache.MANIFEST))
+
+
+def test_a_failed_shard_write_is_one_error_that_keeps_finished_shards(paths, tmp_path, monkeypatch):
+    directory = str(tmp_path / "c")
+    real = cache.array_record_module.ArrayRecordWriter
+    opened = []
+
+    def full_disk(path, options):
+        opened.append(path)
+        if len(opened) == 2:
+            raise RuntimeError(f"write() failed: No space left on device; writing {path}")
+        return real(path, options)
+
+    monkeypatch.setattr(cache.array_record_module, "ArrayRecordWriter", full_disk)
+    with pytest.raises(DataError, match=r"cannot write shard-00001-of-00003.array_record \("):
+        cache.build_cache(
+            paths, directory, img_size=SIZE, rule="exact", shard_size=3, progress=False
+        )
+    names = sorted(os.listdir(directory))
+    assert "shard-00000-of-00003.done.json" in names
+    assert not [n for n in names if n.endswith(".tmp")]
