@@ -59,9 +59,19 @@ def _raise_terminated(signum: int, frame: object) -> None:
     raise Terminated()
 
 
+_typed: list[str] = []
+
+
+def typed_arguments() -> list[str]:
+    """The command-line arguments as the user typed them, `--config.*` overrides included
+    (`run_main` takes those out of `sys.argv`)."""
+    return list(_typed or sys.argv)[1:]
+
+
 def run_main(main: Callable[[list[str]], None]) -> None:
     """Runs `main` like `absl.app.run`, turning user errors into `error: ...` and an exit code."""
     argv = list(sys.argv)
+    _typed[:] = argv
     main_thread = threading.current_thread() is threading.main_thread()
     if main_thread and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
         signal.signal(signal.SIGTERM, _raise_terminated)

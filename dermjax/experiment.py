@@ -225,10 +225,12 @@ class Components:
             shard_count=jax.process_count(),
         )
 
-    def train_loader(self) -> pipeline.Loader:
+    def train_loader(self, start_batch: int = 0) -> pipeline.Loader:
+        """The training batches from global batch number `start_batch` on."""
         aug = self.spec.augment
         return pipeline.train_loader(
             self.data.train,
+            start_batch=start_batch,
             batch_size=self.cfg.training.batch_size,
             geometric=aug.geometric,
             seed=self.cfg.data.seed,

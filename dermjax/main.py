@@ -21,7 +21,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from dermjax import compile_cache, parallel, runner
-from dermjax.cli import run_main
+from dermjax.cli import run_main, typed_arguments
 from dermjax.config import data_paths, packaged_config_path, validate_for_run
 from dermjax.weights.torchvision import WeightsNotFoundError, resolve_weights_path
 
@@ -114,7 +114,7 @@ def main(argv: list[str]) -> None:
             if summary.get("trained", True)
             else "stopped before training, nothing new to save"
         )
-        command = shlex.join(["python", "-m", "dermjax.main", *sys.argv[1:]])
+        command = shlex.join(["python", "-m", "dermjax.main", *typed_arguments()])
         print(f"Preempted: {done}. Resume with the same command: {command}", flush=True)
         return
     if summary.get("already_finished"):

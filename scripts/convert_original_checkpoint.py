@@ -275,7 +275,7 @@ def convert(
     with Checkpointer(
         str(out / "checkpoints"), save_frequency=1, keep_last=1, monitor_mode=mode, async_save=False
     ) as writer:
-        writer.save(0, state=state, data_iter=None, meta=meta, kind="final")
+        writer.save(0, state=state, meta=meta, kind="final")
     report = {
         "pth": str(pth),
         "out": str(out),

@@ -302,9 +302,9 @@ def _measure(tmp: str) -> dict:
     }
     saved = jax.device_get(sharded_state)
     with Checkpointer(tmp, save_frequency=1, keep_last=1, async_save=False) as ckpt:
-        ckpt.save(2, state=sharded_state, data_iter=None, meta={}, kind="periodic")
-        restored, _ = ckpt.restore(2, abstract_state=abstract[True], data_iter=None)
-        replicated, _ = ckpt.restore(2, abstract_state=abstract[False], data_iter=None)
+        ckpt.save(2, state=sharded_state, meta={}, kind="periodic")
+        restored, _ = ckpt.restore(2, abstract_state=abstract[True])
+        replicated, _ = ckpt.restore(2, abstract_state=abstract[False])
 
     def same(a, b):
         return all(jax.tree.leaves(jax.tree.map(np.array_equal, a, b)))

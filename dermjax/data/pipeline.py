@@ -168,6 +168,9 @@ class _BatchMaker:
         return {"image": image, "label": label, "valid": valid, "index": rows.astype(np.int32)}
 
 
+_ENDLESS = 2**53  # batches a train loader can deliver: more than any run takes
+
+
 class _TrainBatch:
     """Global batch number -> local batch: per-epoch order from (seed, epoch), then load."""
 
@@ -192,8 +195,8 @@ class _TrainBatch:
             self._order = cached
         return cached[1]
 
-    def __call__(self, i: int, _: int) -> dict[str, np.ndarray]:
-        epoch, step = divmod(i, self.steps)
+    def __call__(self, i: int) -> dict[str, np.ndarray]:
+        epoch, step = divmod(int(i), self.steps)
         positions = step * self.batch_size + self.offset
         return self.maker(self.order(epoch)[positions], epoch, positions)
 
@@ -273,8 +276,10 @@ def train_loader(
     shard_count: int = 1,
     read_threads: int = 1,
     draft: bool = True,
+    start_batch: int = 0,
 ) -> Loader:
-    """Infinite training batches, epoch after epoch (the original's train DataLoader).
+    """Infinite training batches, epoch after epoch (the original's train DataLoader), from
+    global batch number `start_batch` on.
 
     Each epoch is a fresh permutation of the records seeded by `(seed, epoch)`, or, with
     `weighted_sampling`, `len(records)` draws with replacement with probability proportional to
@@ -282,6 +287,10 @@ def train_loader(
     shorter-side resize + random crop (see images.py). `read_threads` batches are loaded
     concurrently per process; `draft=False` decodes JPEGs at full size. `split` names the
     records in warnings and in the `bad_image_log` lines (`split<TAB>path<TAB>reason`).
+
+    Batch number k is a pure function of k (and the seed): epoch k // steps, its positions
+    k % steps, its crops. A resumed run starts at the number of batches it trained on, which
+    needs no saved iterator state, so it may resume with another `num_workers`.
     """
     local = _local_batch(batch_size, shard_index, shard_count)
     steps = len(records) // batch_size
@@ -296,7 +305,7 @@ def train_loader(
     fn = _TrainBatch(
         maker, records.labels, steps, batch_size, local, shard_index, weighted_sampling
     )
-    ds = grain.MapDataset.range(steps).repeat(None).map_with_index(fn)
+    ds = grain.MapDataset.range(start_batch, start_batch + _ENDLESS).map(fn)
     return _finish(ds, records, split, steps, local, num_workers, prefetch_factor, read_threads)
 
 

@@ -8,9 +8,11 @@ Layout under `directory` (a local path or a gs:// URL; nothing outside it is tou
 
 One Orbax CheckpointManager per subdirectory keeps the retention rules independent: `keep_last`
 can never remove the best checkpoint, and a preemption save survives later periodic pruning. Each
-step holds three items: `state` (the train-state pytree, StandardSave), `data` (the grain
-iterator's position, present when an iterator was given) and `meta` (JSON, plus `kind`,
-`timestamp` and `monitor_mode`). `step` must be the global optimisation step, so steps only grow
+step holds two items: `state` (the train-state pytree, StandardSave) and `meta` (JSON, plus
+`kind`, `timestamp` and `monitor_mode`). The input position needs no item of its own: the
+training batches are a pure function of their global number, which the meta's epoch and step in
+the epoch give (steps written before 2026-12-02 also hold grain's iterator state as `data`; it is
+not read). `step` must be the global optimisation step, so steps only grow
 within a run; the same step may be saved under several kinds (a best epoch that is also periodic).
 
 Opening the managers, finding a step's copies and comparing a saved tree with the model live
@@ -42,7 +44,6 @@ import logging
 import os
 from typing import Any
 
-import grain
 import orbax.checkpoint as ocp
 from etils import epath
 
@@ -51,7 +52,6 @@ from dermjax.train.checkpoint_restore import (
     CheckpointError,
     candidates,
     drop_abandoned_reads,
-    item_dir,
     open_manager,
     read_only_managers,
     restore_first_readable,
@@ -134,36 +134,18 @@ class CheckpointReader:
             + "; ".join(failures)
         )
 
-    def restore(self, step: int | None, *, abstract_state: Any, data_iter: Any) -> tuple[Any, dict]:
+    def restore(self, step: int | None, *, abstract_state: Any) -> tuple[Any, dict]:
         """Restore `step` (None: newest readable) into `abstract_state`'s shardings and dtypes.
 
-        The grain iterator, when given, is moved in place to the saved position. Raises
-        CheckpointError when nothing can be read or the checkpoint holds another model's tree;
-        with `step=None`, unreadable newer steps are skipped with a warning.
+        Raises CheckpointError when nothing can be read or the checkpoint holds another model's
+        tree; with `step=None`, unreadable newer steps are skipped with a warning.
         """
         self.wait()
 
         def args_for(sub: str, s: int) -> ocp.args.Composite:
-            items = {
-                "state": ocp.args.StandardRestore(abstract_state),
-                "meta": ocp.args.JsonRestore(),
-            }
-            if data_iter is not None:
-                if item_dir(self._managers[sub], s, "data").exists():
-                    items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
-                elif self._read_meta(sub, s).get("data_iterator"):
-                    raise CheckpointError(  # resuming would silently change the data order
-                        "its data-iterator state (data/) is missing, though it was saved with one"
-                    )
-                else:  # saved without an iterator (e.g. converted from the original's)
-                    log.warning(
-                        "Checkpoint %s/%s/%d holds no data-iterator state; the iterator keeps "
-                        "its current position.",
-                        self.directory,
-                        sub,
-                        s,
-                    )
-            return ocp.args.Composite(**items)
+            return ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()
+            )
 
         restored, _ = restore_first_readable(
             self._managers, self.directory, step, abstract_state, args_for
@@ -247,7 +229,7 @@ def refused_write(error: BaseException) -> str | None:
 
 
 class Checkpointer(CheckpointReader):
-    """Saves and restores training state, data-iterator position and run metadata.
+    """Saves and restores training state and run metadata (the input position included).
 
     A write the storage refuses (disk full, read-only, no permission) raises CheckpointError in
     one line, where the run saves or waits for a save; the newer checkpoints stay whole.
@@ -318,8 +300,8 @@ class Checkpointer(CheckpointReader):
         """Whether 0-based `epoch` ends with a periodic save (every `save_frequency` epochs)."""
         return (epoch + 1) % self.save_frequency == 0
 
-    def save(self, step: int, *, state: Any, data_iter: Any, meta: dict, kind: str) -> None:
-        """Save `state`, the iterator position and `meta` as `step` of `kind`."""
+    def save(self, step: int, *, state: Any, meta: dict, kind: str) -> None:
+        """Save `state` and `meta` as `step` of `kind`."""
         if kind not in KIND_SUBDIR:
             raise ValueError(f"kind must be one of {sorted(KIND_SUBDIR)}, got {kind!r}.")
         sub = KIND_SUBDIR[kind]
@@ -329,7 +311,6 @@ class Checkpointer(CheckpointReader):
             "kind": kind,
             "timestamp": stamp,
             "monitor_mode": self.monitor_mode,
-            "data_iterator": data_iter is not None,  # a copy that lacks it is damaged
         }
         json.dumps(meta)  # fail here, not in the background writer, on non-JSON values
         with self._writes():
@@ -338,8 +319,6 @@ class Checkpointer(CheckpointReader):
                 if name != sub:
                     manager.wait_until_finished()
             items = {"state": ocp.args.StandardSave(state), "meta": ocp.args.JsonSave(meta)}
-            if data_iter is not None:
-                items["data"] = grain.checkpoint.CheckpointSave(data_iter)
             self._managers[sub].save(step, args=ocp.args.Composite(**items), force=True)
 
     def _drop_superseded(self, step: int, sub: str) -> None:

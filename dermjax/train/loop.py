@@ -97,13 +97,14 @@ class Trainer:
         class list or training set is reported as such, not as a damaged checkpoint.
         """
         self._check_data(meta, name)
-        self.state, meta = source.restore(
-            step, abstract_state=self.abstract, data_iter=self.train_iter
-        )
+        self.state, meta = source.restore(step, abstract_state=self.abstract)
         self.stopper.multimodal.load_state_dict(meta["early_stopping"])
         if meta.get("vision_only_pretraining") is not None:
             self.stopper.load_vision_only_state(meta["vision_only_pretraining"])
         self.start_epoch, self.start_step_in_epoch = meta["epoch"], meta["step_in_epoch"]
+        pipeline.close_iterator(self.train_iter)  # on at the batch the saved state comes to
+        start = self.start_epoch * self.steps_per_epoch + self.start_step_in_epoch
+        self.train_iter = iter(self.c.train_loader(start_batch=start))
         self.last_epoch = self.start_epoch - 1
         self.train_acc = meta.get("train_accumulator")
         # Another run's end (load_from) or a completed run given more epochs trains on.
@@ -173,7 +174,7 @@ class Trainer:
 
     def _save(self, kind: str, meta: dict) -> None:
         step = int(self.state["step"])
-        self.ckpt.save(step, state=self.state, data_iter=self.train_iter, meta=meta, kind=kind)
+        self.ckpt.save(step, state=self.state, meta=meta, kind=kind)
 
     # ---- Evaluation ---------------------------------------------------------------------------
     def controls(self, epoch: int) -> dict[str, jax.Array]:
@@ -343,7 +344,7 @@ class Trainer:
         best = self.ckpt.best()
         epoch, vision_only = self.last_epoch, self.stopper.is_vision_only(self.last_epoch)
         if best is not None:
-            self.state, meta = self.ckpt.restore(best, abstract_state=self.abstract, data_iter=None)
+            self.state, meta = self.ckpt.restore(best, abstract_state=self.abstract)
             epoch = meta["epoch"] - 1
             vision_only = meta.get("vision_only_model", False)
         data = self.c.data

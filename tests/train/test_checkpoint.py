@@ -4,11 +4,9 @@ import gc
 import logging
 import os
 import pathlib
-import shutil
 import sys
 import types
 
-import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -79,26 +77,15 @@ def snapshot(root: pathlib.Path) -> list[tuple[str, int, int]]:
     return sorted((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in found)
 
 
-def data_iter():
-    return iter(grain.MapDataset.range(40).shuffle(seed=3).batch(4).to_iter_dataset())
-
-
-def test_round_trip_restores_state_meta_and_iterator_bitwise(tmp_path):
-    state, it = make_state(), data_iter()
-    next(it), next(it)
+def test_round_trip_restores_state_and_meta_bitwise(tmp_path):
+    state = make_state()
     meta = {"epoch": 2, "best_metric": 0.25, "classes": ["a", "b", "c"]}
     with Checkpointer(str(tmp_path), save_frequency=1, keep_last=2) as ckpt:
-        ckpt.save(7, state=state, data_iter=it, meta=meta, kind="periodic")
-        expected_next = next(it)  # the saved position is the one at save(), not at write time
-        next(it)
-        fresh_it = data_iter()
-        restored, got_meta = ckpt.restore(
-            None, abstract_state=abstract_of(make_state(seed=5)), data_iter=fresh_it
-        )
+        ckpt.save(7, state=state, meta=meta, kind="periodic")
+        restored, got_meta = ckpt.restore(None, abstract_state=abstract_of(make_state(seed=5)))
     assert leaves_equal(restored, state)
     assert got_meta["epoch"] == 2 and got_meta["classes"] == ["a", "b", "c"]
     assert got_meta["kind"] == "periodic" and got_meta["timestamp"]
-    np.testing.assert_array_equal(next(fresh_it), expected_next)
 
 
 def test_should_save_periodic_follows_one_based_epoch_frequency(tmp_path):
@@ -113,11 +100,11 @@ def test_retention_keeps_last_periodic_plus_early_best_and_preempt(tmp_path):
         for epoch in range(5):
             step = 10 * (epoch + 1)
             if epoch == 1:
-                ckpt.save(step, state=state, data_iter=None, meta={}, kind="best")
-            ckpt.save(step, state=state, data_iter=None, meta={}, kind="periodic")
-        ckpt.save(55, state=state, data_iter=None, meta={}, kind="preempt")
+                ckpt.save(step, state=state, meta={}, kind="best")
+            ckpt.save(step, state=state, meta={}, kind="periodic")
+        ckpt.save(55, state=state, meta={}, kind="preempt")
         assert ckpt.best() == 20 and ckpt.latest() == 55
-        _, meta = ckpt.restore(20, abstract_state=abstract_of(state), data_iter=None)
+        _, meta = ckpt.restore(20, abstract_state=abstract_of(state))
     kept = {d.name: sorted(int(s.name) for s in d.iterdir()) for d in tmp_path.iterdir()}
     assert kept == {"periodic": [40, 50], "best": [20], "last": [55]}
     assert meta["kind"] == "best"
@@ -134,23 +121,23 @@ def damage(step_dir: pathlib.Path) -> None:
 def test_damaged_latest_raises_when_explicit_and_falls_back_when_auto(tmp_path, caplog):
     old, new = make_state(0), make_state(1)
     ckpt = Checkpointer(str(tmp_path), save_frequency=1, keep_last=3, async_save=False)
-    ckpt.save(10, state=old, data_iter=None, meta={"epoch": 0}, kind="periodic")
-    ckpt.save(20, state=new, data_iter=None, meta={"epoch": 1}, kind="periodic")
+    ckpt.save(10, state=old, meta={"epoch": 0}, kind="periodic")
+    ckpt.save(20, state=new, meta={"epoch": 1}, kind="periodic")
     damage(tmp_path / "periodic" / "20")
     abstract = abstract_of(old)
     with pytest.raises(CheckpointError, match=r"step 20 .*\(saved steps: \[10, 20\]\)") as info:
-        ckpt.restore(20, abstract_state=abstract, data_iter=None)
+        ckpt.restore(20, abstract_state=abstract)
     # The reason is TensorStore's, naming the damaged file, not orbax's wrapper with its repr.
     assert "OUT_OF_RANGE" in str(info.value) and "pybind11" not in str(info.value)
     with caplog.at_level(logging.WARNING):
-        restored, meta = ckpt.restore(None, abstract_state=abstract, data_iter=None)
+        restored, meta = ckpt.restore(None, abstract_state=abstract)
     assert meta["epoch"] == 0 and leaves_equal(restored, old)
     mine = [r.getMessage() for r in caplog.records if r.name.startswith("dermjax")]
     [warning] = [m for m in mine if "periodic/20" in m]
     assert warning.startswith("Restored step 10")  # one warning names the damaged copy
     # Re-running epoch 1 replaces the damaged step instead of being refused or shadowed by it.
-    ckpt.save(20, state=new, data_iter=None, meta={"epoch": 1}, kind="periodic")
-    restored, meta = ckpt.restore(None, abstract_state=abstract, data_iter=None)
+    ckpt.save(20, state=new, meta={"epoch": 1}, kind="periodic")
+    restored, meta = ckpt.restore(None, abstract_state=abstract)
     assert meta["epoch"] == 1 and leaves_equal(restored, new)
     ckpt.close()
 
@@ -181,10 +168,10 @@ def test_falling_back_past_a_damaged_copy_leaves_no_abandoned_read_tracebacks(
     seen = []
     monkeypatch.setattr(sys, "unraisablehook", lambda u: seen.append(u.exc_value))
     with Checkpointer(str(tmp_path), save_frequency=1, keep_last=3, async_save=False) as ckpt:
-        ckpt.save(10, state=state(0), data_iter=None, meta={"epoch": 0}, kind="periodic")
-        ckpt.save(20, state=state(1), data_iter=None, meta={"epoch": 1}, kind="periodic")
+        ckpt.save(10, state=state(0), meta={"epoch": 0}, kind="periodic")
+        ckpt.save(20, state=state(1), meta={"epoch": 1}, kind="periodic")
         damaged(tmp_path / "periodic" / "20")
-        restored, meta = ckpt.restore(None, abstract_state=abstract_of(state(0)), data_iter=None)
+        restored, meta = ckpt.restore(None, abstract_state=abstract_of(state(0)))
     assert meta["epoch"] == 0 and leaves_equal(restored, state(0))
     gc.collect()  # unfinished read coroutines raise as they are collected
     assert seen == []
@@ -265,7 +252,7 @@ TENSORSTORE_FULL = (
 
 def test_a_write_the_storage_refuses_is_one_checkpoint_error(tmp_path, monkeypatch):
     ckpt = Checkpointer(str(tmp_path), save_frequency=1, keep_last=3, async_save=False)
-    ckpt.save(10, state=make_state(), data_iter=None, meta={"epoch": 0}, kind="periodic")
+    ckpt.save(10, state=make_state(), meta={"epoch": 0}, kind="periodic")
 
     def full(*args, **kwargs):
         try:
@@ -275,7 +262,7 @@ def test_a_write_the_storage_refuses_is_one_checkpoint_error(tmp_path, monkeypat
 
     monkeypatch.setattr(ckpt._managers["periodic"], "save", full)
     with pytest.raises(CheckpointError) as info:
-        ckpt.save(20, state=make_state(), data_iter=None, meta={"epoch": 1}, kind="periodic")
+        ckpt.save(20, state=make_state(), meta={"epoch": 1}, kind="periodic")
     assert str(info.value) == (
         f"cannot write a checkpoint under {tmp_path}: no space left on device; make room (or "
         "fix the folder) and re-run the same command: it resumes from the newest complete "
@@ -287,7 +274,7 @@ def test_a_write_the_storage_refuses_is_one_checkpoint_error(tmp_path, monkeypat
     ckpt = Checkpointer(str(tmp_path), save_frequency=1, keep_last=3, async_save=False)
     monkeypatch.setattr(ckpt._managers["best"], "save", lambda *a, **k: 1 / 0)
     with pytest.raises(ZeroDivisionError):  # anything else is a bug: its traceback stays
-        ckpt.save(20, state=make_state(), data_iter=None, meta={"epoch": 1}, kind="best")
+        ckpt.save(20, state=make_state(), meta={"epoch": 1}, kind="best")
     ckpt.close()
 
 
@@ -295,11 +282,11 @@ def test_saving_an_earlier_step_removes_newer_checkpoints_of_abandoned_run(tmp_p
     state = make_state()
     with Checkpointer(str(tmp_path), save_frequency=1, keep_last=5) as ckpt:
         for step in (10, 20, 30):
-            ckpt.save(step, state=state, data_iter=None, meta={}, kind="periodic")
-        ckpt.save(30, state=state, data_iter=None, meta={}, kind="best")
-        ckpt.save(20, state=state, data_iter=None, meta={"rerun": True}, kind="periodic")
+            ckpt.save(step, state=state, meta={}, kind="periodic")
+        ckpt.save(30, state=state, meta={}, kind="best")
+        ckpt.save(20, state=state, meta={"rerun": True}, kind="periodic")
         assert ckpt.latest() == 20 and ckpt.best() is None
-        _, meta = ckpt.restore(None, abstract_state=abstract_of(state), data_iter=None)
+        _, meta = ckpt.restore(None, abstract_state=abstract_of(state))
     assert meta["rerun"] is True
 
 
@@ -307,10 +294,10 @@ def test_restore_without_checkpoints_or_unknown_step_raises(tmp_path):
     state = make_state()
     with Checkpointer(str(tmp_path), save_frequency=1, keep_last=1) as ckpt:
         with pytest.raises(CheckpointError, match="No checkpoint under"):
-            ckpt.restore(None, abstract_state=abstract_of(state), data_iter=None)
-        ckpt.save(10, state=state, data_iter=None, meta={}, kind="final")
+            ckpt.restore(None, abstract_state=abstract_of(state))
+        ckpt.save(10, state=state, meta={}, kind="final")
         with pytest.raises(CheckpointError, match=r"step 11 .*saved: \[10\]"):
-            ckpt.restore(11, abstract_state=abstract_of(state), data_iter=None)
+            ckpt.restore(11, abstract_state=abstract_of(state))
 
 
 def test_non_json_meta_is_rejected_at_save_time(tmp_path):
@@ -318,21 +305,21 @@ def test_non_json_meta_is_rejected_at_save_time(tmp_path):
         Checkpointer(str(tmp_path), save_frequency=1, keep_last=1) as ckpt,
         pytest.raises(TypeError),
     ):
-        ckpt.save(1, state=make_state(), data_iter=None, meta={"x": object()}, kind="final")
+        ckpt.save(1, state=make_state(), meta={"x": object()}, kind="final")
 
 
 def test_async_saves_become_visible_in_order_and_complete_after_wait(tmp_path):
     state = {"w": jnp.arange(4_000_000, dtype=jnp.float32), "step": jnp.int32(3)}
     ckpt = Checkpointer(str(tmp_path), save_frequency=1, keep_last=1, async_save=True)
-    ckpt.save(3, state=state, data_iter=None, meta={}, kind="best")
-    ckpt.save(3, state=state, data_iter=None, meta={}, kind="periodic")
+    ckpt.save(3, state=state, meta={}, kind="best")
+    ckpt.save(3, state=state, meta={}, kind="periodic")
     # The periodic save started only once the best one was finalised (a crash now keeps both).
     assert (tmp_path / "best" / "3" / "commit_success.txt").exists()
     ckpt.wait()
     # A second process (here: a second Checkpointer) sees and reads the finished step.
     reader = Checkpointer(str(tmp_path), save_frequency=1, keep_last=1)
     assert (reader.latest(), reader.best()) == (3, 3)
-    restored, _ = reader.restore(3, abstract_state=abstract_of(state), data_iter=None)
+    restored, _ = reader.restore(3, abstract_state=abstract_of(state))
     assert leaves_equal(restored, state)
     reader.close()
     ckpt.close()
@@ -342,8 +329,8 @@ def test_an_end_of_epoch_save_replaces_a_preemption_copy_of_the_same_step(tmp_pa
     # Preempted on the epoch's last step, resumed, then the epoch ends at that same step.
     state = make_state()
     with Checkpointer(str(tmp_path), save_frequency=1, keep_last=2) as ckpt:
-        ckpt.save(40, state=state, data_iter=None, meta={"finished": None}, kind="preempt")
-        ckpt.save(40, state=state, data_iter=None, meta={"finished": "completed"}, kind="periodic")
+        ckpt.save(40, state=state, meta={"finished": None}, kind="preempt")
+        ckpt.save(40, state=state, meta={"finished": "completed"}, kind="periodic")
         assert ckpt.latest_meta()[1]["finished"] == "completed"
     assert not (tmp_path / "last" / "40").exists()
 
@@ -351,7 +338,7 @@ def test_an_end_of_epoch_save_replaces_a_preemption_copy_of_the_same_step(tmp_pa
 def test_resolve_load_from_makes_relative_paths_absolute(tmp_path, monkeypatch):
     ckdir = tmp_path / "run" / "checkpoints"
     with Checkpointer(str(ckdir), save_frequency=1, keep_last=2) as ckpt:
-        ckpt.save(10, state=make_state(), data_iter=None, meta={}, kind="periodic")
+        ckpt.save(10, state=make_state(), meta={}, kind="periodic")
     monkeypatch.chdir(tmp_path)
     assert resolve_load_from("run") == (str(ckdir), None)
 
@@ -360,7 +347,7 @@ def test_resolve_load_from_accepts_workdir_checkpoint_dirs_and_step_dirs(tmp_pat
     ckdir = tmp_path / "run" / "checkpoints"
     with Checkpointer(str(ckdir), save_frequency=1, keep_last=2) as ckpt:
         for step, kind in ((10, "periodic"), (20, "best"), (30, "periodic")):
-            ckpt.save(step, state=make_state(), data_iter=None, meta={}, kind=kind)
+            ckpt.save(step, state=make_state(), meta={}, kind=kind)
     assert resolve_load_from(str(tmp_path / "run")) == (str(ckdir), None)
     assert resolve_load_from(str(ckdir)) == (str(ckdir), None)
     assert resolve_load_from(str(ckdir / "best")) == (str(ckdir), 20)
@@ -372,7 +359,7 @@ def test_resolve_load_from_accepts_workdir_checkpoint_dirs_and_step_dirs(tmp_pat
 def test_restore_weights_only_returns_saved_arrays_placed_like_the_abstract(tmp_path):
     state = make_state()
     with Checkpointer(str(tmp_path / "checkpoints"), save_frequency=1, keep_last=1) as ckpt:
-        ckpt.save(7, state=state, data_iter=None, meta={"classes": ["a", "b", "c"]}, kind="final")
+        ckpt.save(7, state=state, meta={"classes": ["a", "b", "c"]}, kind="final")
     abstract = weights_of(abstract_of(make_state(seed=5)))
     abstract["params"]["head"]["bias"] = jax.ShapeDtypeStruct(
         (3,), jnp.bfloat16, sharding=abstract["params"]["head"]["bias"].sharding
@@ -392,7 +379,7 @@ def test_restore_weights_only_returns_saved_arrays_placed_like_the_abstract(tmp_
 
 def test_restore_weights_only_into_other_class_count_raises_one_clear_line(tmp_path):
     with Checkpointer(str(tmp_path / "checkpoints"), save_frequency=1, keep_last=1) as ckpt:
-        ckpt.save(7, state=make_state(), data_iter=None, meta={}, kind="final")
+        ckpt.save(7, state=make_state(), meta={}, kind="final")
     other = weights_of(abstract_of(make_state(classes=5)))
     other["params"]["backbone"]["extra"] = jax.ShapeDtypeStruct((2,), jnp.float32)
     with pytest.raises(CheckpointError) as raised:
@@ -409,14 +396,14 @@ def test_restore_into_another_model_raises_at_once_without_falling_back(tmp_path
     ckdir = tmp_path / "checkpoints"
     with Checkpointer(str(ckdir), save_frequency=1, keep_last=3) as ckpt:
         for step in (10, 20):
-            ckpt.save(step, state=make_state(), data_iter=None, meta={}, kind="periodic")
+            ckpt.save(step, state=make_state(), meta={}, kind="periodic")
     other = abstract_of(make_state(classes=5))  # 6 differing arrays: head and its Adam moments
     with (
         caplog.at_level(logging.WARNING),
         CheckpointReader(str(ckdir)) as reader,
         pytest.raises(CheckpointError) as raised,
     ):
-        reader.restore(None, abstract_state=other, data_iter=None)
+        reader.restore(None, abstract_state=other)
     message = str(raised.value)
     assert message.startswith(f"checkpoint under {ckdir} (periodic/20) was saved by a different")
     assert "params.head.bias: checkpoint (3,), model (5,)" in message
@@ -428,15 +415,15 @@ def test_reading_another_run_leaves_its_folder_untouched(tmp_path):
     run = tmp_path / "run"
     state = make_state()
     with Checkpointer(str(run / "checkpoints"), save_frequency=1, keep_last=2) as ckpt:
-        ckpt.save(10, state=state, data_iter=None, meta={"epoch": 0}, kind="best")
-        ckpt.save(10, state=state, data_iter=None, meta={"epoch": 0}, kind="periodic")
-        ckpt.save(12, state=state, data_iter=None, meta={"epoch": 1}, kind="final")
+        ckpt.save(10, state=state, meta={"epoch": 0}, kind="best")
+        ckpt.save(10, state=state, meta={"epoch": 0}, kind="periodic")
+        ckpt.save(12, state=state, meta={"epoch": 1}, kind="final")
     before = snapshot(run)
     directory, step = resolve_load_from(str(run))
     with CheckpointReader(directory, monitor_mode="min") as reader:
         assert (reader.latest(), reader.best()) == (12, 10)
         assert reader.latest_meta()[0] == 12 and reader.read_meta(10)["epoch"] == 0
-        restored, meta = reader.restore(step, abstract_state=abstract_of(state), data_iter=None)
+        restored, meta = reader.restore(step, abstract_state=abstract_of(state))
     weights, _ = restore_weights_only(str(run), weights_of(abstract_of(state)))
     assert meta["epoch"] == 1 and leaves_equal(restored, state)
     assert leaves_equal(weights, weights_of(state))
@@ -447,12 +434,12 @@ def test_folder_with_only_periodic_restores_without_creating_other_kinds(tmp_pat
     ckdir = tmp_path / "checkpoints"
     state = make_state()
     with Checkpointer(str(ckdir), save_frequency=1, keep_last=1) as ckpt:
-        ckpt.save(10, state=state, data_iter=None, meta={}, kind="periodic")
+        ckpt.save(10, state=state, meta={}, kind="periodic")
     (ckdir / "best").rmdir()
     (ckdir / "last").rmdir()
     assert resolve_load_from(str(ckdir)) == (str(ckdir), None)
     with CheckpointReader(str(ckdir)) as reader:
-        restored, _ = reader.restore(None, abstract_state=abstract_of(state), data_iter=None)
+        restored, _ = reader.restore(None, abstract_state=abstract_of(state))
     assert leaves_equal(restored, state)
     assert sorted(os.listdir(ckdir)) == ["periodic"]
 
@@ -461,8 +448,8 @@ def test_latest_meta_skips_unreadable_meta_and_read_meta_reads_one_step(tmp_path
     state = make_state()
     with Checkpointer(str(tmp_path), save_frequency=1, keep_last=3) as ckpt:
         assert ckpt.latest_meta() is None
-        ckpt.save(10, state=state, data_iter=None, meta={"epoch": 0}, kind="periodic")
-        ckpt.save(20, state=state, data_iter=None, meta={"epoch": 1}, kind="periodic")
+        ckpt.save(10, state=state, meta={"epoch": 0}, kind="periodic")
+        ckpt.save(20, state=state, meta={"epoch": 1}, kind="periodic")
         assert ckpt.latest_meta()[0] == 20
     (tmp_path / "periodic" / "20" / "meta" / "metadata").write_text("{not json")
     with caplog.at_level(logging.INFO), CheckpointReader(str(tmp_path)) as reader:
@@ -481,24 +468,19 @@ def test_latest_meta_skips_unreadable_meta_and_read_meta_reads_one_step(tmp_path
 
 def test_gcs_save_prune_and_restore_against_emulator(gcs_root):
     gcsfs = pytest.importorskip("gcsfs")
-    state, it = make_state(), data_iter()
-    next(it)
+    state = make_state()
     workdir = f"{gcs_root}/run"
     with Checkpointer(
         f"{workdir}/checkpoints", save_frequency=1, keep_last=1, async_save=False
     ) as ckpt:
-        ckpt.save(10, state=make_state(1), data_iter=it, meta={"epoch": 0}, kind="best")
-        ckpt.save(10, state=make_state(1), data_iter=it, meta={"epoch": 0}, kind="periodic")
-        next(it)
-        ckpt.save(20, state=state, data_iter=it, meta={"epoch": 1}, kind="periodic")
-        expected_next = next(it)
+        ckpt.save(10, state=make_state(1), meta={"epoch": 0}, kind="best")
+        ckpt.save(10, state=make_state(1), meta={"epoch": 0}, kind="periodic")
+        ckpt.save(20, state=state, meta={"epoch": 1}, kind="periodic")
         assert (ckpt.latest(), ckpt.best()) == (20, 10)
     directory, step = resolve_load_from(workdir)
-    fresh_it = data_iter()
     with CheckpointReader(directory) as reader:
-        restored, meta = reader.restore(step, abstract_state=abstract_of(state), data_iter=fresh_it)
+        restored, meta = reader.restore(step, abstract_state=abstract_of(state))
     assert meta["epoch"] == 1 and leaves_equal(restored, state)
-    np.testing.assert_array_equal(next(fresh_it), expected_next)
     fs = gcsfs.GCSFileSystem()
     kept = {
         "/".join(p.split("/")[-2:])
@@ -508,33 +490,9 @@ def test_gcs_save_prune_and_restore_against_emulator(gcs_root):
     assert kept == {"periodic/20", "best/10"}
 
 
-def test_a_copy_missing_the_iterator_state_it_was_saved_with_is_damaged(tmp_path, caplog):
-    # Resuming it would keep the fresh iterator's position: a silently different data order.
-    state, it = make_state(), data_iter()
-    with Checkpointer(str(tmp_path), save_frequency=1, keep_last=3, async_save=False) as ckpt:
-        ckpt.save(10, state=state, data_iter=it, meta={"epoch": 0}, kind="periodic")
-        expected_next = next(it)
-        ckpt.save(20, state=state, data_iter=it, meta={"epoch": 1}, kind="periodic")
-        ckpt.save(30, state=state, data_iter=None, meta={"epoch": 2}, kind="best")
-    shutil.rmtree(tmp_path / "periodic" / "20" / "data")
-    abstract = abstract_of(state)
-    with Checkpointer(str(tmp_path), save_frequency=1, keep_last=3) as ckpt:
-        with pytest.raises(CheckpointError, match=r"periodic/20: .*its data-iterator state"):
-            ckpt.restore(20, abstract_state=abstract, data_iter=data_iter())
-        with caplog.at_level(logging.WARNING):  # saved without one (e.g. converted weights)
-            _, meta = ckpt.restore(30, abstract_state=abstract, data_iter=data_iter())
-        assert meta["epoch"] == 2 and "30 holds no data-iterator state" in caplog.text
-    shutil.rmtree(tmp_path / "best")
-    with Checkpointer(str(tmp_path), save_frequency=1, keep_last=3) as ckpt:
-        fresh = data_iter()
-        _, meta = ckpt.restore(None, abstract_state=abstract, data_iter=fresh)
-    assert meta["epoch"] == 0  # fell back past step 20 to step 10, and to its position
-    np.testing.assert_array_equal(next(fresh), expected_next)
-
-
 def test_a_writing_checkpointer_removes_torn_saves_and_a_reader_leaves_them(tmp_path):
     with Checkpointer(str(tmp_path), save_frequency=1, keep_last=3, async_save=False) as ckpt:
-        ckpt.save(10, state=make_state(), data_iter=None, meta={"epoch": 0}, kind="periodic")
+        ckpt.save(10, state=make_state(), meta={"epoch": 0}, kind="periodic")
     torn = tmp_path / "periodic" / "20.orbax-checkpoint-tmp"  # a save killed mid-write
     (torn / "state").mkdir(parents=True)
     (torn / "state" / "chunk").write_bytes(b"\0" * 100)
@@ -543,6 +501,6 @@ def test_a_writing_checkpointer_removes_torn_saves_and_a_reader_leaves_them(tmp_
     assert torn.exists()
     with Checkpointer(str(tmp_path), save_frequency=1, keep_last=3) as ckpt:
         assert ckpt.latest() == 10
-        ckpt.save(20, state=make_state(), data_iter=None, meta={"epoch": 1}, kind="periodic")
+        ckpt.save(20, state=make_state(), meta={"epoch": 1}, kind="periodic")
     assert not torn.exists()  # removed in the background, done by the first save
     assert sorted(p.name for p in (tmp_path / "periodic").iterdir()) == ["10", "20"]

@@ -11,6 +11,7 @@ import json
 import os
 import pathlib
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -136,11 +137,14 @@ def test_run_preempted_then_killed_then_rerun_ends_bitwise_like_uninterrupted(
     rc, out = demo.finish(p)
     assert rc == 0, out[-3000:]
     assert "Preempted: saved step" in out and "Resume with the same command: python -m" in out
-    assert f"--workdir={workdir}" in out.split("Resume with the same command")[1]
+    printed = out.split("Resume with the same command: ")[1].splitlines()[0]
+    assert f"--workdir={workdir}" in printed
+    assert "--config.data.img_size=(32, 32)" in shlex.split(printed)  # overrides kept
     (preempt_step,) = (int(d.name) for d in (ckpts / "last").iterdir())
     assert STEPS < preempt_step <= 2 * STEPS
-    # 2. Re-run: it continues from the preemption point; SIGKILL it after the next epoch's save.
-    p = demo.start(workdir)
+    # 2. Re-run, with input workers now (they hold no state to restore): it continues from the
+    # preemption point; SIGKILL it after the next epoch's save.
+    p = demo.start(workdir, "--config.training.num_workers=1")
     wait_for(ckpts / "periodic" / str(2 * STEPS), p)
     p.kill()
     rc, out = demo.finish(p)

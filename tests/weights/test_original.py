@@ -315,7 +315,7 @@ def test_resnet50_concat_mlp_converts_with_adamw_moments_and_resumes(script, tmp
     assert meta["normalization_mean"] == [0.0, 0.0, 0.0]  # saved None: no normalisation
     # Full resume read: the AdamW moments sit where the torch parameters' moments were.
     with CheckpointReader(str(tmp_path / "out" / "checkpoints")) as reader:
-        restored, _ = reader.restore(None, abstract_state=abstract, data_iter=None)
+        restored, _ = reader.restore(None, abstract_state=abstract)
     adam = restored["opt_backbone"].inner_states["trainable"].inner_state.inner_state[0]
     torch_state = opts["vision"].state_dict()["state"]
     conv = torch_state[0]["exp_avg"].numpy().transpose(2, 3, 1, 0)  # model.0 = conv1, OIHW
