@@ -322,17 +322,17 @@ def _run_locked(cfg, folders: RunFolders, ckpt: Checkpointer, start: float) -> d
         if summary is not None:
             how = resume.meta["finished"].replace("_", "-")
             log.info(
-                "run %s already finished (%s after epoch %d): not training again; summary: %s",
+                "run %s already finished (%s after %d epochs): not training again; summary: %s",
                 folders.run_dir,
                 how,
                 resume.meta["epoch"],
                 os.path.join(folders.run_dir, "summary.json"),
             )
-            if not os.path.exists(
-                os.path.join(folders.run_dir, "evaluation", "test", "report.html")
-            ):
-                _evaluate_after_training(cfg, folders)  # the run ended before its report
+            if not _report_is_current(folders, summary):  # ended before it, or was extended
+                _evaluate_after_training(cfg, folders)
             return {**summary, "already_finished": True}
+    if resume is not None and not (own_resume and resume.meta.get("finished")):
+        _check_epoch_budget(cfg, resume)
     ev = cfg.evaluation
     if ev.after_training and (ev.groups_path or ev.group_columns is not None):
         from dermjax.evaluation.run import group_frame  # the report's settings, before training
@@ -364,6 +364,35 @@ def _run_locked(cfg, folders: RunFolders, ckpt: Checkpointer, start: float) -> d
         trainer.close()
     _evaluate_after_training(cfg, folders)  # after close(): the input workers have stopped
     return summary
+
+
+def _report_is_current(folders: RunFolders, summary: Mapping[str, Any]) -> bool:
+    """Whether the run's test report exists and is of the checkpoint the summary evaluated
+    (the best, else the last); a run given more epochs has a newer one."""
+    folder = os.path.join(folders.run_dir, "evaluation", "test")
+    if not os.path.exists(os.path.join(folder, "report.html")):
+        return False
+    try:
+        with open(os.path.join(folder, "evaluation.json")) as f:
+            step = json.load(f)["checkpoint"]["step"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    best = summary.get("best_step")
+    return step == (best if best is not None else summary.get("trained_steps"))
+
+
+def _check_epoch_budget(cfg, resume: ResumePoint) -> None:
+    """RunFolderError when `training.num_epochs` is below the epochs the checkpoint has begun:
+    the run would stop mid-epoch, with a summary of a half-trained epoch."""
+    epoch, step = resume.meta["epoch"], resume.meta.get("step_in_epoch", 0)
+    started = epoch + (1 if step else 0)
+    if cfg.training.num_epochs < started:
+        where = f"epoch {epoch + 1}, step {step}" if step else f"the end of epoch {epoch}"
+        raise RunFolderError(
+            f"training.num_epochs={cfg.training.num_epochs} is below the {started} epochs "
+            f"already begun in {resume.name} (saved at {where}): set it to {started} or more "
+            "to continue, or start a fresh run in another --workdir"
+        )
 
 
 def _evaluate_after_training(cfg, folders: RunFolders) -> None:

@@ -13,12 +13,12 @@ is rewritten whole on each `log`, which is cheap at one line per epoch event.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import sys
 import time
 import uuid
-import warnings
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any, TextIO
@@ -26,6 +26,8 @@ from typing import Any, TextIO
 import fsspec
 import numpy as np
 from tqdm import tqdm
+
+log = logging.getLogger(__name__)
 
 
 def to_jsonable(value: Any) -> Any:
@@ -118,9 +120,10 @@ class Tracker:
         if resume_step is None:
             stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
             fs.mv(path, f"{path}.{stamp}")
-            warnings.warn(
-                f"{self.metrics_path} of an earlier, unfinished run moved to metrics.jsonl.{stamp}",
-                stacklevel=3,
+            log.warning(
+                "%s of an earlier run that saved no checkpoint moved to metrics.jsonl.%s",
+                self.metrics_path,
+                stamp,
             )
             return []
         records = []
@@ -129,7 +132,7 @@ class Tracker:
                 try:
                     records.append(json.loads(line))
                 except json.JSONDecodeError:  # a line cut short when the run was killed
-                    warnings.warn(f"{self.metrics_path}: dropped an unreadable line", stacklevel=3)
+                    log.warning("%s: dropped an unreadable line", self.metrics_path)
         return _kept(records, resume_step)
 
     def rewind(self, step: int) -> None:
@@ -165,7 +168,7 @@ class Tracker:
 
     def _wandb_warning(self, message: str) -> None:
         if not self._wandb_failed:
-            warnings.warn(f"{message}; continuing with metrics.jsonl only", stacklevel=3)
+            log.warning("%s; continuing with metrics.jsonl only", message)
         self._wandb_failed = True
         self._run = None
 

@@ -4,6 +4,7 @@ import copy
 import json
 import os
 import shutil
+import signal
 
 import jax
 import numpy as np
@@ -283,3 +284,54 @@ def test_a_continued_run_reuses_its_wandb_run_id(tmp_path, monkeypatch):
     (run_id,) = ids
     runs = sorted(p.name for p in (tmp_path / "run" / "wandb").glob("offline-run-*"))
     assert len(runs) == 2 and all(name.endswith(f"-{run_id}") for name in runs)
+
+
+def test_sigterm_at_the_last_save_stops_before_the_final_evaluation(tmp_path, monkeypatch):
+    # It used to be noted ("saving a checkpoint at the next step") and then ignored while the
+    # whole final evaluation ran: a preempted machine overran its grace period.
+    from dermjax.train.loop import Trainer
+
+    save = Trainer._save
+
+    def terminated_at_the_end(self, kind, meta):
+        if self.finished:  # the last epoch's save
+            os.kill(os.getpid(), signal.SIGTERM)  # the guard notes it; the save goes on
+        save(self, kind, meta)
+
+    cfg = tiny_demo_config(tmp_path / "data", **{"training.num_epochs": 1})
+    monkeypatch.setattr(Trainer, "_save", terminated_at_the_end)
+    result = run(cfg, str(tmp_path / "run"))
+    assert result["preempted"] and not (tmp_path / "run" / "summary.json").exists()
+    monkeypatch.setattr(Trainer, "_save", save)
+    summary = run(cfg, str(tmp_path / "run"))  # evaluates the saved run, trains nothing
+    assert summary["trained_steps"] == result["step"]
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["test"] == summary["test"]
+
+
+def test_an_epoch_budget_below_the_epochs_begun_is_refused(tmp_path, monkeypatch):
+    # It trained nothing and wrote the summary of a half-trained epoch, again at every re-run.
+    from dermjax.train.preemption import PreemptionGuard
+
+    monkeypatch.setattr(PreemptionGuard, "should_stop", lambda self, done: done == 9)
+    cfg = tiny_demo_config(tmp_path / "data")
+    assert run(cfg, str(tmp_path / "run"))["preempted"]  # in epoch 3 (4 steps an epoch)
+    cfg.training.num_epochs = 1
+    with pytest.raises(RunFolderError, match=r"training.num_epochs=1 is below the 3 epochs "
+                       r"already begun in .* \(saved at epoch 3, step 1\): set it to 3 or more"):  # fmt: skip
+        run(cfg, str(tmp_path / "run"))
+    assert not (tmp_path / "run" / "summary.json").exists()
+
+
+def test_a_report_of_another_checkpoint_is_made_again_when_the_run_is_rerun(tmp_path):
+    # A run extended with more epochs (the report off) kept the old best model's report.
+    cfg = tiny_demo_config(
+        tmp_path / "data", **{"training.num_epochs": 1, "evaluation.after_training": True}
+    )
+    summary = run(cfg, str(tmp_path / "run"))
+    report = tmp_path / "run" / "evaluation" / "test" / "evaluation.json"
+    evaluation = json.loads(report.read_text())
+    assert evaluation["checkpoint"]["step"] == summary["best_step"]
+    evaluation["checkpoint"]["step"] = 1  # as the report of an earlier best
+    report.write_text(json.dumps(evaluation))
+    assert run(cfg, str(tmp_path / "run"))["already_finished"]
+    assert json.loads(report.read_text())["checkpoint"]["step"] == summary["best_step"]

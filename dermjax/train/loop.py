@@ -330,6 +330,8 @@ class Trainer:
                     )
                     break
             self.ckpt.wait()  # under the guard: a SIGTERM now must not tear the last save
+            if guard.requested and jax.process_count() == 1:
+                return False  # asked to stop at the end: the run is saved, a re-run evaluates
         return True
 
     def test(self, started_at: float) -> dict[str, Any]:
@@ -374,8 +376,8 @@ class Trainer:
                 self.c.data.classes,
                 step=trained_steps,
             )
-        final = {
-            f"{split}/{k}": v
+        final = {  # a name of its own: at the last epoch's step, "val/..." would overwrite it
+            f"final/{split}/{k}": v
             for split, m in results.items()
             for k, v in m.items()
             if isinstance(v, float)
@@ -383,6 +385,8 @@ class Trainer:
         self.tracker.log("final", trained_steps, final)
         results.update(
             classes=self.c.data.classes,
+            finished=self.finished,  # "completed" or "early_stopped"
+            epochs_trained=self.last_epoch + 1,
             best_epoch=self.stopper.best_epoch,
             best_step=best,
             test_split=test_split,

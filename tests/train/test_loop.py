@@ -84,8 +84,13 @@ def test_summary_reports_bad_images_for_every_split(demo_run):  # clean demo dat
     assert summary["bad_images"] == {"train": 0, "val": 0, "test": 0}
 
 
+def test_summary_says_how_the_run_ended(demo_run):
+    _, _, summary, _ = demo_run
+    assert (summary["finished"], summary["epochs_trained"]) == ("completed", 3)
+
+
 def test_metrics_jsonl_has_every_epoch_with_the_original_learning_rates(demo_run):
-    cfg, workdir, _, _ = demo_run
+    cfg, workdir, summary, _ = demo_run
     lines = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     epochs = [r for r in lines if r["event"] == "epoch"]
     assert [r["epoch"] for r in epochs] == [0, 1, 2]
@@ -100,7 +105,11 @@ def test_metrics_jsonl_has_every_epoch_with_the_original_learning_rates(demo_run
             assert key in r
     # cosine starts after the warm-up: epoch 0 and 1 share the base rate, epoch 2 is lower
     assert epochs[0]["lr/head"] == epochs[1]["lr/head"] > epochs[2]["lr/head"]
-    assert any(r["event"] == "final" for r in lines)
+    (final,) = (r for r in lines if r["event"] == "final")
+    last = next(r for r in reversed(lines) if r["event"] == "epoch")
+    assert final["step"] == last["step"]  # wandb gets both at one step: their names must differ
+    assert not set(final) & {k for k in last if "/" in k}
+    assert final["final/test/accuracy"] == summary["test"]["accuracy"]
 
 
 def test_checkpoints_keep_last_plus_best(demo_run):
