@@ -162,6 +162,13 @@ def check_resumable(cfg: config_dict.ConfigDict, stored_config: Mapping[str, Any
         )
     for change in allowed:
         log.info("resuming with a changed setting: %s", change)
+        if change.startswith("training.eval_batch_size:"):
+            log.warning(
+                "val/loss is a mean of per-batch mean losses (as the original's), so it depends "
+                "on training.eval_batch_size: the epochs before and after this change compare "
+                "values computed differently (monitor %s)",
+                cfg.training.monitor,
+            )
 
 
 def open_checkpoints(cfg: config_dict.ConfigDict, folders: RunFolders) -> Checkpointer:
