@@ -45,8 +45,8 @@ from dermjax.weights.torchvision import (  # noqa: E402
     backbone_from_state_dict,
     fix_legacy_keys,
     import_torchvision,
+    key_problems,
     save_converted,
-    some_keys,
     to_numpy,
 )
 
@@ -134,18 +134,14 @@ def build_torch_model(tv: Any, args: argparse.Namespace) -> tuple[Any, Any, int]
         if k in expected and tuple(v.shape) != tuple(expected[k].shape)
     ]
     if missing or unexpected or mis_shaped:
-        problems = [
-            f"{title} ({len(keys)}): {some_keys(keys)}"
-            for title, keys in (
-                ("missing keys", missing),
-                ("unexpected keys", unexpected),
-                ("shape mismatches", mis_shaped),
-            )
-            if keys
-        ]
+        problems = key_problems(
+            ("missing keys", missing),
+            ("unexpected keys", unexpected),
+            ("shape mismatches", mis_shaped),
+        )
         raise UserError(
-            f"--state-dict {args.state_dict} does not hold {args.arch} weights: "
-            f"{'; '.join(problems)}; check --arch (and --image-size for a ViT)"
+            f"--state-dict {args.state_dict} does not hold {args.arch} weights: {problems}; "
+            "check --arch (and --image-size for a ViT)"
         )
     model.load_state_dict(state_dict)
     return model.eval(), None, size

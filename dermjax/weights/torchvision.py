@@ -220,28 +220,27 @@ def load_state_dict(
         updates[path] = array
     missing = [torch_key(p) for p in expected if p not in seen]
     if missing or unexpected or mis_shaped or not_float:
-        problems = [
-            f"{title} ({len(keys)}): {some_keys(keys)}"
-            for title, keys in (
-                ("missing keys", missing),
-                ("unexpected keys", unexpected),
-                ("shape mismatches", mis_shaped),
-                ("not floating-point", not_float),
-            )
-            if keys
-        ]
-        raise WeightsMismatchError(
-            f"state_dict does not match {type(module).__name__}: " + "; ".join(problems)
+        problems = key_problems(
+            ("missing keys", missing),
+            ("unexpected keys", unexpected),
+            ("shape mismatches", mis_shaped),
+            ("not floating-point", not_float),
         )
+        raise WeightsMismatchError(f"state_dict does not match {type(module).__name__}: {problems}")
     for path, array in updates.items():
         var = _variable(module, path)
         var.set_value(jnp.asarray(array, dtype=expected[path].dtype))
 
 
-def some_keys(keys: list[str]) -> str:
-    """The first `SHOWN_KEYS` of `keys`, and how many more there are."""
-    shown = ", ".join(keys[:SHOWN_KEYS])
-    return shown + (f", and {len(keys) - SHOWN_KEYS} more" if len(keys) > SHOWN_KEYS else "")
+def key_problems(*groups: tuple[str, list[str]]) -> str:
+    """`title (count): key, key, ..., and N more` for each non-empty (title, keys) group, joined
+    by "; " (the first `SHOWN_KEYS` keys of each are named)."""
+    parts = []
+    for title, keys in groups:
+        if keys:
+            more = f", and {len(keys) - SHOWN_KEYS} more" if len(keys) > SHOWN_KEYS else ""
+            parts.append(f"{title} ({len(keys)}): {', '.join(keys[:SHOWN_KEYS])}{more}")
+    return "; ".join(parts)
 
 
 def _concrete_rng_state(module: nnx.Module, seed: int) -> None:
@@ -371,8 +370,9 @@ def resolve_weights_path(name: str, weights_path: str | os.PathLike | None = Non
         Path(weights_path).expanduser() if weights_path else weights_dir() / f"{name}.safetensors"
     )
     if not path.is_file():
+        out = path / f"{name}.safetensors" if path.is_dir() else path  # a folder: a file in it
         raise WeightsNotFoundError(
             f"no converted torchvision weights for {name!r} at {path}; convert them once on a "
-            f"machine with internet and torch + torchvision: {conversion_command(name, path)}"
+            f"machine with internet and torch + torchvision: {conversion_command(name, out)}"
         )
     return path

@@ -188,6 +188,8 @@ def test_missing_weights_error_prints_the_conversion_command(tmp_path, monkeypat
     assert expected in str(error.value)
     assert "\n" not in str(error.value)
     assert isinstance(error.value, FileNotFoundError)
+    with pytest.raises(UserError, match=f"--out {tmp_path / 'resnet101.safetensors'}$"):
+        tvw.resolve_weights_path("resnet101", tmp_path)  # a folder: the command names a file
 
 
 def test_weights_of_another_backbone_name_the_file_as_a_user_error(densenet_state, tmp_path):
