@@ -128,8 +128,10 @@ def _initialize(launch: dict[str, Any], where: str, fix: str) -> None:
             os._exit(1)  # the main thread is inside JAX's C++ wait: nothing to unwind
 
     threading.Thread(target=give_up, name="dermjax-init-timeout", daemon=True).start()
-    jax.distributed.initialize(**launch, initialization_timeout=timeout + 60)
-    connected.set()
+    try:
+        jax.distributed.initialize(**launch, initialization_timeout=timeout + 60)
+    finally:  # an error JAX raises is reported as it is, not by the timer later
+        connected.set()
 
 
 def check_port_free(address: str) -> None:

@@ -126,7 +126,8 @@ def build_torch_model(tv: Any, args: argparse.Namespace) -> tuple[Any, Any, int]
     kwargs = {"image_size": size} if is_vit(args.arch) else {}
     model = tv.models.get_model(args.arch, num_classes=_num_classes(state_dict), **kwargs)
     expected = model.state_dict()
-    missing = [k for k in expected if k not in state_dict]
+    old_bn = "num_batches_tracked"  # absent from files saved before torch 0.4.1; not needed
+    missing = [k for k in expected if k not in state_dict and not k.endswith(old_bn)]
     unexpected = [k for k in state_dict if k not in expected]
     mis_shaped = [
         f"{k}: {tuple(v.shape)} (model: {tuple(expected[k].shape)})"
@@ -143,7 +144,7 @@ def build_torch_model(tv: Any, args: argparse.Namespace) -> tuple[Any, Any, int]
             f"--state-dict {args.state_dict} does not hold {args.arch} weights: {problems}; "
             "check --arch (and --image-size for a ViT)"
         )
-    model.load_state_dict(state_dict)
+    model.load_state_dict(state_dict, strict=False)  # keys checked above
     return model.eval(), None, size
 
 

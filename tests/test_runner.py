@@ -320,6 +320,16 @@ def test_an_epoch_budget_below_the_epochs_begun_is_refused(tmp_path, monkeypatch
                        r"already begun in .* \(saved at epoch 3, step 1\): set it to 3 or more"):  # fmt: skip
         run(cfg, str(tmp_path / "run"))
     assert not (tmp_path / "run" / "summary.json").exists()
+    # Without the mid-epoch copy, the newest is the end of epoch 2: a budget of 2 ends the run.
+    shutil.rmtree(tmp_path / "run" / "checkpoints" / "last")
+    cfg.training.num_epochs = 2
+    summary = run(cfg, str(tmp_path / "run"))
+    assert (summary["finished"], summary["epochs_trained"], summary["trained_steps"]) == (
+        "completed",
+        2,
+        8,
+    )
+    assert run(cfg, str(tmp_path / "run"))["already_finished"]  # not evaluated again
 
 
 def test_a_report_of_another_checkpoint_is_made_again_when_the_run_is_rerun(tmp_path):
@@ -335,3 +345,21 @@ def test_a_report_of_another_checkpoint_is_made_again_when_the_run_is_rerun(tmp_
     report.write_text(json.dumps(evaluation))
     assert run(cfg, str(tmp_path / "run"))["already_finished"]
     assert json.loads(report.read_text())["checkpoint"]["step"] == summary["best_step"]
+
+
+def test_a_resumed_run_counts_the_unreadable_training_images_like_an_uninterrupted_one(
+    tmp_path, monkeypatch
+):
+    from dermjax.train.preemption import PreemptionGuard
+
+    cfg = tiny_demo_config(tmp_path / "data", **{"training.num_epochs": 2})
+    data = load_data(cfg, str(tmp_path))  # generates the demo data
+    for path in data.train.paths[::10]:
+        os.remove(path)
+    whole = run(cfg, str(tmp_path / "whole"))
+    monkeypatch.setattr(PreemptionGuard, "should_stop", lambda self, done: done == 2)
+    assert run(cfg, str(tmp_path / "resumed"))["preempted"]
+    monkeypatch.undo()
+    resumed = run(cfg, str(tmp_path / "resumed"))
+    assert whole["bad_images"]["train"] > 0
+    assert resumed["bad_images"] == whole["bad_images"]

@@ -12,10 +12,11 @@ Layout of a cache directory (local disk or gs://):
   shard-SSSSS-of-KKKKK.array_record     records [S * shard_size, (S + 1) * shard_size)
   shard-SSSSS-of-KKKKK.done.json        written after its shard is complete: bad paths with
                                         their reasons, the shard's size in bytes and, for local
-                                        images, each image's size and modification time
+                                        images, each image's size (None: missing)
 A rebuild skips shards whose `.done.json` exists, so an interrupted build resumes; it rebuilds a
-shard whose file is missing or cut short, or one of whose local images has changed (replaced,
-edited, deleted, or created after a build that found it missing). Training checks the same before
+shard whose file is missing or cut short, or one of whose local images has another size now
+(replaced, edited, deleted, or created after a build that found it missing; an image replaced by
+one of exactly the same size is not noticed). Training checks the same before
 it uses a cache, and reads the images instead of a stale one. Only one build at a time writes a
 local cache folder (a lock file in it).
 
@@ -30,6 +31,7 @@ the shards they lie in).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import hashlib
 import json
@@ -38,7 +40,7 @@ import multiprocessing
 import os
 import signal
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 from array_record.python import array_record_module
@@ -126,36 +128,72 @@ def _write_json(path: str, obj: object, indent: int | None = 1) -> None:
     """Writes `obj` to `path`, whole or not at all (a local file is written aside and renamed;
     an object store's upload is atomic)."""
     written = path + ".tmp" if fs.is_local(path) else path
-    with fs.open_file(written, "w") as f:
-        json.dump(obj, f, indent=indent)
-    if written != path:
-        os.replace(written, path)
-
-
-def file_stamp(path: str) -> list[int] | None:
-    """[size, modification time in ns] of a local image file; None when it does not exist."""
     try:
-        st = os.stat(path.removeprefix("file://"))
+        with fs.open_file(written, "w") as f:
+            json.dump(obj, f, indent=indent)
+        if written != path:
+            os.replace(written, path)
+    except BaseException:
+        if written != path and os.path.exists(written):
+            os.remove(written)
+        raise
+
+
+@contextlib.contextmanager
+def _writing(out_dir: str, what: str) -> Iterator[None]:
+    """Turns a write the storage refuses (full disk, no permission) into one DataError."""
+    try:
+        yield
+    except (OSError, RuntimeError) as e:  # array_record reports I/O errors as RuntimeError
+        raise DataError(
+            f"prepared cache {out_dir}: cannot write {what} ({first_line(e)}); free space or set "
+            "data.cache_dir elsewhere, then run again: finished shards are kept"
+        ) from e
+
+
+def file_stamp(path: str) -> int | None:
+    """The size in bytes of a local image file, None when it does not exist.
+
+    The size, not the modification time: a copy of the images (`cp`, a download) changes every
+    time but no size, and a replaced or edited image almost always has another size.
+    """
+    try:
+        return os.stat(path.removeprefix("file://")).st_size
     except OSError:
         return None
-    return [st.st_size, st.st_mtime_ns]
 
 
-def _done_records(directory: str, present: set[str]) -> dict[str, dict]:
-    """{`.done.json` name: its content} of the finished shards among the names `present`."""
+def _done_records(directory: str, present: set[str]) -> dict[str, dict | None]:
+    """{`.done.json` name: its content, None when unreadable} of the finished shards among the
+    names `present`, fetched in one request where the folder is remote."""
     names = sorted(n for n in present if n.startswith("shard-") and n.endswith(".done.json"))
-    return {n: _read_json(os.path.join(directory, n)) for n in names}
+    if not names:
+        return {}
+    fsys = fs.filesystem(directory)
+    wanted = [os.path.join(directory, n) for n in names]
+    fetched = fsys.cat(wanted, on_error="return")
+    records: dict[str, dict | None] = {}
+    for name, path in zip(names, wanted, strict=True):
+        data = fetched.get(fsys._strip_protocol(path), fetched.get(path))
+        try:
+            records[name] = json.loads(data) if isinstance(data, bytes) else None
+        except ValueError:  # cut short by a full disk in a build before writes were atomic
+            records[name] = None
+    return records
 
 
 def _shard_faults(
-    done_name: str, record: dict, sizes: dict[str, int], wanted: set[str] | None = None
+    done_name: str, record: dict | None, sizes: dict[str, int], wanted: set[str] | None = None
 ) -> tuple[str | None, list[str]]:
-    """(damage, changed): whether a finished shard's file is missing or of another size than
-    written, and its local images (of `wanted`, default all) changed since it was built."""
+    """(damage, changed): whether a finished shard is damaged (its `.done.json` unreadable, its
+    file missing or of another size than written), and its local images (of `wanted`, default
+    all) changed since it was built."""
+    if record is None:
+        return f"{done_name} is unreadable", []
     shard = done_name.removesuffix(".done.json") + ".array_record"
-    if "bytes" in record and sizes.get(shard) != record["bytes"]:
+    if shard not in sizes or sizes[shard] != record.get("bytes", sizes[shard]):
         return f"{shard} is missing or cut short", []
-    stamps = record.get("stamps", {})
+    stamps = record.get("image_sizes", {})
     paths = stamps if wanted is None else [p for p in stamps if p in wanted]
     return None, [p for p in paths if file_stamp(p) != stamps[p]]
 
@@ -254,7 +292,7 @@ class _Prepare:
     def __init__(self, img_size, rule: str, draft: bool):
         self.img_size, self.rule, self.draft = tuple(img_size), rule, draft
 
-    def __call__(self, path: str) -> tuple[bytes, str | None, list[int] | bool | None]:
+    def __call__(self, path: str) -> tuple[bytes, str | None, int | bool | None]:
         """(record, bad reason or None, `file_stamp` taken before reading; False if remote)."""
         stamp = file_stamp(path) if fs.is_local(path) else False
         try:
@@ -296,6 +334,7 @@ def build_cache(
     """
     if rule not in images.RULES:
         raise ValueError(f"unknown resize rule {rule!r}; expected one of {images.RULES}")
+    out_dir = out_dir.removeprefix("file://")  # a local folder, as the lock and renames need
     build = functools.partial(
         _build, records_paths, out_dir, img_size, rule, num_workers, progress, shard_size, draft
     )
@@ -344,8 +383,9 @@ def _build(
             why = damage or f"{len(changed)} of its images changed since (e.g. {changed[0]})"
             logging.warning("rebuilding %s: %s", name.removesuffix(".done.json"), why)
             present.discard(name)
-    _write_json(os.path.join(out_dir, PATHS_FILE), paths, indent=None)
-    _write_json(manifest_file, {**identity, "complete": False})
+    with _writing(out_dir, PATHS_FILE):
+        _write_json(os.path.join(out_dir, PATHS_FILE), paths, indent=None)
+        _write_json(manifest_file, {**identity, "complete": False})
 
     num_shards = -(-len(paths) // shard_size)
     shards = {  # the unfinished ones
@@ -375,30 +415,30 @@ def _build(
             final = _shard_file(out_dir, s, num_shards, "array_record")
             written = final + ".tmp" if local else os.path.join(scratch.name, "shard")
             bad, stamps = {}, {}
-            try:
+            name = os.path.basename(final)
+            with _writing(out_dir, name):
                 writer = array_record_module.ArrayRecordWriter(written, WRITER_OPTIONS)
-                for path in shard_paths:
-                    record, reason, stamp = next(results)
+            for path in shard_paths:
+                record, reason, stamp = next(results)
+                with _writing(out_dir, name):
                     writer.write(record)
-                    if reason is not None:
-                        bad[path] = reason
-                    if stamp is not False:
-                        stamps[path] = stamp
-                    bar.update(1)
+                if reason is not None:
+                    bad[path] = reason
+                if stamp is not False:
+                    stamps[path] = stamp
+                bar.update(1)
+            with _writing(out_dir, name):
                 writer.close()
                 size = os.path.getsize(written)
                 if local:
                     os.replace(written, final)
                 else:
                     fsys.put_file(written, final)
-                done = {"records": len(shard_paths), "bad": bad, "bytes": size, "stamps": stamps}
-                _write_json(_shard_file(out_dir, s, num_shards, "done.json"), done)
-            except (OSError, RuntimeError) as e:  # array_record reports I/O as RuntimeError
-                raise DataError(
-                    f"prepared cache {out_dir}: cannot write {os.path.basename(final)} "
-                    f"({first_line(e)}); free space or set data.cache_dir elsewhere, then run "
-                    "again: finished shards are kept"
-                ) from e
+                done = {"records": len(shard_paths), "bad": bad, "bytes": size}
+                _write_json(
+                    _shard_file(out_dir, s, num_shards, "done.json"),
+                    {**done, "image_sizes": stamps},
+                )
             if bad:
                 tqdm.write(
                     f"{len(bad)} bad images in cache shard {s}, e.g. {next(iter(bad.items()))}"
@@ -411,7 +451,8 @@ def _build(
             scratch.cleanup()
         elif written is not None and os.path.exists(written):
             os.remove(written)  # a shard cut short by an error or a stop
-    _write_json(manifest_file, {**identity, "complete": True})
+    with _writing(out_dir, MANIFEST):
+        _write_json(manifest_file, {**identity, "complete": True})
     return Cache(out_dir, identity, paths)
 
 

@@ -102,9 +102,10 @@ class Trainer:
         if meta.get("vision_only_pretraining") is not None:
             self.stopper.load_vision_only_state(meta["vision_only_pretraining"])
         self.start_epoch, self.start_step_in_epoch = meta["epoch"], meta["step_in_epoch"]
-        pipeline.close_iterator(self.train_iter)  # on at the batch the saved state comes to
+        self.train_loader.close()  # on at the batch the saved state comes to
         start = self.start_epoch * self.steps_per_epoch + self.start_step_in_epoch
-        self.train_iter = iter(self.c.train_loader(start_batch=start))
+        self.train_loader = self.c.train_loader(start_batch=start)  # its bad-image count too
+        self.train_iter = iter(self.train_loader)
         self.last_epoch = self.start_epoch - 1
         self.train_acc = meta.get("train_accumulator")
         # Another run's end (load_from) or a completed run given more epochs trains on.
@@ -287,6 +288,11 @@ class Trainer:
         """The epoch loop; returns False when preempted (after saving), True when finished."""
         cfg = self.cfg
         if self.finished == "early_stopped":
+            return True
+        if self.finished is None and self.start_epoch >= cfg.training.num_epochs:
+            self.finished = "completed"  # a budget lowered to the epochs trained: done here
+            self._save("final", self._meta(self.start_epoch, 0, None))
+            self.ckpt.wait()
             return True
         with PreemptionGuard() as guard:
             for epoch in range(self.start_epoch, cfg.training.num_epochs):

@@ -320,10 +320,15 @@ def read_converted(path: Path, name: str) -> tuple[dict[str, np.ndarray], dict[s
             return arrays, dict(f.metadata() or {})
     except (SafetensorError, OSError) as error:
         out = weights_dir() / f"{name}.safetensors"
+        if path.suffix == ".safetensors":  # damaged: convert again
+            fix = f"convert it again: {conversion_command(name, out, force=path == out)}"
+        else:
+            fix = (
+                f"a torch .pth state_dict converts with: python scripts/convert_torchvision.py "
+                f"--arch {name} --state-dict {shlex.quote(str(path))} --out {shlex.quote(str(out))}"
+            )
         raise WeightsMismatchError(
-            f"{path} is not a readable safetensors file ({first_line(error)}); a torch .pth "
-            f"state_dict converts with: python scripts/convert_torchvision.py --arch {name} "
-            f"--state-dict {shlex.quote(str(path))} --out {shlex.quote(str(out))}"
+            f"{path} is not a readable safetensors file ({first_line(error)}); {fix}"
         ) from None
 
 

@@ -257,3 +257,24 @@ def test_a_failed_shard_write_is_one_error_that_keeps_finished_shards(paths, tmp
     names = sorted(os.listdir(directory))
     assert "shard-00000-of-00003.done.json" in names
     assert not [n for n in names if n.endswith(".tmp")]
+
+
+def test_images_copied_with_new_times_keep_their_cache(paths, tmp_path):
+    directory = str(tmp_path / "c")
+    cache.build_cache(paths, directory, img_size=SIZE, rule="exact", progress=False)
+    for path in paths:  # as `cp` without -p leaves them: same bytes, another time
+        os.utime(path, ns=(10**18, 10**18))
+    assert cache.open_cache(directory, paths, SIZE, "exact") is not None
+
+
+def test_an_unreadable_shard_record_is_refused_and_rebuilt(paths, tmp_path, caplog):
+    directory = str(tmp_path / "c")
+    cache.build_cache(paths, directory, img_size=SIZE, rule="exact", shard_size=3, progress=False)
+    done = os.path.join(directory, "shard-00001-of-00003.done.json")
+    with open(done, "w") as f:
+        f.write('{"records": 3, "ba')  # cut short by a full disk in an older build
+    with caplog.at_level(logging.WARNING):
+        assert cache.open_cache(directory, paths, SIZE, "exact") is None
+    assert "shard-00001-of-00003.done.json is unreadable" in caplog.text
+    cache.build_cache(paths, directory, img_size=SIZE, rule="exact", shard_size=3, progress=False)
+    assert cache.open_cache(directory, paths, SIZE, "exact") is not None

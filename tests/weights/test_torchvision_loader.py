@@ -230,18 +230,21 @@ def test_integer_weights_are_refused_not_cast(densenet_state, tmp_path):
         tvw.pretrained_backbone("densenet121", path)
 
 
-@pytest.mark.parametrize("content", [b"PK\x03\x04 a torch .pth zip", "truncated"])
-def test_a_file_that_is_no_safetensors_is_one_error_with_the_conversion_command(
-    densenet_state, tmp_path, content
+@pytest.mark.parametrize("name", ["densenet121.pth", "densenet121.safetensors"])
+def test_a_file_that_is_no_safetensors_is_one_error_with_the_command_that_fixes_it(
+    densenet_state, tmp_path, monkeypatch, name
 ):
-    path = tmp_path / "densenet121.safetensors"
-    if content == "truncated":
-        tvw.save_converted(densenet_state, path)
-        content = path.read_bytes()[:5000]
-    path.write_bytes(content)
+    monkeypatch.setenv("DERMJAX_WEIGHTS_DIR", str(tmp_path))
+    path = tmp_path / name
+    tvw.save_converted(densenet_state, tmp_path / "whole.safetensors")
+    content = (tmp_path / "whole.safetensors").read_bytes()[:5000]  # cut short
+    path.write_bytes(b"PK\x03\x04 a torch .pth zip" if name.endswith(".pth") else content)
     with pytest.raises(UserError) as error:
         tvw.pretrained_backbone("densenet121", path)
     message = str(error.value)
     assert message.startswith(f"{path} is not a readable safetensors file (SafetensorError: ")
-    assert f"--arch densenet121 --state-dict {path} --out " in message
+    if name.endswith(".pth"):
+        assert f"--arch densenet121 --state-dict {path} --out " in message
+    else:  # the weights folder's own file, damaged: converted again over it
+        assert message.endswith(f"--weights DEFAULT --out {path} --force")
     assert "\n" not in message
