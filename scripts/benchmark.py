@@ -40,6 +40,13 @@ STEP_WORK = {
     "(flip, rotation, scale, colour jitter in random order) vs torch's same family (flip, "
     "rotation, scale as one nearest resampling, then brightness, contrast, saturation, hue)",
 }
+# What differs between the two steps beyond STEP_WORK (both: the batch already on the device,
+# the same backbone + fusion head, label-smoothed cross-entropy, AdamW on two groups).
+STEP_DIFFERENCES = (
+    "dermjax also checks the update for non-finite values and selects the old state on one, "
+    "masks modalities and counts a confusion matrix; torch.compile compiles forward + backward, "
+    "its optimizer step runs eagerly (fused AdamW on CUDA), no CUDA graphs"
+)
 
 
 def _gib(n: int | None) -> str:
@@ -83,11 +90,14 @@ def run_step(args: argparse.Namespace) -> dict:
     from dermjax.train import bench, bench_torch
 
     rows: list[dict] = []
+    device = jax.devices()[0].device_kind
     result = {
         "argv": sys.argv,
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "device": jax.devices()[0].device_kind,
+        "device": device,
+        "devices": jax.device_count(),  # dermjax's step is split over all of them
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
+        "xla_flags": os.environ.get("XLA_FLAGS"),
         "versions": _versions(),
         "settings": {
             "batch": args.batch_size, "size": args.size, "dtype": args.dtype, "steps": args.steps,
@@ -95,8 +105,15 @@ def run_step(args: argparse.Namespace) -> dict:
             "compile_backend": args.compile_backend, "conv": args.conv, "first": args.first,
         },
         "work": STEP_WORK[args.augment],
+        "differences": STEP_DIFFERENCES,
         "rows": rows,
     }  # fmt: skip
+
+    def keep_torch(row: dict, t: dict) -> None:
+        t = dict(t)
+        row["torch_eager"], row["torch_compile"] = t.pop("eager", None), t.pop("compile", None)
+        row["torch"] = t
+        _write_json(args.out, {"command": args.command, **result})  # eager outlives the compile
 
     def measure_torch(row: dict) -> None:
         try:
@@ -104,14 +121,12 @@ def run_step(args: argparse.Namespace) -> dict:
                 row["model"], args.size, args.batch_size, args.dtype, args.steps, args.windows,
                 augment=args.augment, compile_mode=args.compile_mode,
                 compile_backend=args.compile_backend, profile_dir=args.profile,
-                profile_steps=args.profile_steps,
+                profile_steps=args.profile_steps, report=lambda t: keep_torch(row, t),
             )  # fmt: skip
         except Exception as error:  # e.g. out of memory next to jax's pool: reported, not fatal
             row["torch_error"] = first_line(error)
             return
-        if t is not None:
-            row["torch_eager"], row["torch_compile"] = t.pop("eager"), t.pop("compile")
-            row["torch"] = t
+        keep_torch(row, t)
 
     def measure_dermjax(row: dict) -> None:
         with cpu_conv.conv_algorithm(args.conv):
@@ -133,6 +148,10 @@ def run_step(args: argparse.Namespace) -> dict:
         d = row["dermjax"]
         row["ratio_to_torch_eager"] = _ratio(d.get("main_img_s"), row.get("torch_eager"))
         row["ratio_to_torch_compile"] = _ratio(d.get("main_img_s"), row.get("torch_compile"))
+        for side in ("torch_eager", "torch_compile"):  # the same model work: the same FLOPs
+            if row.get(side) and "img_s" in row[side]:
+                gflop = d.get("gflop_per_image")
+                row[side]["mfu"] = bench.mfu(row[side]["img_s"], gflop, device, args.dtype)
         print(json.dumps(row), flush=True)
         _write_json(args.out, {"command": args.command, **result})
     print_step_table(result)
@@ -146,10 +165,16 @@ def print_step_table(result: dict) -> None:
         f"{s['windows']} windows of {s['steps']} steps; torch.compile backend {s['compile_backend']!r}, "
         f"mode {s['compile_mode']!r}"
         f"\nwork: {result['work']}"
+        f"\ndifferences: {result.get('differences', '-')}"
     )
+    if s["windows"] < 3 or result.get("devices", 1) > 1:
+        print(
+            f"note: {s['windows']} window(s), {result.get('devices', 1)} device(s) for dermjax, "
+            "one for torch: read the rates with care (spread in the JSON's window_img_s)"
+        )
     head = ("model", "dermjax", "torch eager", "torch.compile", "x eager", "x compile",
             "dermjax compile s", "torch.compile s", "peak GiB dermjax/eager/compile",
-            "GFLOP/img", "MFU")  # fmt: skip
+            "GFLOP/img", "MFU dermjax/eager/compile")  # fmt: skip
     print("| " + " | ".join(head) + " |")
     notes = []
     for r in result["rows"]:
@@ -160,7 +185,9 @@ def print_step_table(result: dict) -> None:
         if c and "error" in c:
             notes.append(f"* {r['model']} torch.compile: {c['error']}")
         peaks = "/".join(_gib((x or {}).get("peak_bytes")) for x in (d, e, c))
-        mfu = "-" if d.get("mfu") is None else f"{d['mfu']:.0%}"
+        mfu = "/".join(
+            "-" if (x or {}).get("mfu") is None else f"{x['mfu']:.0%}" for x in (d, e, c)
+        )
         cells = (r["model"], d.get("main_img_s", "-"), _cell(e, "img_s"), _cell(c, "img_s"),
                  r.get("ratio_to_torch_eager") or "-", r.get("ratio_to_torch_compile") or "-",
                  d.get("main_compile_s", "-"), _cell(c, "compile_s"), peaks,
@@ -258,16 +285,46 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--out", required=True, help="JSON file to write")
     p.set_defaults(run=run_e2e)
     args = parser.parse_args(argv)
-    out_dir = os.path.dirname(os.path.abspath(args.out))
-    if not os.path.isdir(out_dir):  # found before minutes of measuring, not after
-        parser.error(
-            f"--out {args.out}: folder {out_dir} does not exist; create it or pick another"
-        )
     # jax and torch share the card in `step --torch`: jax must not pre-allocate 75% of it.
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+    problems = input_problems(args)  # found before minutes of measuring, not after
+    if problems:
+        parser.error("; ".join(problems))
     result = {"command": args.command, **args.run(args)}
     _write_json(args.out, result)
     return result
+
+
+def input_problems(args: argparse.Namespace) -> list[str]:
+    """What in the arguments would fail only after minutes of measuring."""
+    problems = []
+    out_dir = os.path.dirname(os.path.abspath(args.out))
+    if not os.path.isdir(out_dir):
+        problems.append(
+            f"--out {args.out}: folder {out_dir} does not exist; create it or pick another"
+        )
+    if args.command != "step":
+        return problems
+    import importlib.util
+
+    import jax
+
+    from dermjax.models import registry
+
+    for name in args.models:
+        if name not in registry.BACKBONES:
+            problems.append(f"--models {name}: not a backbone ({', '.join(registry.BACKBONES)})")
+        elif (patch := registry.vit_patch_size(name)) and args.size % patch:
+            problems.append(f"--size {args.size}: {name} needs a multiple of its patch, {patch}")
+    if args.batch_size % jax.device_count():
+        problems.append(
+            f"--batch {args.batch_size}: not divisible by the {jax.device_count()} devices"
+        )
+    if args.torch and not all(importlib.util.find_spec(m) for m in ("torch", "torchvision")):
+        problems.append(
+            '--torch: torch and torchvision are not installed (pip install -e ".[torch]")'
+        )
+    return problems
 
 
 def _write_json(path: str, result: dict) -> None:

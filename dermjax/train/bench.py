@@ -56,8 +56,16 @@ AUGMENT = AugmentSpec(
     saturation=0.1,
     hue=0.01,
 )
-# Dense bf16 peak FLOP/s by device-kind substring (first match wins); others: MFU unknown.
-PEAK_BF16_FLOPS = (("H100 PCIe", 756e12), ("H200", 989.4e12), ("H100", 989.4e12), ("A100", 312e12))
+# Dense bf16 peak FLOP/s by device-kind substring (first match wins; NVL and PCIe variants
+# before the SXM name they contain); other cards: MFU unknown.
+PEAK_BF16_FLOPS = (
+    ("H200 NVL", 835e12),
+    ("H100 NVL", 835e12),
+    ("H100 PCIe", 756e12),
+    ("H200", 989.4e12),
+    ("H100", 989.4e12),
+    ("A100", 312e12),
+)
 
 
 def peak_flops(device_kind: str, dtype: str) -> float | None:
@@ -65,6 +73,14 @@ def peak_flops(device_kind: str, dtype: str) -> float | None:
     if dtype != "bfloat16":
         return None
     return next((v for key, v in PEAK_BF16_FLOPS if key in device_kind), None)
+
+
+def mfu(img_s: float | None, gflop_per_image: float | None, device_kind: str, dtype: str):
+    """Model FLOP utilisation of a rate, from the model's FLOPs per image; None when unknown."""
+    peak = peak_flops(device_kind, dtype)
+    if not (img_s and gflop_per_image and peak):
+        return None
+    return round(img_s * gflop_per_image * 1e9 / peak, 3)
 
 
 @dataclasses.dataclass
@@ -144,13 +160,20 @@ def synthetic_batch(batch: int, size: int, seed: int = 0) -> dict[str, np.ndarra
     }
 
 
-def timed_windows(run_window: Callable[[], None], windows: int) -> float:
+def timed_windows(run_window: Callable[[], None], windows: int) -> list[float]:
+    """Seconds of each of `windows` calls of `run_window` (report the median, keep the rest)."""
     times = []
     for _ in range(windows):
         start = time.perf_counter()
         run_window()
         times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return times
+
+
+def rates(steps: int, batch: int, seconds: list[float]) -> dict[str, Any]:
+    """img/s of the median window, and of every window (their spread says how noisy it was)."""
+    each = [round(steps * batch / s, 1) for s in seconds]
+    return {"img_s": round(steps * batch / statistics.median(seconds), 1), "window_img_s": each}
 
 
 def _flops(stage: Any) -> float | None:
@@ -163,10 +186,11 @@ def _flops(stage: Any) -> float | None:
 
 
 def _cost(lowered: Any, compiled: Any) -> dict:
-    """XLA's FLOPs (of the compiled step, else of the lowered program: the GPU backend may not
-    count library calls) and memory estimate of a step; None where the backend has none."""
+    """XLA's FLOPs (of the lowered program: the model's work, before fusion or library calls
+    change the count; else of the compiled step) and memory estimate of a step; None where the
+    backend has none."""
     out: dict[str, Any] = {"flops_compiled": _flops(compiled), "flops_lowered": _flops(lowered)}
-    out["flops"] = out["flops_compiled"] or out["flops_lowered"]
+    out["flops"] = out["flops_lowered"] or out["flops_compiled"]
     try:
         m = compiled.memory_analysis()
         total = m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
@@ -215,15 +239,15 @@ def step_rate(
         def window(holder=holder, run=run):
             holder["state"] = run(holder["state"], steps)
 
-        rate = steps * batch / timed_windows(window, windows)
-        result[f"{label}_img_s"] = round(rate, 1)
+        measured = rates(steps, batch, timed_windows(window, windows))
+        result[f"{label}_img_s"] = rate = measured["img_s"]
+        result[f"{label}_window_img_s"] = measured["window_img_s"]
         state = holder["state"]
         if label == "main":
             flops = cost["flops"] / batch if cost["flops"] else None
-            peak = peak_flops(device.device_kind, dtype)
             result["gflop_per_image"] = None if flops is None else round(flops / 1e9, 2)
             result["flops_step"] = {k: cost[k] for k in ("flops_compiled", "flops_lowered")}
-            result["mfu"] = round(rate * flops / peak, 3) if flops and peak else None
+            result["mfu"] = mfu(rate, result["gflop_per_image"], device.device_kind, dtype)
             result["xla_step_bytes"] = cost["xla_step_bytes"]
             if profile_dir:
                 trace_dir = os.path.join(profile_dir, f"jax_{name}")

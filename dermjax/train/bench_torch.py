@@ -30,13 +30,15 @@ from dermjax.train.bench import (
     STD,
     TEXT_DIM,
     WEIGHT_DECAY,
+    rates,
     synthetic_batch,
     timed_windows,
 )
 
 
-def _torch_net(torch: Any, torchvision: Any, name: str) -> Any:
-    """torchvision's `name` without its classifier + the HEAD fusion MLPs, as one module."""
+def _torch_net(torch: Any, torchvision: Any, name: str, size: int) -> Any:
+    """torchvision's `name` (a ViT built for `size` px) without its classifier + the HEAD fusion
+    MLPs, as one module."""
     nn = torch.nn
 
     def mlp(sizes: tuple[int, ...], out_dim: int, dropout: float) -> Any:
@@ -45,7 +47,8 @@ def _torch_net(torch: Any, torchvision: Any, name: str) -> Any:
             layers += [nn.Linear(a, b), nn.BatchNorm1d(b), nn.ReLU(), nn.Dropout(dropout)]
         return nn.Sequential(*layers, nn.Linear(sizes[-1], out_dim))
 
-    backbone = torchvision.models.get_model(name)
+    kwargs = {"image_size": size} if registry.is_vit(name) else {}
+    backbone = torchvision.models.get_model(name, **kwargs)
     for attr in ("fc", "classifier", "heads"):
         if hasattr(backbone, attr):
             setattr(backbone, attr, nn.Identity())
@@ -108,11 +111,14 @@ def torch_step_rates(
     compile_backend: str = "inductor",
     profile_dir: str | None = None,
     profile_steps: int = 5,
+    report: Callable[[dict], None] | None = None,
 ) -> dict | None:
     """The same step in PyTorch (module docstring), eager and torch.compile (`compile_backend`,
     `compile_mode` for inductor), on CUDA when available else the CPU; None without torch or
     torchvision. A torch.compile that fails is reported as {"error": "compile failed: ..."};
-    compile seconds = the first compiled step."""
+    compile seconds = the first compiled step (Dynamo, AOTAutograd and backend compilation, plus
+    that step's run). `report` gets the result so far after each variant, so the eager figures
+    outlive a compile that a time box cuts off."""
     try:
         import torch
         import torchvision
@@ -122,7 +128,7 @@ def torch_step_rates(
     dev = torch.device("cuda" if cuda else "cpu")
     torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest kernels
     torch.manual_seed(0)
-    net = _torch_net(torch, torchvision, name).to(dev).to(memory_format=torch.channels_last)
+    net = _torch_net(torch, torchvision, name, size).to(dev).to(memory_format=torch.channels_last)
     host = synthetic_batch(batch, size)
     data = tuple(torch.from_numpy(host[k]).to(dev) for k in ("image", "text", "label"))
     head = [p for k in ("vision", "text", "final") for p in net[k].parameters()]
@@ -174,8 +180,7 @@ def torch_step_rates(
         if variant == "compile":
             entry["compile_s"] = round(time.perf_counter() - start, 1)
         run(fn, steps)  # warm caches / autotuning
-        seconds = timed_windows(lambda fn=fn: run(fn, steps), windows)
-        entry["img_s"] = round(steps * batch / seconds, 1)
+        entry.update(rates(steps, batch, timed_windows(lambda fn=fn: run(fn, steps), windows)))
         entry["peak_bytes"] = torch.cuda.max_memory_allocated() if cuda else None
         if profile_dir:
             path = os.path.join(profile_dir, f"torch_{name}_{variant}.txt")
@@ -186,6 +191,8 @@ def torch_step_rates(
             except Exception as error:  # a failed profile must not cost the figures above
                 entry["profile_error"] = first_line(error)
         result[variant] = entry
+        if report is not None:
+            report(dict(result))
     if cuda:
         torch.cuda.empty_cache()
     return result

@@ -98,3 +98,60 @@ def test_a_failing_torch_side_is_reported_and_keeps_dermjax(monkeypatch, tmp_pat
     assert row["torch_error"] == "RuntimeError: CUDA out of memory."
     assert row["ratio_to_torch_eager"] is None
     assert "* vit_l_16 torch: RuntimeError: CUDA out of memory." in capsys.readouterr().out
+
+
+def test_eager_figures_outlive_a_compile_the_time_box_cuts_off(monkeypatch, tmp_path):
+    import json
+
+    import pytest
+
+    from dermjax.train import bench, bench_torch
+
+    out = tmp_path / "step.json"
+    monkeypatch.setattr(bench, "step_rate", lambda *a, **k: {"main_img_s": 10.0})
+
+    def torch_side(name, *args, report, **kwargs):
+        report({"eager": {"img_s": 5.0}})
+        raise KeyboardInterrupt  # gpu_session.sh's `timeout --signal=INT` during the compile
+
+    monkeypatch.setattr(bench_torch, "torch_step_rates", torch_side)
+    with pytest.raises(KeyboardInterrupt):
+        benchmark.main(["step", "--torch", "--models", "resnet50", "--first", "dermjax",
+                        "--steps", "1", "--windows", "1", "--out", str(out)])  # fmt: skip
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["dermjax"]["main_img_s"] == 10.0 and row["torch_eager"]["img_s"] == 5.0
+
+
+def test_arguments_that_would_fail_after_minutes_are_one_error_at_once(tmp_path, capsys):
+    import pytest
+
+    out = str(tmp_path / "s.json")
+    for argv, named in [
+        (["--models", "resnet5"], "--models resnet5: not a backbone"),
+        (["--models", "vit_b_16", "--size", "60"], "--size 60: vit_b_16 needs a multiple of"),
+        (["--out", str(tmp_path / "no" / "s.json")], "does not exist"),
+    ]:
+        with pytest.raises(SystemExit) as stop:
+            benchmark.main(["step", "--out", out, *argv])
+        assert stop.value.code == 2 and named in capsys.readouterr().err
+
+
+def test_mfu_uses_the_exact_card_and_the_model_flops():
+    from dermjax.train import bench
+
+    assert bench.mfu(1000.0, 24.0, "NVIDIA H200", "bfloat16") == round(24e12 / 989.4e12, 3)
+    assert bench.mfu(1000.0, 24.0, "NVIDIA H200 NVL", "bfloat16") == round(24e12 / 835e12, 3)
+    assert bench.mfu(1000.0, 24.0, "NVIDIA H200", "float32") is None
+    assert bench.mfu(1000.0, None, "NVIDIA H200", "bfloat16") is None
+
+
+def test_torch_vits_are_built_for_the_benchmark_size():
+    import torch
+
+    from dermjax.train import bench_torch
+    from dermjax.weights.torchvision import import_torchvision
+
+    net = bench_torch._torch_net(torch, import_torchvision(), "vit_b_16", 64)
+    with torch.no_grad():
+        feats = net["backbone"].eval()(torch.zeros(1, 3, 64, 64))
+    assert feats.shape == (1, 768)  # it raised "Wrong image height! Expected 224 but got 64"
