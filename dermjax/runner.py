@@ -356,7 +356,7 @@ def _run_locked(cfg, folders: RunFolders, ckpt: Checkpointer, start: float) -> d
         resume_step=resume.saved_step if own_resume else None,
         wandb_run_id=resume.meta.get("wandb_run_id") if own_resume else None,
     )
-    trainer = Trainer(components, ckpt, tracker)
+    trainer = Trainer(components, ckpt, tracker, started_at=start)
     try:
         if resume is not None:
             trainer.restore(resume.source, resume.step, resume.name, dict(resume.meta))
@@ -366,7 +366,7 @@ def _run_locked(cfg, folders: RunFolders, ckpt: Checkpointer, start: float) -> d
             trainer.init_weights(cfg.checkpoint.init_from)
         if not trainer.train():
             return {"preempted": True, "step": int(trainer.state["step"])}
-        summary = trainer.test(start)
+        summary = trainer.test()
     finally:
         trainer.close()
     _evaluate_after_training(cfg, folders)  # after close(): the input workers have stopped

@@ -347,7 +347,7 @@ def test_a_report_of_another_checkpoint_is_made_again_when_the_run_is_rerun(tmp_
     assert json.loads(report.read_text())["checkpoint"]["step"] == summary["best_step"]
 
 
-def test_a_resumed_run_counts_the_unreadable_training_images_like_an_uninterrupted_one(
+def test_a_resumed_run_counts_unreadable_images_and_time_like_an_uninterrupted_one(
     tmp_path, monkeypatch
 ):
     from dermjax.train.preemption import PreemptionGuard
@@ -363,3 +363,5 @@ def test_a_resumed_run_counts_the_unreadable_training_images_like_an_uninterrupt
     resumed = run(cfg, str(tmp_path / "resumed"))
     assert whole["bad_images"]["train"] > 0
     assert resumed["bad_images"] == whole["bad_images"]
+    assert resumed["run_time_s"] > resumed["wall_time_s"]  # the first launch counts too
+    assert whole["run_time_s"] == pytest.approx(whole["wall_time_s"], abs=0.2)

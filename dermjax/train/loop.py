@@ -50,8 +50,13 @@ SUMMARY_KEYS = ("accuracy", "macro_f1", "balanced_accuracy", "loss", "per_class_
 class Trainer:
     """Runs the epochs of one composed run; `restore`/`init_weights` pick its starting point."""
 
-    def __init__(self, c: Components, ckpt: Checkpointer, tracker: Tracker):
+    def __init__(
+        self, c: Components, ckpt: Checkpointer, tracker: Tracker, started_at: float | None = None
+    ):
+        """`started_at`: when this launch began (time.time()), for the run's times."""
         self.c, self.cfg, self.ckpt, self.tracker = c, c.cfg, ckpt, tracker
+        self.started_at = time.time() if started_at is None else started_at
+        self.seconds_before = 0.0  # earlier launches' time up to their last save
         self.is_main = jax.process_index() == 0
         self.num_classes = len(c.data.classes)
         self.state = c.state
@@ -115,6 +120,7 @@ class Trainer:
         counters = meta.get("counters", {})
         self.skipped = counters.get("skipped_nonfinite_steps", 0)
         self.bad_train_before = counters.get("bad_images_train", 0)
+        self.seconds_before = counters.get("run_seconds", 0.0)
         log.info(
             "resumed from %s at epoch %d, step %d of %d in the epoch (global step %d)",
             name,
@@ -167,11 +173,16 @@ class Trainer:
             "counters": {
                 "skipped_nonfinite_steps": self.skipped,
                 "bad_images_train": self.bad_train,
+                "run_seconds": self.run_seconds(),
             },
             "train_accumulator": None if acc is None else acc.state_dict(),
             "dermjax_version": dermjax.__version__,
             "wandb_run_id": self.tracker.wandb_run_id,
         }
+
+    def run_seconds(self) -> float:
+        """Wall time of the run over all its launches (each counted up to its last save)."""
+        return round(self.seconds_before + time.time() - self.started_at, 1)
 
     def _save(self, kind: str, meta: dict) -> None:
         step = int(self.state["step"])
@@ -340,7 +351,7 @@ class Trainer:
                 return False  # asked to stop at the end: the run is saved, a re-run evaluates
         return True
 
-    def test(self, started_at: float) -> dict[str, Any]:
+    def test(self) -> dict[str, Any]:
         """Evaluates the best checkpoint (or the last state) on val and test; writes summary.
 
         Without a test split (None or empty) the "test" results are the validation split's,
@@ -399,7 +410,8 @@ class Trainer:
             trained_steps=trained_steps,
             skipped_nonfinite_steps=self.skipped,
             bad_images=bad,
-            wall_time_s=round(time.time() - started_at, 1),
+            wall_time_s=round(time.time() - self.started_at, 1),  # this launch
+            run_time_s=self.run_seconds(),
         )
         self.tracker.summary(results)
         return results
