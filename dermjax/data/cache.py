@@ -39,6 +39,7 @@ import logging
 import multiprocessing
 import os
 import signal
+import sys
 import tempfile
 from collections.abc import Iterator, Sequence
 
@@ -151,7 +152,7 @@ def _writing(out_dir: str, what: str) -> Iterator[None]:
         ) from e
 
 
-def file_stamp(path: str) -> int | None:
+def file_size(path: str) -> int | None:
     """The size in bytes of a local image file, None when it does not exist.
 
     The size, not the modification time: a copy of the images (`cp`, a download) changes every
@@ -193,9 +194,9 @@ def _shard_faults(
     shard = done_name.removesuffix(".done.json") + ".array_record"
     if shard not in sizes or sizes[shard] != record.get("bytes", sizes[shard]):
         return f"{shard} is missing or cut short", []
-    stamps = record.get("image_sizes", {})
-    paths = stamps if wanted is None else [p for p in stamps if p in wanted]
-    return None, [p for p in paths if file_stamp(p) != stamps[p]]
+    image_sizes = record.get("image_sizes", {})
+    paths = image_sizes if wanted is None else [p for p in image_sizes if p in wanted]
+    return None, [p for p in paths if file_size(p) != image_sizes[p]]
 
 
 def _file_sizes(directory: str) -> dict[str, int]:
@@ -293,8 +294,8 @@ class _Prepare:
         self.img_size, self.rule, self.draft = tuple(img_size), rule, draft
 
     def __call__(self, path: str) -> tuple[bytes, str | None, int | bool | None]:
-        """(record, bad reason or None, `file_stamp` taken before reading; False if remote)."""
-        stamp = file_stamp(path) if fs.is_local(path) else False
+        """(record, bad reason or None, `file_size` taken before reading; False if remote)."""
+        size_now = file_size(path) if fs.is_local(path) else False
         try:
             data = fs.read_bytes(path)
             return (
@@ -302,12 +303,12 @@ class _Prepare:
                     images.decode(data, path, self.img_size, self.rule, draft=self.draft)
                 ),
                 None,
-                stamp,
+                size_now,
             )
         except images.BadImageError as e:
-            return b"", e.reason, stamp
+            return b"", e.reason, size_now
         except OSError as e:
-            return b"", f"{type(e).__name__}: {e}", stamp
+            return b"", f"{type(e).__name__}: {e}", size_now
 
 
 def _ignore_interrupts() -> None:
@@ -414,18 +415,18 @@ def _build(
         for s, shard_paths in shards.items():
             final = _shard_file(out_dir, s, num_shards, "array_record")
             written = final + ".tmp" if local else os.path.join(scratch.name, "shard")
-            bad, stamps = {}, {}
+            bad, image_sizes = {}, {}
             name = os.path.basename(final)
             with _writing(out_dir, name):
                 writer = array_record_module.ArrayRecordWriter(written, WRITER_OPTIONS)
             for path in shard_paths:
-                record, reason, stamp = next(results)
+                record, reason, size_now = next(results)
                 with _writing(out_dir, name):
                     writer.write(record)
                 if reason is not None:
                     bad[path] = reason
-                if stamp is not False:
-                    stamps[path] = stamp
+                if size_now is not False:
+                    image_sizes[path] = size_now
                 bar.update(1)
             with _writing(out_dir, name):
                 writer.close()
@@ -437,11 +438,12 @@ def _build(
                 done = {"records": len(shard_paths), "bad": bad, "bytes": size}
                 _write_json(
                     _shard_file(out_dir, s, num_shards, "done.json"),
-                    {**done, "image_sizes": stamps},
+                    {**done, "image_sizes": image_sizes},
                 )
             if bad:
                 tqdm.write(
-                    f"{len(bad)} bad images in cache shard {s}, e.g. {next(iter(bad.items()))}"
+                    f"{len(bad)} bad images in cache shard {s}, e.g. {next(iter(bad.items()))}",
+                    file=sys.stderr,
                 )
     finally:
         bar.close()
