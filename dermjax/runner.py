@@ -256,8 +256,8 @@ def _locks(folders: RunFolders):
 def _log_file(path: str):
     """Copies this process's log lines to the run's train.log while the run holds its folder."""
     handler = logging.FileHandler(path)
-    handler.setFormatter(
-        logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S")
+    handler.setFormatter(  # dated: the file outlives the day, and a run spans several
+        logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%Y-%m-%d %H:%M:%S")
     )
     root = logging.getLogger()
     root.addHandler(handler)

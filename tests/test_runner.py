@@ -3,6 +3,7 @@
 import copy
 import json
 import os
+import re
 import shutil
 import signal
 
@@ -364,4 +365,6 @@ def test_a_resumed_run_counts_unreadable_images_and_time_like_an_uninterrupted_o
     assert whole["bad_images"]["train"] > 0
     assert resumed["bad_images"] == whole["bad_images"]
     assert resumed["run_time_s"] > resumed["wall_time_s"]  # the first launch counts too
+    first = (tmp_path / "resumed" / "train.log").read_text().splitlines()[0]
+    assert re.match(r"\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2} [A-Z]+ ", first), first  # dated
     assert whole["run_time_s"] == pytest.approx(whole["wall_time_s"], abs=0.2)
