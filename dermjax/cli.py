@@ -235,9 +235,8 @@ def _parse(field_type: type, values: list[str]):
         return None
     if field_type is tuple:  # a list of names grows; numbers (a size, weights) are replaced
         parsed = [tuple(_PARSERS[tuple].parse(v)) for v in values]
-        if parsed[-1] and all(isinstance(x, str) for x in parsed[-1]):
-            return sum((p for p in parsed if all(isinstance(x, str) for x in p)), ())
-        return parsed[-1]
+        names = [p for p in parsed if p and all(isinstance(x, str) for x in p)]
+        return sum(names, ()) if names and names[-1] is parsed[-1] else parsed[-1]
     if field_type in _PARSERS:
         return _PARSERS[field_type].parse(values[-1])
     if field_type is str:

@@ -135,7 +135,7 @@ def _initialize(launch: dict[str, Any], where: str, fix: str) -> None:
 
 
 def check_port_free(address: str) -> None:
-    """UserError when process 0's coordinator port is taken on this host (jax.distributed
+    """LaunchError when process 0's coordinator port is taken on this host (jax.distributed
     segfaults then); a port only in TIME_WAIT after an earlier run counts as free."""
     port = int(address.rpartition(":")[2])
     for family, host in ((socket.AF_INET6, "::"), (socket.AF_INET, "")):
@@ -146,7 +146,7 @@ def check_port_free(address: str) -> None:
             return
         except OSError as e:
             if e.errno == errno.EADDRINUSE:
-                raise UserError(
+                raise LaunchError(
                     f"--coordinator_address={address}: port {port} is already in use on this "
                     "host (another run's coordinator?): give every process another free port"
                 ) from None  # anything else (no IPv6 here): try IPv4, else let JAX say

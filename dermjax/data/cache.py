@@ -166,16 +166,11 @@ def file_size(path: str) -> int | None:
 
 def _done_records(directory: str, present: set[str]) -> dict[str, dict | None]:
     """{`.done.json` name: its content, None when unreadable} of the finished shards among the
-    names `present`, fetched in one request where the folder is remote."""
+    names `present` (`fs.read_many`: fetched concurrently where the folder is remote)."""
     names = sorted(n for n in present if n.startswith("shard-") and n.endswith(".done.json"))
-    if not names:
-        return {}
-    fsys = fs.filesystem(directory)
-    wanted = [os.path.join(directory, n) for n in names]
-    fetched = fsys.cat(wanted, on_error="return")
     records: dict[str, dict | None] = {}
-    for name, path in zip(names, wanted, strict=True):
-        data = fetched.get(fsys._strip_protocol(path), fetched.get(path))
+    contents = fs.read_many([os.path.join(directory, n) for n in names])
+    for name, data in zip(names, contents, strict=True):
         try:
             records[name] = json.loads(data) if isinstance(data, bytes) else None
         except ValueError:  # cut short by a full disk in a build before writes were atomic
