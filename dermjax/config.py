@@ -143,18 +143,26 @@ def data_paths(cfg: config_dict.ConfigDict) -> DataPaths:
     two encoders never share a file.
     """
     d = cfg.data
-    home = os.path.expanduser  # every reader agrees on `~` (fsspec expands it, ArrayRecord not)
-    base = home(d.local_root) if d.use_local else d.gcs_root
+    base = _local(d.local_root) if d.use_local else d.gcs_root
     if d.dataset:
         root = f"{base.rstrip('/')}/{d.dataset}"
     else:
-        root = (posixpath.dirname(home(d.metadata_path)) or ".") if d.metadata_path else ""
+        root = posixpath.dirname(_local(d.metadata_path)) if d.metadata_path else ""
     emb_file = cfg.encoder.embedding_filename or encoder_settings(cfg).filename()
     return DataPaths(
         root=root,
-        metadata=home(d.metadata_path or f"{root}/metadata_all_harmonized.csv"),
-        img_prefix=home(d.img_prefix or f"{root}/imgs"),
-        embeddings=home(d.embeddings_path or (f"{root}/embeddings/{emb_file}" if root else ""))
+        metadata=_local(d.metadata_path or f"{root}/metadata_all_harmonized.csv"),
+        img_prefix=_local(d.img_prefix or f"{root}/imgs"),
+        embeddings=_local(d.embeddings_path or (f"{root}/embeddings/{emb_file}" if root else ""))
         or None,
-        cache_dir=home(d.cache_dir or f"{root or '.'}/cache"),
+        cache_dir=_local(d.cache_dir or f"{root or '.'}/cache"),
     )
+
+
+def _local(path: str) -> str:
+    """A local path made absolute (with `~` expanded: fsspec expands it, ArrayRecord not), so
+    that `data/x` and `/home/me/data/x` name the same images and the same prepared cache;
+    URLs (gs://, file://) and "" unchanged."""
+    if not path or "://" in path:
+        return path
+    return os.path.abspath(os.path.expanduser(path))

@@ -88,6 +88,12 @@ def test_cross_field_rules():
     assert "Qwen models need 'last_token'" in text
     assert "square size divisible by 16" in text
     assert "min must be <= max" in text
+    cfg.data.test_size, cfg.data.val_size = 0.5, 0.5  # the boundary: nothing left to train on
+    cfg.data.img_size = (200, 200)  # square, but not a multiple of the 16-pixel patch
+    with pytest.raises(ConfigError) as info:
+        validate(cfg)
+    assert "data.test_size + data.val_size" in str(info.value)
+    assert "square size divisible by 16" in str(info.value)
 
 
 def test_demo_data_needs_a_dataset_folder():
@@ -201,6 +207,18 @@ def test_paths_derive_from_dataset_and_use_local():
         "/y/imgs",
         "/z/e.parquet",
     )
+
+
+def test_relative_and_absolute_spellings_of_a_local_root_give_the_same_paths(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config("default")
+    cfg.data.local_root = "data/../data"
+    relative = data_paths(cfg)
+    cfg.data.local_root = str(tmp_path / "data")
+    assert data_paths(cfg) == relative
+    assert relative.cache_dir == str(tmp_path / "data" / "dataset_v1" / "cache")
+    cfg.data.dataset, cfg.data.metadata_path = None, "meta.csv"
+    assert data_paths(cfg).img_prefix == str(tmp_path / "imgs")
 
 
 def test_original_yaml_loads_and_unknown_keys_are_rejected(tmp_path):
