@@ -115,7 +115,9 @@ def main(argv: list[str]) -> None:
             else "stopped before training, nothing new to save"
         )
         command = shlex.join(["python", "-m", "dermjax.main", *typed_arguments()])
-        print(f"Preempted: {done}. Resume with the same command: {command}", flush=True)
+        line = f"Preempted: {done}. Resume with the same command: {command}"
+        runner.log_after_run(folders, line)
+        print(line, flush=True)
         return
     if summary.get("already_finished"):
         print("This run had already finished; its summary:", flush=True)

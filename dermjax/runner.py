@@ -225,9 +225,7 @@ def run(cfg: config_dict.ConfigDict, workdir: str | None) -> dict[str, Any]:
         "give --workdir a folder you can write" if workdir else "set output.log_dir (or --workdir)",
     )
     main = jax.process_index() == 0
-    log_file = (
-        _log_file(os.path.join(folders.run_dir, "train.log")) if main else contextlib.nullcontext()
-    )
+    log_file = _log_file(folders) if main else contextlib.nullcontext()
     with _locks(folders) if main else contextlib.nullcontext(), log_file:
         ckpt = open_checkpoints(cfg, folders)
         try:
@@ -252,13 +250,30 @@ def _locks(folders: RunFolders):
         yield
 
 
-@contextlib.contextmanager
-def _log_file(path: str):
-    """Copies this process's log lines to the run's train.log while the run holds its folder."""
-    handler = logging.FileHandler(path)
+def _file_handler(folders: RunFolders) -> logging.FileHandler:
+    handler = logging.FileHandler(os.path.join(folders.run_dir, "train.log"))
     handler.setFormatter(  # dated: the file outlives the day, and a run spans several
         logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%Y-%m-%d %H:%M:%S")
     )
+    return handler
+
+
+def log_after_run(folders: RunFolders, message: str) -> None:
+    """Adds a warning to train.log (process 0) after `run` returned, without printing it: the
+    line the launcher prints last (a preempted run's resume command) is in the file too."""
+    if jax.process_index() != 0:
+        return
+    handler = _file_handler(folders)
+    try:
+        handler.emit(logging.LogRecord(log.name, logging.WARNING, "", 0, message, None, None))
+    finally:
+        handler.close()
+
+
+@contextlib.contextmanager
+def _log_file(folders: RunFolders):
+    """Copies this process's log lines to the run's train.log while the run holds its folder."""
+    handler = _file_handler(folders)
     root = logging.getLogger()
     root.addHandler(handler)
     try:

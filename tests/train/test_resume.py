@@ -139,6 +139,7 @@ def test_run_preempted_then_killed_then_rerun_ends_bitwise_like_uninterrupted(
     assert "Preempted: saved step" in out and "Resume with the same command: python -m" in out
     printed = out.split("Resume with the same command: ")[1].splitlines()[0]
     assert f"--workdir={workdir}" in printed
+    assert f"Resume with the same command: {printed}" in (workdir / "train.log").read_text()
     assert "--config.data.img_size=(32, 32)" in shlex.split(printed)  # overrides kept
     (preempt_step,) = (int(d.name) for d in (ckpts / "last").iterdir())
     assert STEPS < preempt_step <= 2 * STEPS
