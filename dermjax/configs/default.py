@@ -75,7 +75,7 @@ def get_config() -> config_dict.ConfigDict:
     t.prefetch_factor = 8  # batches buffered per worker
     t.num_epochs = 10  # maximum number of epochs
     t.patience = 5  # validations without improvement before early stopping
-    t.validation_interval = 1  # validate every N epochs
+    t.validation_interval = 1  # validate every N epochs, and after the last
     t.n_warmup_epochs = 3  # epochs with the whole backbone frozen (head only)
     t.compute_stats = False  # true: mean/std from training images; false: ImageNet statistics
     t.use_normalization = True  # false: no Normalize, images stay in [0, 1]; compute_stats unused

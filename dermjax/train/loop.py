@@ -2,8 +2,8 @@
 
 Optimisation follows the original: two optimizer groups with learning rates set once per epoch
 (cosine after the warm-up), the whole backbone frozen for the first `n_warmup_epochs`, then the
-`unfreeze_layers` rule; validation every `validation_interval` epochs with early stopping on
-`training.monitor`. Unlike the original, the best model is evaluated on the test split at the end
+`unfreeze_layers` rule; validation every `validation_interval` epochs (and, unlike the original,
+after the last) with early stopping on `training.monitor`. Unlike the original, the best model is evaluated on the test split at the end
 (on the validation split when there is no test split, which the summary names). With
 `training.vision_only_pretraining` the first epochs run the vision-only step, with their own
 early-stopping state; auxiliary weights and epoch masks are evaluated per epoch on the host
@@ -313,7 +313,8 @@ class Trainer:
                 self.last_epoch = epoch
                 step = int(self.state["step"])
                 improved = stop = False
-                due = (epoch + 1) % cfg.training.validation_interval == 0
+                last = epoch + 1 == cfg.training.num_epochs
+                due = last or (epoch + 1) % cfg.training.validation_interval == 0
                 vision_only = self.stopper.is_vision_only(epoch)
                 if self.c.data.val is not None and due:
                     val = self.evaluate(
@@ -331,7 +332,6 @@ class Trainer:
                 log.info(
                     "epoch %d: %s", epoch, ", ".join(f"{k}={v:.4g}" for k, v in floats.items())
                 )
-                last = epoch + 1 == cfg.training.num_epochs
                 if stop or last:
                     self.finished = "early_stopped" if stop else "completed"
                 meta = self._meta(epoch + 1, 0, None)

@@ -112,6 +112,15 @@ def test_metrics_jsonl_has_every_epoch_with_the_original_learning_rates(demo_run
     assert final["final/test/accuracy"] == summary["test"]["accuracy"]
 
 
+def test_a_validation_interval_still_validates_the_last_epoch(tmp_path):
+    cfg = tiny_demo_config(tmp_path / "data", **{"training.validation_interval": 2})
+    summary = run(cfg, str(tmp_path / "run"))
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    epochs = [r for r in map(json.loads, lines) if r["event"] == "epoch"]
+    assert [r["epoch"] for r in epochs if "val/loss" in r] == [1, 2]  # every 2nd, and the last
+    assert summary["finished"] == "completed"
+
+
 def test_checkpoints_keep_last_plus_best(demo_run):
     _, workdir, summary, _ = demo_run
     ckpt = workdir / "checkpoints"
