@@ -1,9 +1,9 @@
 """From a validated config to the data side of a run: selected and split metadata, records with
 their text embeddings, class weights, normalisation statistics and the prepared caches to read.
 
-`load_data(cfg, run_dir)` is what `dermjax.experiment.compose` starts from; `dermjax.prepare`,
-`dermjax.embed` and the evaluation read the same selection through `selected_metadata` and
-`split_metadata`, so every command sees the rows a training run sees.
+`load_data(cfg, run_dir)` is what `dermjax.experiment.compose` starts from; `dermjax.prepare`
+(`split_paths`), `dermjax.embed` and the evaluation read the same selection through
+`selected_metadata` and `split_metadata`, so every command sees the rows a training run sees.
 """
 
 from __future__ import annotations
@@ -25,6 +25,8 @@ from dermjax.embedding_file import text_embeddings
 from dermjax.errors import DataError
 
 log = logging.getLogger(__name__)
+
+Splits = tuple[list[str] | None, ...]  # image paths of train, val, test; None: no such split
 
 
 @dataclasses.dataclass
@@ -165,8 +167,26 @@ def augment_spec(cfg: config_dict.ConfigDict) -> AugmentSpec:
     return AugmentSpec.create(**cfg.augmentation.to_dict())
 
 
-def cache_plan(cfg: config_dict.ConfigDict, data: PreparedData) -> dict[str, tuple[str, list[str]]]:
-    """{rule: (cache folder, paths)} of the prepared caches this config's loaders read.
+def split_paths(cfg: config_dict.ConfigDict) -> tuple[DataPaths, Splits]:
+    """The data paths and the image paths of train, val and test (None for an absent split), as
+    `load_data` selects them but without the text embeddings: all `dermjax.prepare` needs."""
+    paths, meta = selected_metadata(cfg)
+    frames = split_metadata(cfg, meta)
+    return paths, tuple(
+        None if df is None else embeddings.image_paths(df, paths.img_prefix) for df in frames
+    )
+
+
+def run_splits(data: PreparedData) -> Splits:
+    """A loaded run's image paths of train, val and test, as `split_paths` gives them."""
+    return tuple(None if r is None else list(r.paths) for r in (data.train, data.val, data.test))
+
+
+def cache_plan(
+    cfg: config_dict.ConfigDict, cache_dir: str, splits: Splits
+) -> dict[str, tuple[str, list[str]]]:
+    """{rule: (cache folder, paths)} of the prepared caches this config's loaders read, for the
+    image paths of train, val and test (`split_paths`, `run_splits`).
 
     Training reads the train split at its resize rule (shorter side + crop when geometric
     augmentation is on, else exact); evaluation reads val and test resized exactly. A folder
@@ -175,12 +195,13 @@ def cache_plan(cfg: config_dict.ConfigDict, data: PreparedData) -> dict[str, tup
     """
     h, w = cfg.data.img_size
     train_rule = images.train_rule(augment_spec(cfg).geometric)
-    plan: dict[str, list[str]] = {train_rule: list(data.train.paths)}
-    for records in (data.val, data.test):
-        if records is not None:
-            plan.setdefault(images.EXACT, []).extend(records.paths)
+    train, *evaluated = splits
+    plan: dict[str, list[str]] = {train_rule: list(train)}
+    for paths in evaluated:
+        if paths is not None:
+            plan.setdefault(images.EXACT, []).extend(paths)
     return {
-        rule: (os.path.join(data.paths.cache_dir, prepared.folder_name(rule, (h, w), paths)), paths)
+        rule: (os.path.join(cache_dir, prepared.folder_name(rule, (h, w), paths)), paths)
         for rule, paths in plan.items()
     }
 
@@ -190,7 +211,7 @@ def open_caches(cfg: config_dict.ConfigDict, data: PreparedData) -> dict[str, pr
     if not cfg.data.use_cache:
         return {}
     caches = {}
-    for rule, (_, paths) in cache_plan(cfg, data).items():
+    for rule, (_, paths) in cache_plan(cfg, data.paths.cache_dir, run_splits(data)).items():
         found = prepared.find_cache(data.paths.cache_dir, rule, cfg.data.img_size, paths)
         if found is not None:
             log.info("using prepared cache at %s", found.directory)

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 import time
 
 from absl import flags
@@ -48,17 +47,15 @@ def main(argv: list[str]) -> None:
         )
     validate(cfg)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    from dermjax.experiment_data import cache_plan, load_data
+    from dermjax.experiment_data import cache_plan, split_paths
 
-    cfg.training.compute_stats = False  # statistics belong to the training run, not the cache
-    with tempfile.TemporaryDirectory() as scratch:
-        data = load_data(cfg, scratch)
+    data_paths, splits = split_paths(cfg)  # images only: no text embeddings read or computed
     workers = _WORKERS.value if _WORKERS.value is not None else cfg.training.num_workers
-    plan = cache_plan(cfg, data)
+    plan = cache_plan(cfg, data_paths.cache_dir, splits)
     for _, paths in plan.values():
-        _check_some_exist(paths, data.paths.img_prefix)
+        _check_some_exist(paths, data_paths.img_prefix)
     for rule, (directory, paths) in plan.items():
-        ready = cache.find_cache(data.paths.cache_dir, rule, cfg.data.img_size, paths)
+        ready = cache.find_cache(data_paths.cache_dir, rule, cfg.data.img_size, paths)
         if ready is not None:
             logging.info("the %s images are already prepared at %s", rule, ready.directory)
             continue
@@ -76,7 +73,7 @@ def main(argv: list[str]) -> None:
             path, reason = next(iter(bad.items()))
             raise DataError(
                 f"none of the {len(bad)} images of the {rule} cache at {directory} could be "
-                f"read (e.g. {path}: {reason}); check data.img_prefix={data.paths.img_prefix}, "
+                f"read (e.g. {path}: {reason}); check data.img_prefix={data_paths.img_prefix}, "
                 "then run again: images that appear or change are read again"
             )
         logging.info(

@@ -22,6 +22,7 @@ def test_prepare_builds_the_caches_training_will_use(tmp_path):
         "--config.data.demo_size=60",
         "--config.data.min_samples_per_label=2",
         "--config.data.img_size=(32,32)",
+        f"--config.data.embeddings_path={tmp_path / 'absent.parquet'}",  # images only: not made
     ]
     proc = subprocess.run(
         [sys.executable, "-m", "dermjax.prepare", "--config=configs/demo.py", "--workers=0", *overrides],
@@ -33,7 +34,10 @@ def test_prepare_builds_the_caches_training_will_use(tmp_path):
     cfg.data.demo_size = 60
     cfg.data.min_samples_per_label = 2
     cfg.data.img_size = (32, 32)
-    plan = cache_plan(cfg, load_data(cfg, str(tmp_path)))
+    assert not (tmp_path / "absent.parquet").exists()
+    data = load_data(cfg, str(tmp_path))
+    plan = cache_plan(cfg, data.paths.cache_dir, experiment_data.run_splits(data))
+    assert plan == cache_plan(cfg, *_cache_dir_and_splits(cfg))  # what prepare built from
     assert set(plan) == {images.SHORTER, images.EXACT}  # demo augmentation is geometric
     for rule, (directory, paths) in plan.items():
         found = cache.open_cache(directory, paths, (32, 32), rule)
@@ -75,6 +79,11 @@ def test_a_cache_dir_that_is_a_file_is_one_error_line_naming_the_folder(tmp_path
     ), proc.stderr
 
 
+def _cache_dir_and_splits(cfg) -> tuple[str, tuple]:
+    paths, splits = experiment_data.split_paths(cfg)
+    return paths.cache_dir, splits
+
+
 def _prepare(tmp_path, *extra: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "dermjax.prepare", "--config=configs/demo.py", "--workers=0",
@@ -112,7 +121,7 @@ def test_a_cache_folder_of_the_older_naming_is_still_used(tmp_path):
     cfg.data.update(local_root=str(tmp_path / "data"), demo_size=60, min_samples_per_label=2)
     cfg.data.img_size = (32, 32)
     data = load_data(cfg, str(tmp_path))
-    for rule, (directory, _) in cache_plan(cfg, data).items():
+    for rule, (directory, _) in cache_plan(cfg, *_cache_dir_and_splits(cfg)).items():
         pathlib.Path(directory).rename(pathlib.Path(directory).parent / f"{rule}_32x32")
     found = experiment_data.open_caches(cfg, data)
     assert {rule: pathlib.Path(c.directory).name for rule, c in found.items()} == {

@@ -274,14 +274,19 @@ def join_text(
     return text, has_text
 
 
+def image_paths(split_df: pd.DataFrame, img_prefix: str) -> list[str]:
+    """The image path of each row: `img_prefix` joined with its `filename`."""
+    prefix = str(img_prefix).rstrip("/")
+    return [f"{prefix}/{str(name).lstrip('/')}" for name in split_df[IMG_COL]]
+
+
 def build_records(
     split_df: pd.DataFrame, *, img_prefix: str, class_to_idx: dict[str, int], emb_df: pd.DataFrame
 ) -> Records:
     """Per-split arrays for the input pipeline: image paths, label indices, text, has_text."""
     from dermjax.data.pipeline import Records  # lazy: importing grain here is not needed
 
-    prefix = str(img_prefix).rstrip("/")
-    paths = [f"{prefix}/{str(name).lstrip('/')}" for name in split_df[IMG_COL]]
+    paths = image_paths(split_df, img_prefix)
     labels = split_df[LABEL_COL].astype(str)
     unknown = sorted(set(labels) - set(class_to_idx))
     if unknown:
