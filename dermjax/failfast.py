@@ -12,6 +12,13 @@ prints it as its own one-line error and exits with the same status. Process 0 ho
 so it leaves last: it waits, a few seconds at most, until every other process has printed the
 cause (otherwise they would die with JAX's "another task died" instead).
 
+A process that dies without a word (kill -9, the out-of-memory killer, a host going down) cannot
+publish anything; JAX notices it only after its 100 s heartbeat limit and then aborts every
+process with a C++ stack dump. So each watcher also raises a counter in the store every poll,
+and a counter that stands still for `SILENT_S` (`DERMJAX_SILENT_S`) is published as that
+process's failure, which every other process then reports as above. (When process 0 dies, the
+store goes with it and JAX ends the others at once; nothing here can speak for it.)
+
 A single-process run is untouched: `watch`, `stop` and `stop_on_bug` do nothing there.
 """
 
@@ -32,7 +39,10 @@ from dermjax.errors import first_line
 
 FAILED = "dermjax/failed/"  # + process id -> "<exit status> <message>"
 SEEN = "dermjax/seen/"  # + process id: that process has printed the failure and is leaving
+ALIVE = "dermjax/alive/"  # + process id -> a count its watcher raises every poll, or EXITED
+EXITED = "exited"
 POLL_S = 1.0
+SILENT_S = 45.0  # a count unchanged this long: that process is gone (JAX's own limit is 100 s)
 LAST_WAIT_S = 10.0  # how long process 0 waits for the others to read a failure
 MESSAGE_LIMIT = 2000
 
@@ -83,12 +93,16 @@ def watch(poll_s: float = POLL_S) -> None:
     # Registered after JAX's own exit handler, so it runs first: the watcher must not be inside
     # a key-value call when JAX shuts the client down or the interpreter finalises (a daemon
     # thread unwound there aborts the process: status 134 at the end of a successful run).
-    atexit.register(_stop_watching, thread)
+    atexit.register(_stop_watching, thread, state)
 
 
-def _stop_watching(thread: threading.Thread) -> None:
+def _stop_watching(thread: threading.Thread, state: Any) -> None:
     _stop.set()
     thread.join(timeout=POLL_S + 10)
+    # The count stops here: not a failure. (JAX's exit barrier may keep this process waiting
+    # for the others long after.)
+    with contextlib.suppress(Exception):
+        state.client.key_value_set(_key(ALIVE, state), EXITED, allow_overwrite=True)
 
 
 def stop(message: str, exit_status: int) -> None:
@@ -143,13 +157,62 @@ def _publish_and_leave(state: Any, message: str, exit_status: int) -> None:
 
 
 def _watch(state: Any, poll_s: float) -> None:
-    while not _stop.wait(poll_s) and not _leaving.is_set():
+    silent_s = float(os.environ.get("DERMJAX_SILENT_S", SILENT_S))
+    counts = Counts(silent_s, state.num_processes)
+    beats = 0
+    while not _leaving.is_set():
+        beats += 1
         try:
+            state.client.key_value_set(_key(ALIVE, state), str(beats), allow_overwrite=True)
             failures = state.client.key_value_dir_get(FAILED)
+            if not failures and (gone := counts.silent(state.client.key_value_dir_get(ALIVE))):
+                failures = [_speak_for(state, gone, silent_s)]
         except Exception:  # the client is shutting down: the run is ending
             return
         if failures and _claim():
             _report(state, failures)
+        if _stop.wait(poll_s):
+            return
+
+
+class Counts:
+    """When each process's `ALIVE` count last changed, to find one that has gone silent.
+
+    Every process calls `watch` right after jax.distributed.initialize returned on all of them,
+    so a count that never appears is silence too, from when this one started watching."""
+
+    def __init__(self, silent_s: float, num_processes: int, now: float | None = None) -> None:
+        self.silent_s = silent_s
+        start = time.monotonic() if now is None else now
+        self._changed: dict[int, tuple[str | None, float]] = {
+            i: (None, start) for i in range(num_processes)
+        }
+
+    def silent(self, entries: list[tuple[str, str]], now: float | None = None) -> int | None:
+        """The lowest process id whose count has stood still for `silent_s`, else None."""
+        now = time.monotonic() if now is None else now
+        counts = {int(key.rsplit("/", 1)[1]): value for key, value in entries}
+        for i, (last, since) in sorted(self._changed.items()):
+            value = counts.get(i)
+            if value == EXITED:
+                continue
+            if value != last:
+                self._changed[i] = (value, now)
+            elif now - since >= self.silent_s:
+                return i
+        return None
+
+
+def _speak_for(state: Any, gone: int, silent_s: float) -> tuple[str, str]:
+    """Publishes the failure of process `gone`, which cannot, and marks it as having read it
+    (process 0 would wait for it); returns the failure as `key_value_dir_get` gives it."""
+    value = (
+        f"1 it stopped responding {silent_s:.0f} s ago (killed, out of memory, or its host went "
+        "down); re-run the same command on every host to resume from the last checkpoint"
+    )
+    state.client.key_value_set(f"{FAILED}{gone}", value, allow_overwrite=True)
+    state.client.key_value_set(f"{SEEN}{gone}", "", allow_overwrite=True)
+    return f"{FAILED}{gone}", value
 
 
 def _report(state: Any, failures: list[tuple[str, str]], here: str = "") -> None:

@@ -4,6 +4,11 @@
 config only it rejects.
 """
 
+import os
+import signal
+import socket
+import subprocess
+import sys
 import threading
 import time
 from types import SimpleNamespace
@@ -178,6 +183,89 @@ def test_an_error_after_a_peer_failed_reports_the_peer(process, capsys):
         "(here: RuntimeError: Gloo AllGather failed: Connection reset by peer)\n"
     )
     assert "dermjax/failed/0" not in state.client.values
+
+
+def test_a_count_that_stands_still_is_a_silent_process_and_an_exited_one_is_not():
+    counts = failfast.Counts(silent_s=10, num_processes=4, now=0)
+    first = [(f"dermjax/alive/{i}", "1") for i in range(3)]  # process 3 has not counted yet
+    assert counts.silent(first, now=1) is None
+    beat = [("dermjax/alive/0", "2"), ("dermjax/alive/1", "2"), ("dermjax/alive/2", "1")]
+    assert counts.silent([*beat, ("dermjax/alive/3", "1")], now=10.9) is None
+    assert counts.silent([*beat, ("dermjax/alive/3", "exited")], now=11.0) == 2
+
+    never = failfast.Counts(silent_s=10, num_processes=2, now=0)
+    assert never.silent([("dermjax/alive/0", "1")], now=9.9) is None
+    assert never.silent([("dermjax/alive/0", "2")], now=10) == 1  # it never counted at all
+
+
+def test_the_watcher_speaks_for_a_silent_process(process, monkeypatch, capsys):
+    monkeypatch.setenv("DERMJAX_SILENT_S", "0.05")
+    state = process(0, 2)
+    state.client.values["dermjax/alive/1"] = "7"  # and never again
+    with pytest.raises(Exited) as exited:
+        failfast._watch(state, 0.01)
+    assert exited.value.status == 1
+    assert capsys.readouterr().err.startswith(
+        "error: process 1 of 2 stopped the run: it stopped responding 0 s ago (killed, out of "
+        "memory, or its host went down); re-run the same command on every host"
+    )
+    assert "dermjax/seen/1" in state.client.values  # process 0 does not wait for it
+    assert int(state.client.values["dermjax/alive/0"]) > 1
+
+
+WATCHED = """
+import sys, time
+import jax
+jax.distributed.initialize(sys.argv[1], 2, int(sys.argv[2]))
+from dermjax import failfast
+failfast.watch()
+print("watching", flush=True)
+time.sleep(float(sys.argv[3]))
+"""
+
+
+def _watched(port: int, pid: int, seconds: float) -> subprocess.Popen:
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "DERMJAX_SILENT_S": "3"}
+    return subprocess.Popen(
+        [sys.executable, "-c", WATCHED, f"127.0.0.1:{port}", str(pid), str(seconds)],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_a_process_killed_without_a_word_ends_the_others_with_one_line():
+    """kill -9 of process 1: process 0 prints one line within seconds, not JAX's stack dump after
+    its 100 s heartbeat limit."""
+    port = _port()
+    procs = [_watched(port, pid, 120) for pid in (0, 1)]
+    for p in procs:
+        assert p.stdout.readline() == "watching\n"
+    procs[1].send_signal(signal.SIGKILL)
+    killed = time.monotonic()
+    _, err = procs[0].communicate(timeout=60)
+    assert time.monotonic() - killed < 15
+    assert procs[0].returncode == 1, err
+    assert err.splitlines()[-1].startswith(
+        "error: process 1 of 2 stopped the run: it stopped responding 3 s ago"
+    )
+    assert "Check failure stack trace" not in err
+    procs[1].wait()
+
+
+@pytest.mark.slow
+def test_a_process_that_ends_first_is_not_taken_for_a_silent_one():
+    port = _port()
+    procs = [_watched(port, 0, 8), _watched(port, 1, 0)]  # process 1 ends at once, 0 in 8 s
+    for p in procs:
+        _, err = p.communicate(timeout=90)
+        assert p.returncode == 0, err
+        assert "stopped the run" not in err
 
 
 def test_the_command_line_tells_the_other_processes(monkeypatch):
