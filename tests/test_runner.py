@@ -54,6 +54,20 @@ def test_runs_sharing_save_and_log_dirs_get_their_own_folders(tmp_path):
     assert run_folders(a, None).checkpoint_dir == str(tmp_path / "logs" / "demo" / "checkpoints")
 
 
+@pytest.mark.parametrize(
+    "monitor, mode",
+    [("val/loss", "min"), ("val/accuracy", "max"), ("val/macro_f1", "max"),
+     ("val/balanced_accuracy", "max")],
+)  # fmt: skip
+def test_val_loss_is_minimised_and_the_other_monitors_maximised(tmp_path, monitor, mode):
+    cfg = tiny_demo_config(tmp_path / "data", **{"training.monitor": monitor})
+    ckpt = runner.open_checkpoints(cfg, run_folders(cfg, str(tmp_path / "run")))
+    try:
+        assert ckpt.monitor_mode == mode
+    finally:
+        ckpt.close()
+
+
 def test_config_changes_separate_trained_fields_from_resumable_ones():
     old = {"training": {"batch_size": 16, "num_epochs": 3}, "data": {"img_size": (32, 32)}}
     new = {"training": {"batch_size": 32, "num_epochs": 5}, "data": {"img_size": [32, 32]}}

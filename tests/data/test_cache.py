@@ -1,5 +1,6 @@
 """Prepared ArrayRecord cache: round trip, resume, staleness, and loaders reading from it."""
 
+import json
 import logging
 import os
 
@@ -77,6 +78,17 @@ def test_stale_or_absent_cache_is_refused_with_the_reason_logged(paths, tmp_path
         assert cache.open_cache(directory, paths[:5], SIZE, "shorter") is None
     text = caplog.text
     assert "2 of 7 paths are not cached" in text and "img_size" in text and "rule" in text
+
+
+def test_a_paths_list_that_no_longer_matches_its_manifest_is_refused(paths, tmp_path, caplog):
+    """paths.json maps paths to records: an edited or swapped list would serve wrong images."""
+    directory = tmp_path / "c"
+    cache.build_cache(paths[:4], str(directory), img_size=SIZE, rule="exact", progress=False)
+    listed = json.loads((directory / cache.PATHS_FILE).read_text())
+    (directory / cache.PATHS_FILE).write_text(json.dumps(listed[::-1]))
+    with caplog.at_level(logging.WARNING):
+        assert cache.open_cache(str(directory), paths[:4], SIZE, "exact") is None
+    assert "paths.json does not match the manifest" in caplog.text
 
 
 def test_building_over_a_cache_of_other_paths_replaces_it(paths, tmp_path):

@@ -90,6 +90,15 @@ def test_exif_orientation_is_applied(fmt):
     assert np.abs(out - shown).mean() < 8
 
 
+@pytest.mark.parametrize("value", [0, 9, 300])
+def test_an_orientation_outside_exifs_eight_values_leaves_the_pixels_as_stored(value):
+    stored = photo(40, 80)
+    exif = Image.Exif()
+    exif[0x0112] = value
+    data = encode(stored, "PNG", exif=exif.tobytes())
+    assert np.array_equal(images.load_eval(data, "p", (40, 80)), stored)
+
+
 def test_exif_orientation_with_reduced_decode_matches_transposed_full_image():
     shown = photo(240, 320)
     exif = Image.Exif()

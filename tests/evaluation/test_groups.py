@@ -107,6 +107,9 @@ def test_group_metrics_match_direct_metrics_per_group_with_gap_and_worst_group()
         a, b = out["groups"]["A"][key], out["groups"]["B"][key]
         assert out["worst_group_gap"][key] == pytest.approx(abs(a - b))
     assert out["worst_group"]["accuracy"] == "B"
+    eces = {g: out["groups"][g]["ece"] for g in "AB"}
+    assert eces["A"] != eces["B"]
+    assert out["worst_group"]["ece"] == max(eces, key=eces.get)  # higher ECE is worse
 
 
 def test_bootstrap_interval_contains_the_point_and_shrinks_with_more_rows():
@@ -122,6 +125,18 @@ def test_bootstrap_interval_contains_the_point_and_shrinks_with_more_rows():
         widths.append({k: np.diff(stats[f"{k}_ci"])[0] for k in groups.GROUP_METRICS})
     for key in groups.GROUP_METRICS:
         assert widths[1][key] < widths[0][key] / 2, key  # ~1/sqrt(16) of the width
+
+
+@pytest.mark.parametrize("ci", [0.95, 0.8])
+def test_bootstrap_interval_is_the_central_percentile_range_of_the_resampled_metrics(ci):
+    labels, probs = _predictions(100, 1.0, seed=5)
+    got = groups.bootstrap_intervals(labels, probs, n_boot=50, seed=7, ci=ci)
+    weights = groups._resample_weights(np.random.default_rng(7), labels.size, 50)  # same draws
+    resampled = groups._resample_metrics(weights, labels, probs)
+    tail = (1 - ci) / 2 * 100
+    for key in groups.GROUP_METRICS:
+        expected = np.percentile(resampled[key], [tail, 100 - tail])
+        assert got[key] == pytest.approx(expected.tolist()), key
 
 
 def test_bootstrap_intervals_are_reproducible_for_a_fixed_seed():

@@ -102,6 +102,22 @@ def test_expected_calibration_error_matches_a_hand_computed_case():
     assert bins["edges"] == pytest.approx([0, 0.2, 0.4, 0.6, 0.8, 1.0])
 
 
+def test_a_confidence_on_a_bin_edge_falls_in_the_lower_bin():
+    """Bins are (lo, hi]: 0.8 at 5 bins is in (0.6, 0.8], as 1.0 is in (0.8, 1]."""
+    probs = np.array([[0.8, 0.2], [1.0, 0.0]])
+    assert reliability_bins(np.array([0, 0]), probs, n_bins=5)["count"] == [0, 0, 0, 1, 1]
+    # both right: each bin's gap is 1 - its confidence
+    assert expected_calibration_error(np.array([0, 0]), probs, n_bins=5) == pytest.approx(0.1)
+
+
+def test_labels_outside_the_classes_are_refused():
+    probs = np.full((2, 3), 1 / 3)
+    with pytest.raises(ValueError, match=r"outside \[0, 3\)"):
+        expected_calibration_error(np.array([0, 3]), probs)
+    with pytest.raises(ValueError, match=r"outside \[0, 3\)"):
+        expected_calibration_error(np.array([-1, 0]), probs)
+
+
 def test_perfectly_confident_correct_predictions_have_zero_ece():
     probs = np.eye(3)[[0, 1, 2, 1]]
     assert expected_calibration_error([0, 1, 2, 1], probs) == 0.0

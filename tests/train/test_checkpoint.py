@@ -351,6 +351,7 @@ def test_resolve_load_from_accepts_workdir_checkpoint_dirs_and_step_dirs(tmp_pat
     assert resolve_load_from(str(tmp_path / "run")) == (str(ckdir), None)
     assert resolve_load_from(str(ckdir)) == (str(ckdir), None)
     assert resolve_load_from(str(ckdir / "best")) == (str(ckdir), 20)
+    assert resolve_load_from(str(ckdir / "periodic")) == (str(ckdir), 30)  # its newest step
     assert resolve_load_from(str(ckdir / "periodic" / "10")) == (str(ckdir), 10)
     with pytest.raises(CheckpointError, match="not a workdir"):
         resolve_load_from(str(tmp_path))

@@ -6,6 +6,7 @@ import types
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 
@@ -162,6 +163,25 @@ def test_finite_loss_with_non_finite_gradients_leaves_state_unchanged(steps, mon
     for key in ("params", "batch_stats", "opt_backbone", "opt_head"):
         assert equal(before[key], new[key]), key
     assert int(new["step"]) == int(before["step"]) + 1
+
+
+def test_non_finite_backbone_updates_alone_leave_state_unchanged(steps):
+    """Loss and head finite, only the backbone's updates NaN: the guard covers every group."""
+    tx_backbone, tx_head = steps.tx
+
+    def nan_update(grads, opt_state, params=None):
+        updates, opt_state = tx_backbone.update(grads, opt_state, params)
+        return jax.tree.map(lambda u: u * jnp.nan, updates), opt_state
+
+    nan_backbone = optax.GradientTransformation(tx_backbone.init, nan_update)
+    train = make_train_step(steps.parts, steps.spec, nan_backbone, tx_head, warmup=False)
+    before = host(steps.state)
+    new, out = train(jax.tree.map(np.array, before), batch(), jax.random.key(8))
+    assert np.isfinite(float(out["loss"]))
+    assert not bool(out["finite"])
+    new = host(new)
+    for key in ("params", "batch_stats", "opt_backbone", "opt_head"):
+        assert equal(before[key], new[key]), key
 
 
 def test_train_step_is_deterministic_for_a_key(steps):
