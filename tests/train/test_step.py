@@ -122,6 +122,12 @@ def test_frozen_batchnorm_statistics_can_be_kept_fixed():
     assert equal(before["batch_stats"]["backbone"], host(new)["batch_stats"]["backbone"])
 
 
+def assert_state_kept(before: dict, new: dict) -> None:
+    """A skipped step: parameters, statistics and both optimizer states as they were."""
+    for key in ("params", "batch_stats", "opt_backbone", "opt_head"):
+        assert equal(before[key], new[key]), key
+
+
 def test_non_finite_loss_leaves_state_unchanged_and_still_counts_the_step(steps):
     state, main = steps.state, steps.main
     before = host(state)
@@ -129,9 +135,7 @@ def test_non_finite_loss_leaves_state_unchanged_and_still_counts_the_step(steps)
     bad["text"][0, 0] = np.nan
     new, out = main(jax.tree.map(np.array, before), bad, jax.random.key(4))
     assert not bool(out["finite"])
-    new = host(new)
-    for key in ("params", "batch_stats", "opt_backbone", "opt_head"):
-        assert equal(before[key], new[key]), key
+    assert_state_kept(before, host(new))
     assert int(new["step"]) == int(before["step"]) + 1
 
 
@@ -159,9 +163,7 @@ def test_finite_loss_with_non_finite_gradients_leaves_state_unchanged(steps, mon
     new, out = train(jax.tree.map(np.array, before), batch(), jax.random.key(7))
     assert np.isfinite(float(out["loss"]))
     assert not bool(out["finite"])
-    new = host(new)
-    for key in ("params", "batch_stats", "opt_backbone", "opt_head"):
-        assert equal(before[key], new[key]), key
+    assert_state_kept(before, host(new))
     assert int(new["step"]) == int(before["step"]) + 1
 
 
@@ -179,9 +181,7 @@ def test_non_finite_backbone_updates_alone_leave_state_unchanged(steps):
     new, out = train(jax.tree.map(np.array, before), batch(), jax.random.key(8))
     assert np.isfinite(float(out["loss"]))
     assert not bool(out["finite"])
-    new = host(new)
-    for key in ("params", "batch_stats", "opt_backbone", "opt_head"):
-        assert equal(before[key], new[key]), key
+    assert_state_kept(before, host(new))
 
 
 def test_train_step_is_deterministic_for_a_key(steps):
