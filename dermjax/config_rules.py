@@ -302,8 +302,12 @@ def _check_split_ratios(c: _Checker) -> None:
         where = f"{field}.{name}"
         if name not in DATASETS:
             c.problems.append(f"{where}: unknown dataset; expected one of {list(DATASETS)}")
-        if not isinstance(r, Mapping) or set(r) - set(SPLIT_RATIO_KEYS):
-            c.problems.append(f"{where}={r!r}: expected a mapping of {list(SPLIT_RATIO_KEYS)}")
+        unknown = sorted(map(str, set(r) - set(SPLIT_RATIO_KEYS))) if isinstance(r, Mapping) else []
+        if not isinstance(r, Mapping) or unknown:
+            named = f" ({', '.join(unknown)} is not one)" if unknown else ""
+            c.problems.append(
+                f"{where}={r!r}: expected a mapping of {list(SPLIT_RATIO_KEYS)}{named}"
+            )
             continue
         if not all(_is_num(v) and 0 <= v <= 1 for v in r.values()):
             c.problems.append(f"{where}={dict(r)}: every ratio must be a number in [0, 1]")

@@ -360,6 +360,8 @@ def _run_locked(cfg, folders: RunFolders, ckpt: Checkpointer, start: float) -> d
         from dermjax.evaluation.run import group_frame  # the report's settings, before training
 
         group_frame(cfg, experiment_data.selected_metadata(cfg)[1])
+    if resume is None and cfg.checkpoint.init_from:  # before the data is read
+        resolve_load_from(cfg.checkpoint.init_from, "checkpoint.init_from")
     from_checkpoint = resume is not None or bool(cfg.checkpoint.init_from)
     components = compose(cfg, folders.run_dir, weights_from_checkpoint=from_checkpoint)
     tracker = Tracker(

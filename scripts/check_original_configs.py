@@ -1,6 +1,6 @@
 """Load and validate every original ml_workflow YAML config under a folder; print a table.
 
-    python scripts/check_original_configs.py path/to/ml_workflow/configs
+    python scripts/check_original_configs.py path/to/ml_workflow/configs   (or one .yaml)
 
 Each *.yaml below the folder is loaded as `--config=configs/from_yaml.py:FILE` would load it and
 validated with `dermjax.config.validate`; no data is read. One row per file: name, ok / FAIL /
@@ -37,14 +37,17 @@ def check(path: Path) -> tuple[str, str]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("folder", type=Path, help="folder searched recursively for *.yaml")
+    parser.add_argument(
+        "folder", type=Path, help="folder searched recursively for *.yaml, or one YAML file"
+    )
     args = parser.parse_args(argv)
-    files = sorted(args.folder.rglob("*.yaml"))
+    one = args.folder.is_file()
+    files = [args.folder] if one else sorted(args.folder.rglob("*.yaml"))
     if not files:
         print(f"error: no *.yaml file under {args.folder}", file=sys.stderr)
         return 2
     logging.getLogger(from_yaml.__name__).setLevel(logging.ERROR)  # the table says enough
-    rows = [(str(f.relative_to(args.folder)), *check(f)) for f in files]
+    rows = [(f.name if one else str(f.relative_to(args.folder)), *check(f)) for f in files]
     width = max(len(name) for name, _, _ in rows)
     for name, status, problem in rows:
         print(f"{name:<{width}}  {status:<4}  {problem}".rstrip())

@@ -119,6 +119,8 @@ def config_problems(
         ("vision_model", "pooling_type", v.pooling_type),
         ("multimodal_classifier", "projection_activation", m.projection_activation),
         ("multimodal_classifier", "final_activation", m.final_activation),
+        ("multimodal_classifier", "loss_fn", m.loss_fn),
+        ("multimodal_classifier", "label_smoothing", m.label_smoothing),
         ("optimizer", "vision_model", cfg.optimizer.vision_model.name),
         ("optimizer", "multimodal_classifier", cfg.optimizer.multimodal_classifier.name),
     ):
@@ -136,6 +138,17 @@ def config_problems(
     size = original.vit_image_size(ckpt, v.name)
     if size is not None and tuple(cfg.data.img_size) != (size, size):
         problems.append(f"data.img_size={tuple(cfg.data.img_size)}: the saved ViT is {size} px")
+    trained_size = (saved.get("vision_model") or {}).get("img_size")
+    if size is None and trained_size is not None:
+        trained = (
+            tuple(trained_size) if isinstance(trained_size, list | tuple) else (trained_size,) * 2
+        )
+        if tuple(int(x) for x in trained) != tuple(cfg.data.img_size):
+            problems.append(
+                f"data.img_size={tuple(cfg.data.img_size)}, but the checkpoint was trained at "
+                f"{tuple(int(x) for x in trained)}"
+            )
+    problems += _normalization_problems(ckpt.info, cfg.training)
     count = len(ckpt.classes)
     for what, n in (
         ("the head's output", structure.num_classes),
@@ -148,6 +161,34 @@ def config_problems(
     if index is not None and dict(index) != {c: i for i, c in enumerate(ckpt.classes)}:
         problems.append("the checkpoint's class_to_idx does not number its classes in order")
     return problems + _class_weight_problems(ckpt, m)
+
+
+def _normalization_problems(info: dict, t: Any) -> list[str]:
+    """How the saved input statistics disagree with training.use_normalization/compute_stats:
+    a resumed or fine-tuned run would otherwise see its images on another scale."""
+    saved = _normalization(info)
+    mean = [round(x, 4) for x in saved["normalization_mean"]]
+    std = [round(x, 4) for x in saved["normalization_std"]]
+    unnormalised = mean == [0.0] * 3 and std == [1.0] * 3
+    imagenet = np.allclose(saved["normalization_mean"], stats.IMAGENET_MEAN) and np.allclose(
+        saved["normalization_std"], stats.IMAGENET_STD
+    )
+    if t.use_normalization and unnormalised:
+        return [
+            "training.use_normalization=True, but the checkpoint was trained without Normalize "
+            "(normalization_mean None): set training.use_normalization=false"
+        ]
+    if not t.use_normalization and not unnormalised:
+        return [
+            f"training.use_normalization=False, but the checkpoint was trained with Normalize "
+            f"(mean {mean}, std {std}): set training.use_normalization=true"
+        ]
+    if t.use_normalization and not t.compute_stats and not imagenet:
+        return [
+            f"training.compute_stats=False (ImageNet statistics), but the checkpoint was trained "
+            f"with mean {mean}, std {std} computed from its images: set training.compute_stats=true"
+        ]
+    return []
 
 
 def _early_stopping(ckpt: original.OriginalCheckpoint, cfg: config_dict.ConfigDict) -> dict:
@@ -218,6 +259,11 @@ def convert(
             weights_from_checkpoint=True,
         )
     )
+    log.info(
+        "multimodal_classifier.use_l2_normalization=%s is taken from --config: it has no "
+        "weights, so the checkpoint cannot confirm it",
+        m.use_l2_normalization,
+    )
     original.load_into(model, ckpt, backbone=v.name, structure=structure)
     reference = original_reference.torch_reference(
         ckpt,
@@ -283,6 +329,7 @@ def convert(
         "classes": ckpt.classes,
         "head": dataclasses.asdict(structure),
         "verification": check,
+        "unverifiable": {"use_l2_normalization": m.use_l2_normalization},
         "optimizers": notes,
         "converted_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
     }
@@ -292,7 +339,7 @@ def convert(
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.basicConfig(level=logging.INFO, format="%(message)s", force=True)  # an import set one
     cfg, yaml_num_classes = read_config(args.config)
     report = convert(args.pth, cfg, args.out, yaml_num_classes=yaml_num_classes)
     check = report["verification"]

@@ -15,9 +15,31 @@ from dermjax.errors import ConfigError as BaseConfigError
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("name", ["default", "demo"])
-def test_shipped_configs_are_valid(name):
-    validate(load_config(name))
+@pytest.mark.parametrize(
+    "name, arg",
+    [("default", None), ("demo", None), ("final_model", None), ("final_model", "final_run")],
+)
+def test_shipped_configs_are_valid(name, arg):
+    validate(load_config(name, arg))
+
+
+def test_the_final_models_are_the_originals_two_and_an_unknown_one_is_named():
+    b4, r101 = load_config("final_model"), load_config("final_model", "final_run")
+    assert (b4.vision_model.name, b4.data.img_size, b4.training.batch_size) == (
+        "efficientnet_b4",
+        (380, 380),
+        128,
+    )
+    assert (r101.vision_model.name, r101.data.img_size, r101.training.batch_size) == (
+        "resnet101",
+        (324, 324),
+        64,
+    )
+    assert (b4.vision_model.unfreeze_layers, r101.vision_model.unfreeze_layers) == (-1, 35)
+    weight_decay = [c.optimizer.vision_model.weight_decay for c in (b4, r101)]
+    assert weight_decay == [1e-3, 1e-4]
+    with pytest.raises(ConfigError, match=r"final_model.py:b5: no such final model"):
+        load_config("final_model", "b5")
 
 
 def test_every_original_readme_section_and_field_exists():

@@ -16,6 +16,7 @@ from dermjax.errors import DataError, RunFolderError
 from dermjax.experiment import rng_streams
 from dermjax.experiment_data import load_data
 from dermjax.runner import config_changes, run, run_folders
+from dermjax.train.checkpoint import CheckpointError
 from dermjax.train.runlock import RunLock
 from dermjax.weights.torchvision import WeightsNotFoundError
 from tests.train.test_loop import tiny_demo_config
@@ -66,6 +67,13 @@ def test_val_loss_is_minimised_and_the_other_monitors_maximised(tmp_path, monito
         assert ckpt.monitor_mode == mode
     finally:
         ckpt.close()
+
+
+def test_an_init_from_that_is_no_checkpoint_is_named_before_the_data_is_read(tmp_path):
+    cfg = tiny_demo_config(tmp_path / "data", **{"checkpoint.init_from": str(tmp_path)})
+    with pytest.raises(CheckpointError, match=r"^checkpoint\.init_from=.* is not a workdir"):
+        run(cfg, str(tmp_path / "run"))
+    assert not (tmp_path / "data").exists()  # the demo data was not even generated
 
 
 def test_config_changes_separate_trained_fields_from_resumable_ones():

@@ -23,6 +23,7 @@ from dermjax.config import load_config, validate
 from dermjax.errors import UserError
 from dermjax.train.checkpoint import CheckpointError, CheckpointReader, resolve_load_from
 from dermjax.train.checkpoint_restore import RESTORE_PRIORITY
+from dermjax.weights.original import conversion_command, is_original_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +42,11 @@ def locate_checkpoint(path: str) -> CheckpointRef:
     """The checkpoint `path` names: the best step when present, else the latest (only reads)."""
     path = str(path).rstrip("/")
     hint = "give a run folder, its checkpoints/ folder or a step folder (RUN/checkpoints/best/120)"
+    if is_original_checkpoint(path):
+        raise CheckpointError(
+            f"--checkpoint={path}: a PyTorch checkpoint of the original workflow; convert it "
+            f"once with `{conversion_command(path)}` and pass the --out folder"
+        )
     if "://" not in path and not os.path.isdir(path):
         what = " is a file" if os.path.exists(path) else ": no such folder"
         raise CheckpointError(f"--checkpoint={path}{what}; {hint}")

@@ -47,6 +47,7 @@ from typing import Any
 import orbax.checkpoint as ocp
 from etils import epath
 
+from dermjax.data import fs
 from dermjax.train.checkpoint_restore import (
     RESTORE_PRIORITY,
     CheckpointError,
@@ -351,14 +352,16 @@ class Checkpointer(CheckpointReader):
         return self
 
 
-def resolve_load_from(path: str) -> tuple[str, int | None]:
-    """Map `checkpoint.load_from` to (checkpoints directory, step or None for latest).
+def resolve_load_from(path: str, field: str = "checkpoint.load_from") -> tuple[str, int | None]:
+    """Map `checkpoint.load_from` (or the config `field` named in errors) to (checkpoints
+    directory, step or None for latest).
 
     Accepts a workdir (uses its `checkpoints/`), a checkpoints directory, a kind directory
     (`.../checkpoints/best`: its newest step) or a step directory (`.../checkpoints/periodic/120`).
     Only reads.
     """
     path = str(path).rstrip("/")
+    fs.check_credentials(path)  # a bucket without them: one line, not minutes of retries
     p = epath.Path(path if "://" in path else os.path.abspath(path))  # Orbax needs absolute
     kind_dirs = set(RESTORE_PRIORITY)
     if (p / "checkpoints").is_dir():
@@ -368,22 +371,40 @@ def resolve_load_from(path: str) -> tuple[str, int | None]:
     if p.name in kind_dirs and p.is_dir():
         steps = read_only_managers(str(p.parent))[p.name].all_steps()
         if not steps:
-            raise CheckpointError(f"load_from={path}: no finalised checkpoint in it.")
+            raise CheckpointError(f"{field}={path}: no finalised checkpoint in it.")
         return str(p.parent), max(steps)
     if p.name.isdigit() and p.parent.name in kind_dirs and p.is_dir():
         return str(p.parent.parent), int(p.name)
+    pth = (
+        sorted(q.name for q in p.glob("*.pt*") if q.suffix in (".pth", ".pt")) if p.is_dir() else []
+    )
+    hint = (
+        f"; it holds PyTorch checkpoints of the original ({', '.join(pth[:3])}"
+        f"{', ...' if len(pth) > 3 else ''}): convert one with `{_conversion_command(p / pth[0])}`"
+        " and give its --out folder"
+        if pth
+        else ""
+    )
     raise CheckpointError(
-        f"load_from={path} is not a workdir, a checkpoints directory or a checkpoint step "
-        f"directory (e.g. WORKDIR/checkpoints/periodic/120)."
+        f"{field}={path} is not a workdir, a checkpoints directory or a checkpoint step "
+        f"directory (e.g. WORKDIR/checkpoints/periodic/120){hint}"
     )
 
 
-def restore_weights_only(path: str, abstract_weights: dict) -> tuple[dict, dict]:
+def _conversion_command(pth: epath.Path) -> str:
+    from dermjax.weights.original import conversion_command  # lazy: it imports the models
+
+    return conversion_command(str(pth))
+
+
+def restore_weights_only(
+    path: str, abstract_weights: dict, field: str = "checkpoint.init_from"
+) -> tuple[dict, dict]:
     """Read the entries of `abstract_weights` (e.g. {"params", "batch_stats"}) and the meta.
 
-    `path` is anything `resolve_load_from` accepts; the folder is only read. Comparing classes
-    is the caller's job.
+    `path` is anything `resolve_load_from` accepts (`field` names it in errors); the folder is
+    only read. Comparing classes is the caller's job.
     """
-    directory, step = resolve_load_from(path)
+    directory, step = resolve_load_from(path, field)
     with CheckpointReader(directory) as reader:
         return reader.restore_weights(step, abstract_weights=abstract_weights)

@@ -12,6 +12,7 @@ is optional (`pip install "dermjax[torch]"`) and imported on first use.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import itertools
 import logging
 import math
@@ -55,10 +56,15 @@ def is_original_checkpoint(path: Any) -> bool:
 
 
 def conversion_command(pth: str | Path, out: str | Path | None = None) -> str:
-    """The command that converts `pth` (into `out`, default `<pth without suffix>_dermjax`)."""
+    """The command that converts `pth` (into `out`, default `<pth without suffix>_dermjax`).
+    The converter reads local files: a URL (gs://) is copied here first."""
+    pth, fetch = str(pth), ""
+    if "://" in pth:
+        fetch = f"gcloud storage cp {shlex.quote(pth)} . && "
+        pth = pth.rstrip("/").rsplit("/", 1)[-1]
     out = out if out is not None else Path(pth).with_suffix("").as_posix() + "_dermjax"
     return (
-        f"python scripts/convert_original_checkpoint.py --pth {shlex.quote(str(pth))} "
+        f"{fetch}python scripts/convert_original_checkpoint.py --pth {shlex.quote(pth)} "
         f"--config ORIGINAL_YAML --out {shlex.quote(str(out))}"
     )
 
@@ -93,20 +99,14 @@ def read_pth(path: str | Path) -> OriginalCheckpoint:
     """Reads an original checkpoint with `torch.load(weights_only=True)` (no code is run)."""
     torch = import_torch()
     try:
-        raw = torch.load(str(path), map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(_numpy_globals()):
+            raw = torch.load(str(path), map_location="cpu", weights_only=True)
     except OSError as error:
+        if error.errno == errno.EINVAL:  # torch's zip reader seeking past a file cut short
+            raise OriginalCheckpointError(f"--pth {path}: {_CUT_SHORT}") from error
         raise OriginalCheckpointError(f"--pth {path}: cannot read it ({error})") from error
     except Exception as error:  # pickle/zip errors: not a torch.save file of plain data
-        if "Unsupported global" in str(error):  # torch's long message, with terminal colours
-            raise OriginalCheckpointError(
-                f"--pth {path}: holds pickled objects (a whole model?), not the original's "
-                "checkpoint dict of state_dicts"
-            ) from error
-        first = re.sub(r"\x1b\[[0-9;]*m", "", str(error)).strip().splitlines() or [""]
-        raise OriginalCheckpointError(
-            f"--pth {path}: not a checkpoint torch.load(weights_only=True) can read "
-            f"({type(error).__name__}: {first[0][:200]})"
-        ) from error
+        raise OriginalCheckpointError(f"--pth {path}: {_load_problem(error)}") from error
     if not isinstance(raw, Mapping):
         raise OriginalCheckpointError(f"--pth {path}: holds a {type(raw).__name__}, not a dict")
     if "images_classifier_state_dict" in raw:
@@ -139,6 +139,36 @@ def read_pth(path: str | Path) -> OriginalCheckpoint:
         class_weights=weights[0].astype(np.float64) if weights else None,
         optimizers=dict(raw.get("optimizers_state_dict") or {}),
         info={k: v for k, v in raw.items() if k not in skip},
+    )
+
+
+_CUT_SHORT = "the file is cut short or damaged (an interrupted save or copy?): copy it again"
+
+
+def _numpy_globals() -> list[Any]:
+    """numpy scalars, arrays and dtypes, which a checkpoint may hold (a loss saved as
+    np.float64): plain data, so torch's safe loader may rebuild them (an object array's
+    contents would still need globals of their own, which stay refused)."""
+    multiarray = (getattr(np, "_core", None) or np.core).multiarray
+    dtypes = [getattr(np.dtypes, n) for n in dir(np.dtypes) if n.endswith("DType")]
+    return [multiarray.scalar, multiarray._reconstruct, np.ndarray, np.dtype, *dtypes]
+
+
+def _load_problem(error: Exception) -> str:
+    """What torch.load's error says about the file, in one line."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(error)).strip()  # torch colours its messages
+    if found := re.search(r"Unsupported global: GLOBAL (\S+)", text):
+        return (
+            f"holds pickled Python objects ({found[1]}), not the original's checkpoint dict of "
+            "state_dicts and plain values (a whole model saved with torch.save(model)?)"
+        )
+    if "central directory" in text or isinstance(error, EOFError):
+        return _CUT_SHORT
+    lines = text.splitlines() or [""]
+    reason = next((ln for ln in lines if "Unpickler error:" in ln), lines[0])
+    return (
+        f"not a checkpoint torch.load(weights_only=True) can read ({type(error).__name__}: "
+        f"{reason.split('. ')[0].strip()})"
     )
 
 

@@ -204,8 +204,11 @@ def load_state_dict(
         path, transform = target
         seen.add(path)
         array = to_numpy(value)
-        array = transform(array) if transform is not None else array
         want = tuple(expected[path].shape)
+        if transform is not None and array.ndim != len(want):  # the layout change needs it
+            mis_shaped.append(f"{key}: got {array.shape} ({array.ndim}-D), model has {want}")
+            continue
+        array = transform(array) if transform is not None else array
         if array.shape != want and path[-1] == "pos_embedding":
             resized = _resize_pos_embedding(array, want)
             array = array if resized is None else resized

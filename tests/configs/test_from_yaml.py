@@ -182,7 +182,10 @@ def test_unfreeze_rule_is_the_one_of_the_files_era_unless_set(tmp_path, caplog, 
     [
         ("{scin2: {train: 1.0}}", r"per_dataset_split_ratios\.scin2: unknown dataset"),
         ("{ddi: {train: 0.8, val: 0.1}}", r"ddi=.*train \+ val \+ test = 0\.9 must be 1"),
-        ("{ddi: {train: 0.9, validation: 0.1}}", r"ddi=.*expected a mapping of \['train'"),
+        (
+            "{ddi: {train: 0.9, validation: 0.1}}",
+            r"ddi=.*expected a mapping of \['train', 'val', 'test'\] \(validation is not one\)",
+        ),
         ("{ddi: {train: 1.5, val: -0.5}}", r"ddi=.*every ratio must be a number in \[0, 1\]"),
     ],
 )
@@ -257,6 +260,8 @@ def test_check_script_prints_a_row_per_file_and_fails_on_a_bad_one(tmp_path, cap
     assert rows[1].split()[:2] == ["later.yaml", "ok"]
     assert rows[2].split()[:2] == ["old/template.yaml", "skip"]
     assert rows[3] == "3 files: 1 ok, 1 failed, 1 skipped"
+    assert script.main([str(tmp_path / "later.yaml")]) == 0  # one file
+    assert capsys.readouterr().out.splitlines()[0].split()[:2] == ["later.yaml", "ok"]
 
 
 @pytest.mark.parametrize("arg", ["configs/from_yaml.py", "configs/from_yaml.py:"])

@@ -8,6 +8,8 @@ import logging
 
 import pytest
 
+from dermjax.data import fs
+from dermjax.errors import DataError
 from dermjax.evaluation.checkpoint_source import (
     config_from_checkpoint,
     locate_checkpoint,
@@ -66,3 +68,23 @@ def test_an_existing_file_is_named_as_a_file_not_a_missing_folder(tmp_path):
         "or a step folder (RUN/checkpoints/best/120)"
     )
     assert "no such folder" not in str(info.value)
+
+
+@pytest.mark.parametrize("path", ["runs/exp_best.pth", "gs://bucket/test_best.pth"])
+def test_an_original_pth_names_the_converter_without_reading_it(path):
+    with pytest.raises(CheckpointError) as info:
+        locate_checkpoint(path)
+    message = str(info.value)
+    assert message.startswith(f"--checkpoint={path}: a PyTorch checkpoint of the original")
+    assert "scripts/convert_original_checkpoint.py --pth" in message
+
+
+def test_a_bucket_without_credentials_is_one_line_at_once(monkeypatch, tmp_path):
+    for name in ("STORAGE_EMULATOR_HOST", "FSSPEC_GCS_TOKEN", "GOOGLE_APPLICATION_CREDENTIALS"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("CLOUDSDK_CONFIG", str(tmp_path / "gcloud"))
+    monkeypatch.setattr(fs, "_on_google_cloud", lambda: False)
+    with pytest.raises(
+        DataError, match=r"cannot read gs://bucket/run: no Google Cloud credentials"
+    ):
+        locate_checkpoint("gs://bucket/run")

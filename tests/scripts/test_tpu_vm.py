@@ -320,6 +320,8 @@ def test_tpu_config_validates_for_a_pod_slice():
     validate_for_run(cfg, device_count=16, process_count=4)  # v5litepod-16: 4 hosts, 16 chips
     assert cfg.training.dtype == "bfloat16" and cfg.vision_model.name == "resnet101"
     assert cfg.data.img_size == (324, 324) and cfg.training.batch_size == 64
+    m = cfg.multimodal_classifier  # the later original's masking path, as for final_run.yaml
+    assert m.zero_masked_projections and m.ablation_routing and m.use_auxiliary_loss
 
 
 @pytest.mark.parametrize(

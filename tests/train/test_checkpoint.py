@@ -353,8 +353,18 @@ def test_resolve_load_from_accepts_workdir_checkpoint_dirs_and_step_dirs(tmp_pat
     assert resolve_load_from(str(ckdir / "best")) == (str(ckdir), 20)
     assert resolve_load_from(str(ckdir / "periodic")) == (str(ckdir), 30)  # its newest step
     assert resolve_load_from(str(ckdir / "periodic" / "10")) == (str(ckdir), 10)
-    with pytest.raises(CheckpointError, match="not a workdir"):
+    with pytest.raises(CheckpointError, match=r"checkpoint\.load_from=.* not a workdir"):
         resolve_load_from(str(tmp_path))
+
+
+def test_a_folder_of_original_pth_files_names_the_field_and_the_converter(tmp_path):
+    (tmp_path / "exp_best.pth").write_bytes(b"")
+    with pytest.raises(CheckpointError) as info:
+        resolve_load_from(str(tmp_path), "checkpoint.init_from")
+    message = str(info.value)
+    assert message.startswith(f"checkpoint.init_from={tmp_path} is not a workdir")
+    assert "PyTorch checkpoints of the original (exp_best.pth)" in message
+    assert f"convert_original_checkpoint.py --pth {tmp_path / 'exp_best.pth'}" in message
 
 
 def test_restore_weights_only_returns_saved_arrays_placed_like_the_abstract(tmp_path):

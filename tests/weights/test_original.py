@@ -141,6 +141,7 @@ def make_config(name, h):
         unfreeze_layers=h.get("unfreeze", -1),
     )
     cfg.data.img_size = (h["size"], h["size"])
+    cfg.training.use_normalization = False  # as saved by `build_original`
     cfg.multimodal_classifier.update(
         projection_dim=h["projection_dim"],
         image_projection_hidden=h["image_hidden"],
@@ -334,6 +335,7 @@ def test_efficientnet_weighted_sum_aux_and_l2_convert_via_the_script(tmp_path):
     yaml_text = """
 vision_model: {name: efficientnet_b0, pretrained: false, pooling_type: avg}
 data: {dataset: dataset_v1, img_size: [64, 64]}
+training: {use_normalization: false}
 optimizer:
   vision_model: {name: adamw, learning_rate: 1.0e-4, weight_decay: 1.0e-3}
   multimodal_classifier: {name: adamw, learning_rate: 5.0e-4, weight_decay: 1.0e-3}
@@ -358,6 +360,8 @@ multimodal_classifier:
     assert f"load_from={out}" in done.stdout
     report = json.loads((out / "conversion.json").read_text())
     assert report["head"]["fusion_strategy"] == "weighted_sum" and report["verification"]["ok"]
+    assert report["unverifiable"] == {"use_l2_normalization": True}
+    assert "use_l2_normalization=True is taken from --config" in done.stderr
     assert "never stepped" in report["optimizers"]["vision"][0]
     meta, _ = assert_same_outputs(make_config("efficientnet_b0", h), out, vision, head)
     assert meta["epoch"] == 7
@@ -372,6 +376,46 @@ def test_vit_with_frozen_backbone_converts(script, tmp_path):
     assert report["head"]["final_hidden_sizes"] == (10, 6)
     assert "never stepped" in report["optimizers"]["vision"][0]
     assert_same_outputs(cfg, tmp_path / "out", vision, head)
+
+
+def test_a_checkpoint_trained_on_other_inputs_or_another_loss_is_refused_naming_each(script):
+    h = CASES["efficientnet_b0"]
+    structure = original.infer_head(OriginalHead(1280, h).state_dict())
+    saved = saved_config("efficientnet_b0", h)
+    saved["vision_model"]["img_size"] = 380
+    saved["multimodal_classifier"].update(loss_fn="focal", label_smoothing=0.0)
+    info = {"config": saved, "normalization_mean": None, "normalization_std": None}
+    ckpt = original.OriginalCheckpoint("x.pth", 6, CLASSES, {}, {}, None, {}, info)
+    cfg = make_config("efficientnet_b0", h)
+    cfg.training.use_normalization = True
+    cfg.multimodal_classifier.label_smoothing = 0.1
+    problems = script.config_problems(ckpt, structure, cfg)
+    assert problems == [
+        "multimodal_classifier.loss_fn='cross_entropy', but the checkpoint was trained with "
+        "'focal'",
+        "multimodal_classifier.label_smoothing=0.1, but the checkpoint was trained with 0.0",
+        "data.img_size=(64, 64), but the checkpoint was trained at (380, 380)",
+        "training.use_normalization=True, but the checkpoint was trained without Normalize "
+        "(normalization_mean None): set training.use_normalization=false",
+    ]
+    saved["vision_model"]["img_size"] = [64, 64]
+    saved["multimodal_classifier"].update(loss_fn="cross_entropy", label_smoothing=0.1)
+    info.update(normalization_mean=[0.6, 0.5, 0.4], normalization_std=[0.2, 0.2, 0.2])
+    assert script.config_problems(ckpt, structure, cfg) == [
+        "training.compute_stats=False (ImageNet statistics), but the checkpoint was trained with "
+        "mean [0.6, 0.5, 0.4], std [0.2, 0.2, 0.2] computed from its images: set "
+        "training.compute_stats=true"
+    ]
+    cfg.training.compute_stats = True
+    assert script.config_problems(ckpt, structure, cfg) == []
+    cfg.training.use_normalization = False
+    assert (
+        "training.use_normalization=False, but the checkpoint was trained with Normalize"
+        in (script.config_problems(ckpt, structure, cfg)[0])
+    )
+    del info["normalization_mean"]  # files from before use_normalization: ImageNet's
+    cfg.training.update(use_normalization=True, compute_stats=False)
+    assert script.config_problems(ckpt, structure, cfg) == []
 
 
 def test_infer_head_reads_mlps_fusion_and_aux_from_shapes():
@@ -464,8 +508,33 @@ def test_data_parallel_prefixes_are_dropped_and_a_pickled_model_is_named(tmp_pat
     with pytest.raises(UserError) as error:
         original.read_pth(tmp_path / "model.pth")
     assert str(error.value) == (
-        f"--pth {tmp_path / 'model.pth'}: holds pickled objects (a whole model?), not the "
-        "original's checkpoint dict of state_dicts"
+        f"--pth {tmp_path / 'model.pth'}: holds pickled Python objects "
+        "(torch.nn.modules.linear.Linear), not the original's checkpoint dict of state_dicts and "
+        "plain values (a whole model saved with torch.save(model)?)"
+    )
+
+
+def test_numpy_values_in_a_checkpoint_load_and_a_cut_short_file_is_named(tmp_path):
+    head = OriginalHead(1280, CASES["efficientnet_b0"]).state_dict()
+    raw = {
+        "epoch": np.int64(3),  # numpy values where the original wrote Python ones
+        "loss": np.float64(1.25),
+        "normalization_mean": np.array([0.5, 0.5, 0.5]),
+        "classes": CLASSES,
+        "vision_model_state_dict": {"model.0.0.weight": torch.zeros(32, 3, 3, 3)},
+        "multimodal_classifier_state_dict": head,
+    }
+    torch.save(raw, tmp_path / "np.pth")
+    ckpt = original.read_pth(tmp_path / "np.pth")
+    assert ckpt.epoch == 3 and ckpt.info["loss"] == 1.25
+    np.testing.assert_array_equal(ckpt.info["normalization_mean"], [0.5, 0.5, 0.5])
+    data = (tmp_path / "np.pth").read_bytes()
+    (tmp_path / "cut.pth").write_bytes(data[: len(data) // 2])
+    with pytest.raises(UserError) as error:
+        original.read_pth(tmp_path / "cut.pth")
+    assert str(error.value) == (
+        f"--pth {tmp_path / 'cut.pth'}: the file is cut short or damaged (an interrupted save "
+        "or copy?): copy it again"
     )
 
 
@@ -487,3 +556,12 @@ def test_pth_in_load_from_is_a_config_error_naming_the_converter(field):
         "python scripts/convert_original_checkpoint.py --pth runs/exp_best.pth "
         "--config ORIGINAL_YAML --out runs/exp_best_dermjax"
     ) in str(error.value)
+
+
+def test_a_pth_on_a_bucket_is_copied_here_before_the_conversion():
+    # The converter reads local files; the hint used to say `--out gs:/b/exp_best_dermjax`.
+    assert original.conversion_command("gs://b/runs/exp_best.pth") == (
+        "gcloud storage cp gs://b/runs/exp_best.pth . && python scripts/"
+        "convert_original_checkpoint.py --pth exp_best.pth --config ORIGINAL_YAML "
+        "--out exp_best_dermjax"
+    )

@@ -73,13 +73,15 @@ def test_strict_loading_names_all_missing_unexpected_and_misshaped_keys(densenet
     broken["features.norm6.weight"] = np.ones(3)
     broken["classifier.bias"] = np.ones(999)
     broken["features.conv0.weight"] = densenet_state["features.conv0.weight"] + 1
+    broken["features.denseblock1.denselayer1.conv1.weight"] = np.ones((128, 64))  # not 4-D
     with pytest.raises(tvw.WeightsMismatchError) as error:
         tvw.load_state_dict(model, broken)
     message = str(error.value)
     assert re.search(r"missing keys \(2\):.*features\.norm5\.running_var", message)
     assert "features.transition2.conv.weight" in message
     assert re.search(r"unexpected keys \(1\): features\.norm6\.weight", message)
-    assert re.search(r"shape mismatches \(1\): classifier\.bias: got \(999,\)", message)
+    assert re.search(r"shape mismatches \(2\): .*classifier\.bias: got \(999,\)", message)
+    assert "denselayer1.conv1.weight: got (128, 64) (2-D), model has (1, 1, 64, 128)" in message
     np.testing.assert_array_equal(_value(model, "features", "conv0", "kernel"), before)
 
 
