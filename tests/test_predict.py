@@ -8,6 +8,7 @@ import pandas as pd
 import pytest
 
 from dermjax import compile_cache, evaluate, predict
+from dermjax.errors import UserError
 from dermjax.evaluation import inference
 from dermjax.evaluation.run import evaluate_checkpoint
 from tests.test_evaluate import run_cli, tiny_run
@@ -162,3 +163,24 @@ def test_predict_with_a_missing_checkpoint_is_one_error_line(tmp_path):
     status, out, err = run_cli(predict.run, [f"--checkpoint={tmp_path / 'none'}", "x.jpg"])
     assert status == 1 and out == ""
     assert len(err.strip().splitlines()) == 1 and err.startswith("error: --checkpoint=")
+
+
+@pytest.mark.parametrize(
+    ("trained", "has_text", "mode", "note"),
+    [
+        ("both", True, "both", None),
+        ("both", False, "image_only", "no --text given (or an empty one): predicting from the "
+         "image only"),
+        ("image_only", True, "image_only", "the model was trained on images only: --text is "
+         "ignored"),
+        ("image_only", False, "image_only", None),
+        ("text_only", True, "text_only", None),
+    ],
+)  # fmt: skip
+def test_the_mode_follows_what_the_model_was_trained_on(trained, has_text, mode, note):
+    assert predict.choose_mode(trained, has_text) == (mode, note)
+
+
+def test_a_text_only_model_without_text_is_one_error_asking_for_it():
+    with pytest.raises(UserError, match=r"trained on text only .*: pass --text"):
+        predict.choose_mode("text_only", False)

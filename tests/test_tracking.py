@@ -59,13 +59,16 @@ def test_a_resumed_tracker_keeps_records_up_to_its_checkpoint_and_drops_later_on
     first = Tracker(workdir, experiment_name="exp", config_dict=CONFIG)
     for step, loss in ((10, 1.0), (20, 0.5), (30, 0.4)):  # epoch 3 logged, its save was lost
         first.log("epoch", step, {"loss": loss})
+        first.log_confusion_matrix("val", np.eye(2, dtype=int) * step, ["a", "b"], step=step)
     first.log("final", 30, {"test/accuracy": 0.5})
     resumed = Tracker(workdir, experiment_name="exp", config_dict=CONFIG, resume_step=20)
     resumed.log("epoch", 30, {"loss": 0.25})
     records = _read_jsonl(f"{workdir}/metrics.jsonl")
-    assert [(r["event"], r["step"], r["loss"]) for r in records] == [
+    assert [(r["event"], r["step"], r.get("loss")) for r in records] == [
         ("epoch", 10, 1.0),
+        ("val/confusion_matrix", 10, None),
         ("epoch", 20, 0.5),
+        ("val/confusion_matrix", 20, None),  # kept with its epoch
         ("epoch", 30, 0.25),
     ]
 

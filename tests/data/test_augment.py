@@ -126,7 +126,8 @@ def test_affine_matches_torchvision_nearest_fill_zero(tvf, angle, translate, sca
 @pytest.mark.parametrize(("hflip", "vflip"), [(True, False), (False, True), (True, True)])
 def test_flips_match_torchvision_exactly(tvf, hflip, vflip):
     img = _image()
-    spec = AugmentSpec(horizontal_flip_prob=0.5, vertical_flip_prob=0.5)
+    # Only the flips drawn are enabled: a flip whose probability alone enabled the warp is tested.
+    spec = AugmentSpec(horizontal_flip_prob=0.5 * hflip, vertical_flip_prob=0.5 * vflip)
     ours = np.asarray(_apply(_params(hflip=hflip, vflip=vflip), jnp.asarray(img), spec))
     ref = _to_torch(img)
     ref = tvf.hflip(ref) if hflip else ref
@@ -171,6 +172,22 @@ def test_colour_op_matches_torchvision_tensor_op(tvf, name, ours_fn, factor):
     x = _image().astype(np.float32) / 255.0
     ours = np.asarray(jax.jit(ours_fn)(jnp.asarray(x), factor))
     ref = _from_torch(getattr(tvf, name)(_to_torch(x), factor))
+    np.testing.assert_allclose(ours, ref, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("field", "index", "factor", "name"),
+    [("brightness", 0, 1.3, "adjust_brightness"), ("contrast", 1, 0.6, "adjust_contrast"),
+     ("saturation", 2, 1.7, "adjust_saturation"), ("hue", 3, 0.08, "adjust_hue")],
+)  # fmt: skip
+def test_each_jitter_alone_is_applied(tvf, field, index, factor, name):
+    """A spec with one ColorJitter range only (the others off) still jitters."""
+    img = _image()
+    factors = [1.0, 1.0, 1.0, 0.0]
+    factors[index] = factor
+    spec = AugmentSpec(**{field: 0.5})
+    ours = np.asarray(_apply(_params(factors=tuple(factors)), jnp.asarray(img), spec))
+    ref = _from_torch(getattr(tvf, name)(_to_torch(img.astype(np.float32) / 255.0), factor))
     np.testing.assert_allclose(ours, ref, rtol=0, atol=1e-5)
 
 

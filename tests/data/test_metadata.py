@@ -39,6 +39,8 @@ def test_min_samples_filter_counts_whole_csv_before_other_filters(tmp_path):
     # "a" has 5 rows in the whole CSV (only 3 in isic) and survives; "b" has 3 and does not.
     assert out["label"].tolist() == ["a", "a", "a"]
     assert set(out["dataset"]) == {"isic"}
+    at_the_limit = load_metadata(str(path), min_samples_per_label=3)  # "b": exactly 3 is enough
+    assert at_the_limit["label"].value_counts().to_dict() == {"a": 5, "b": 3}
 
 
 def test_datasets_filter_keeps_only_listed_datasets():

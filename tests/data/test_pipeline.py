@@ -115,6 +115,21 @@ def test_random_crop_depends_on_seed_and_sample_not_on_batch_composition(records
     assert len(offsets) > 1  # crops start at different columns
 
 
+def test_random_crops_change_with_the_seed_and_the_epoch(records):
+    """Crop windows by stream position (channel 2 encodes the source column): another seed, or
+    the same positions an epoch later, give other windows."""
+
+    def windows(seed: int) -> list[int]:  # two epochs of 5 batches of 2
+        loader = train(records, img_size=(40, 40), seed=seed)  # room: 44 x 52 before the crop
+        return [int(img[0, 0, 2]) for b in take(loader, 10) for img in b["image"]]
+
+    seed0, seed1 = windows(0), windows(1)
+    assert len(set(seed0)) > 3
+    assert seed0[:10] != seed0[10:]  # epoch 0 and epoch 1
+    assert seed0[:10] != seed1[:10]  # seed 0 and seed 1
+    assert seed0 == windows(0)
+
+
 def test_eval_sees_every_sample_once_and_masks_the_padding(records):
     loader = pipeline.eval_loader(records, batch_size=4, img_size=SIZE, split="val")
     assert loader.steps_per_epoch == 3

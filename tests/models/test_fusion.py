@@ -303,6 +303,7 @@ def test_ablation_routing_fuses_mixed_and_fully_masked_batches():
     text_only_on_padding = jnp.asarray([False] * (B - 1) + [True])
     real = jnp.asarray([True] * (B - 1) + [False])
     assert int(model(v, t, ~none, text_only_on_padding, real)["ablation"]) == 2
+    assert int(model(v, t, text_only_on_padding, ~none, real)["ablation"]) == 1  # the mirror
 
 
 def test_ablation_routing_needs_aux_heads_and_vision_only_path_is_aux_vision_on_l2():

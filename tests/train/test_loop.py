@@ -2,6 +2,8 @@
 
 import json
 
+import jax
+import orbax.checkpoint as ocp
 import pytest
 
 from dermjax.config import load_config, validate
@@ -119,6 +121,26 @@ def test_a_validation_interval_still_validates_the_last_epoch(tmp_path):
     epochs = [r for r in map(json.loads, lines) if r["event"] == "epoch"]
     assert [r["epoch"] for r in epochs if "val/loss" in r] == [1, 2]  # every 2nd, and the last
     assert summary["finished"] == "completed"
+
+
+def test_the_optimizers_ran_the_last_epoch_at_the_logged_rates(demo_run):
+    _, workdir, _, _ = demo_run
+    newest = max((workdir / "checkpoints").glob("*/[0-9]*"), key=lambda p: int(p.name))
+    state = ocp.StandardCheckpointer().restore(newest / "state")
+    lines = (workdir / "metrics.jsonl").read_text().splitlines()
+    last = [r for r in map(json.loads, lines) if r["event"] == "epoch"][-1]
+    assert last["lr/backbone"] != last["lr/head"]
+
+    def injected(opt_state) -> float:
+        (rate,) = {
+            float(leaf)
+            for path, leaf in jax.tree_util.tree_leaves_with_path(opt_state)
+            if [getattr(k, "key", None) for k in path[-2:]] == ["hyperparams", "learning_rate"]
+        }
+        return rate
+
+    assert injected(state["opt_backbone"]) == pytest.approx(last["lr/backbone"], rel=1e-6)
+    assert injected(state["opt_head"]) == pytest.approx(last["lr/head"], rel=1e-6)
 
 
 def test_checkpoints_keep_last_plus_best(demo_run):

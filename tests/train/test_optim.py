@@ -165,3 +165,49 @@ def test_step_lr_schedule_warms_up_linearly_then_decays_to_eta_min():
     assert float(sched(10)) == pytest.approx(1.0)
     assert float(sched(60)) == pytest.approx(0.01 + 0.99 * (1 + math.cos(math.pi / 2)) / 2)
     assert float(sched(110)) == pytest.approx(0.01)
+
+
+def test_each_group_gets_its_own_rate_and_floor_from_the_config():
+    from dermjax.config import load_config
+    from dermjax.experiment import epoch_learning_rates
+
+    cfg = load_config("default")
+    cfg.optimizer.vision_model.learning_rate, cfg.training.scheduler.vision_eta_min = 2e-4, 1e-7
+    cfg.optimizer.multimodal_classifier.learning_rate = 5e-4
+    cfg.training.scheduler.multimodal_classifier_eta_min = 1e-5
+    cfg.training.n_warmup_epochs, cfg.training.num_epochs = 1, 5
+    # epoch 3: the cosine stepped 3 - 1 = 2 times over T_max = 5 epochs
+    cosine = (1 + math.cos(math.pi * 2 / 5)) / 2
+    backbone, head = epoch_learning_rates(cfg, 3)
+    assert backbone == pytest.approx(1e-7 + (2e-4 - 1e-7) * cosine, rel=1e-12)
+    assert head == pytest.approx(1e-5 + (5e-4 - 1e-5) * cosine, rel=1e-12)
+    assert epoch_learning_rates(cfg, 1) == (2e-4, 5e-4)  # the warm-up keeps the base rates
+
+
+def test_each_group_gets_its_own_optimizer_and_weight_decay():
+    """Backbone SGD and head AdamW with other rates and decays: with zero gradients, each update
+    is that group's decay alone (-lr * wd * p for both), from that group's settings."""
+    from dermjax.config import load_config
+    from dermjax.experiment import init_training, make_model
+
+    cfg = load_config("demo")
+    cfg.vision_model.update(name="efficientnet_b0", unfreeze_layers=-1)
+    cfg.optimizer.vision_model.update(name="sgd", learning_rate=0.1, weight_decay=0.2)
+    cfg.optimizer.multimodal_classifier.update(name="adamw", learning_rate=0.01, weight_decay=0.5)
+    model = make_model(cfg, num_classes=3, text_dim=4, rngs=nnx.Rngs(0))
+    _, state, tx_backbone, tx_head = init_training(cfg, model)
+    for tx, group, opt, lr, wd in (
+        (tx_backbone, "backbone", "opt_backbone", 0.1, 0.2),
+        (tx_head, "head", "opt_head", 0.01, 0.5),
+    ):
+        params = state["params"][group]
+        zeros = jax.tree.map(jnp.zeros_like, params)
+        updates, _ = tx.update(zeros, state[opt], params)
+        for u, p in zip(jax.tree.leaves(updates), jax.tree.leaves(params), strict=True):
+            np.testing.assert_allclose(u, -lr * wd * p, rtol=1e-5, atol=1e-12)
+
+    def has_adam(opt_state) -> bool:
+        is_adam = lambda x: isinstance(x, optax.ScaleByAdamState)  # noqa: E731
+        return any(map(is_adam, jax.tree.leaves(opt_state, is_leaf=is_adam)))
+
+    assert has_adam(state["opt_head"]) and not has_adam(state["opt_backbone"])

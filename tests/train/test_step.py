@@ -11,6 +11,7 @@ import pytest
 from flax import nnx
 
 from dermjax.config import load_config
+from dermjax.data.augment import to_unit
 from dermjax.experiment import init_training, make_model, step_spec
 from dermjax.train import step as step_module
 from dermjax.train.metrics import confusion_matrix
@@ -182,6 +183,29 @@ def test_non_finite_backbone_updates_alone_leave_state_unchanged(steps):
     assert np.isfinite(float(out["loss"]))
     assert not bool(out["finite"])
     assert_state_kept(before, host(new))
+
+
+def test_train_and_eval_steps_feed_the_network_the_same_normalised_pixels(steps, monkeypatch):
+    """With augmentation taken out, the train step's network input is the eval step's: uint8
+    -> [0, 1] -> (x - mean) / std (here mean 0.5, std 0.25)."""
+    seen = []
+    real_mask_inputs = step_module.mask_inputs
+
+    def recording(key, images, *args, **kwargs):
+        jax.debug.callback(lambda x: seen.append(np.asarray(x)), images)
+        return real_mask_inputs(key, images, *args, **kwargs)
+
+    monkeypatch.setattr(step_module, "mask_inputs", recording)
+    monkeypatch.setattr(step_module, "augment", lambda key, images, spec: to_unit(images))
+    train = make_train_step(steps.parts, steps.spec, *steps.tx, warmup=True)
+    evaluate = make_eval_step(steps.parts, steps.spec)
+    b = batch()
+    train(jax.tree.map(np.array, host(steps.state)), b, jax.random.key(9))
+    evaluate(steps.state, b)
+    jax.effects_barrier()
+    trained, evaluated = seen
+    np.testing.assert_allclose(trained, (b["image"] / 255.0 - 0.5) / 0.25, rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(trained, evaluated)
 
 
 def test_train_step_is_deterministic_for_a_key(steps):

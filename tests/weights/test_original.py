@@ -463,6 +463,14 @@ def test_head_adamw_moments_follow_parameter_order_and_misfits_are_dropped(caplo
         torch_state[2]["exp_avg_sq"].numpy().T,
     )
     assert int(adam.count) == 1 and "converted, step 1" in notes[0]
+    uneven = opt.state_dict()
+    uneven["state"][2]["step"] = torch.tensor(7.0)  # e.g. a layer unfrozen later steps less
+    uneven["state"][0]["step"] = torch.tensor(3.0)
+    state, notes = original.convert_optimizer_state(
+        tx.init(params), uneven, module=model, weights=weights, optimizer="adamw"
+    )
+    assert int(state.inner_state[0].count) == 7  # the largest step
+    assert "per-parameter steps [1, 3, 7] differ: all use 7" in notes
     dropped, notes = original.convert_optimizer_state(
         tx.init(params), opt.state_dict(), module=model, weights=weights, optimizer="sgd"
     )
