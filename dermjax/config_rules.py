@@ -349,6 +349,7 @@ def _check_schedules(c: _Checker) -> None:
         )
     c.boolean("masking.random_mask.in_eval")
     c.boolean(f"{m}.zero_masked_projections")
+    c.boolean(f"{m}.vision_only_l2_normalization")
     if c.boolean(f"{m}.ablation_routing") is True and not use_aux:
         c.problems.append(
             f"{m}.ablation_routing=True: one-modality batches use the aux heads; set "

@@ -150,6 +150,8 @@ def get_config() -> config_dict.ConfigDict:
     m.reduction = "mean"  # loss reduction (mean only, as every original config)
     m.zero_masked_projections = False  # zero a masked sample's projection (before L2)
     m.ablation_routing = False  # one-modality batch: projection -> its aux head (needs aux loss)
+    m.vision_only_l2_normalization = True  # dermjax: L2 in vision-only pre-training too (with
+    # use_l2_normalization); false: the original, which skipped it there
     m.text_content_gating = "content"  # dermjax: text-less samples count as text-masked: content
     # (always) or aux_weight (only while the text aux weight > 0, as the original)
 

@@ -135,6 +135,7 @@ class MultimodalClassifier(nnx.Module):
         use_auxiliary_loss: bool = False,
         zero_masked_projections: bool = False,
         ablation_routing: bool = False,
+        vision_only_l2_normalization: bool = True,
         dtype: Any = jnp.float32,
     ):
         if fusion_strategy not in FUSION_STRATEGIES:
@@ -148,6 +149,7 @@ class MultimodalClassifier(nnx.Module):
         self.use_auxiliary_loss = use_auxiliary_loss
         self.zero_masked_projections = zero_masked_projections
         self.ablation_routing = ablation_routing
+        self.vision_only_l2_normalization = vision_only_l2_normalization
         self.vision_projection = MLP(
             vision_dim,
             tuple(image_projection_hidden),
@@ -222,10 +224,14 @@ class MultimodalClassifier(nnx.Module):
         }
 
     def vision_only(self, vision_emb: jax.Array) -> dict[str, jax.Array]:
-        """The vision-only pre-training path: aux vision head on the (L2-)normalised projection."""
+        """The vision-only pre-training path: aux vision head on the projection, L2-normalised
+        as in the multimodal path unless `vision_only_l2_normalization` is off (the original)."""
         if not self.use_auxiliary_loss:
             raise ValueError("the vision-only path needs use_auxiliary_loss (the aux vision head)")
-        return {"logits": self._single("vision", vision_emb)["logits"]}
+        p = self.vision_projection(vision_emb)
+        if self.use_l2_normalization and self.vision_only_l2_normalization:
+            p = l2_normalize(p).astype(p.dtype)
+        return {"logits": self.aux_vision_classifier(p).astype(jnp.float32)}
 
     def __call__(
         self,

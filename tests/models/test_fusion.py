@@ -314,3 +314,14 @@ def test_ablation_routing_needs_aux_heads_and_vision_only_path_is_aux_vision_on_
     v, _ = _embeddings()
     expected = model.aux_vision_classifier(l2_normalize(model.vision_projection(v)))
     np.testing.assert_allclose(model.vision_only(v)["logits"], expected, rtol=1e-6)
+
+
+def test_the_originals_vision_only_path_skips_l2_when_asked():
+    model = _routed(vision_only_l2_normalization=False)
+    model.eval()
+    v, t = _embeddings()
+    raw = model.aux_vision_classifier(model.vision_projection(v))
+    np.testing.assert_allclose(model.vision_only(v)["logits"], raw, rtol=1e-6)
+    # the multimodal path still normalises
+    fused = model.aux_vision_classifier(l2_normalize(model.vision_projection(v)))
+    np.testing.assert_allclose(model(v, t)["aux_vision_logits"], fused, rtol=1e-6)

@@ -191,3 +191,13 @@ def test_run_with_vision_only_phase_and_no_test_split(tmp_path, monkeypatch):
     assert meta["early_stopping"]["events"] == 1 and meta["vision_only_model"] is False
     for step in trainers[0].train_steps.values():  # per-epoch values never recompile a step
         assert step.jitted._cache_size() <= 1
+
+
+def test_the_originals_vision_only_l2_switch_reaches_the_model(tmp_path):
+    from dermjax.experiment import make_model
+
+    key = "multimodal_classifier.vision_only_l2_normalization"
+    for value in (True, False):
+        cfg = tiny_demo_config(tmp_path / "data", **{key: value})
+        model = make_model(cfg, num_classes=CLASSES, text_dim=TEXT, rngs=nnx.Rngs(0))
+        assert model.head.vision_only_l2_normalization is value
