@@ -324,6 +324,7 @@ def _check_schedules(c: _Checker) -> None:
     use_aux = c.cfg.multimodal_classifier.use_auxiliary_loss
     enabled = c.boolean(f"{t}.vision_only_pretraining.enabled")
     epochs = c.number(f"{t}.vision_only_pretraining.epochs", 0, integer=True)
+    c.boolean(f"{t}.vision_only_pretraining.patience_ends_run")
     if enabled is True and is_int(epochs) and epochs > 0 and not use_aux:
         c.problems.append(
             f"{t}.vision_only_pretraining: it trains the aux vision head; set "

@@ -96,6 +96,8 @@ def get_config() -> config_dict.ConfigDict:
     t.vision_only_pretraining = vo = config_dict.ConfigDict()
     vo.enabled = False  # first train backbone -> vision projection -> aux vision head alone
     vo.epochs = 0  # epochs e < this are vision-only (needs use_auxiliary_loss)
+    vo.patience_ends_run = False  # dermjax: patience out ends this phase only; true: the original
+    # (it ends the whole run)
     t.auxiliary_loss_schedule = als = config_dict.ConfigDict()
     for modality in ("vision", "text"):  # all five None: constant auxiliary_<m>_loss_weight
         ws = als[modality] = config_dict.ConfigDict()

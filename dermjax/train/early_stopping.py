@@ -98,13 +98,23 @@ class PhasedEarlyStopping:
     vision-only phase ends only that phase (the multimodal phase starts at the next epoch);
     running out in the multimodal phase stops the run. An improvement in either phase is an
     improvement (the loop saves the best checkpoint), so the multimodal phase's first validation
-    always replaces a vision-only best, as in the original.
+    always replaces a vision-only best, as in the original. `patience_ends_run` is the original's
+    rule instead: patience running out in the vision-only phase stops the whole run.
     """
 
-    def __init__(self, monitor: str, mode: str, patience: int | None, *, vision_only_epochs: int):
+    def __init__(
+        self,
+        monitor: str,
+        mode: str,
+        patience: int | None,
+        *,
+        vision_only_epochs: int,
+        patience_ends_run: bool = False,
+    ):
         self.multimodal = EarlyStopping(monitor, mode, patience)
         self.vision_only = EarlyStopping(monitor, mode, patience)
         self.vision_only_until = int(vision_only_epochs)
+        self.patience_ends_run = patience_ends_run
 
     def is_vision_only(self, epoch: int) -> bool:
         return epoch < self.vision_only_until
@@ -114,9 +124,10 @@ class PhasedEarlyStopping:
         if not self.is_vision_only(epoch):
             return self.multimodal.update(value, epoch=epoch)
         improved, stop = self.vision_only.update(value, epoch=epoch)
-        if stop:
+        if stop and not self.patience_ends_run:
             self.vision_only_until = epoch + 1
-        return improved, False
+            return improved, False
+        return improved, stop
 
     @property
     def best_epoch(self) -> int | None:

@@ -87,6 +87,7 @@ class Trainer:
             ckpt.monitor_mode,
             t.patience,
             vision_only_epochs=self.schedule.vision_only_epochs,
+            patience_ends_run=t.vision_only_pretraining.patience_ends_run,
         )
         self.start_epoch, self.start_step_in_epoch, self.train_acc = 0, 0, None
         self.last_epoch = -1  # the last epoch trained to its end

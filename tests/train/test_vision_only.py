@@ -138,6 +138,11 @@ def test_patience_out_in_the_vision_only_phase_ends_only_that_phase_and_survives
     restored.load_vision_only_state(stopper.vision_only_state())
     assert not restored.is_vision_only(2) and restored.vision_only.best == 1.0
     assert restored.update(4.0, epoch=3) == (False, True)  # multimodal patience stops the run
+    original = PhasedEarlyStopping(
+        "val/loss", "min", 1, vision_only_epochs=5, patience_ends_run=True
+    )
+    assert original.update(1.0, epoch=0) == (True, False)
+    assert original.update(2.0, epoch=1) == (False, True)  # the original: the whole run stops
 
 
 @pytest.mark.slow
