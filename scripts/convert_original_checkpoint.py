@@ -340,6 +340,8 @@ def convert(
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", force=True)  # an import set one
+    for noisy in ("absl", "orbax"):  # their INFO lines (checkpoint internals) would drown ours
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     cfg, yaml_num_classes = read_config(args.config)
     report = convert(args.pth, cfg, args.out, yaml_num_classes=yaml_num_classes)
     check = report["verification"]

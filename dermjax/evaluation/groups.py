@@ -197,6 +197,9 @@ def _join_side_table(
                 "; its image_id column holds numbers, so ids such as '000001' lost their "
                 "leading zeros: store image_id as text"
                 if numeric
+                else "; its ids lost their leading zeros (e.g. written by a spreadsheet): "
+                "write image_id with them, as in the metadata"
+                if len(lost)
                 else "; fix the table's image_id column"
             )
         )

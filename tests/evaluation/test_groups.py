@@ -195,6 +195,12 @@ def test_a_side_table_with_numeric_ids_joins_whole_numbers_and_names_lost_zeros(
     out = groups.group_frame(padded, ["skin_type_group"], side, strict=False)
     assert out["skin_type_group"].tolist() == [None, None]
     assert "matches none" in caplog.text
+    text_table = tmp_path / "tones.csv"  # read as text: the zeros were lost before, in the file
+    pd.DataFrame({"image_id": ["1", "3"], "skin_tone": [56, 12]}).to_csv(text_table, index=False)
+    side = groups.load_group_table(str(text_table))
+    match = r"'3', the metadata '000003'\); its ids lost their leading zeros .*write image_id"
+    with pytest.raises(DataError, match=match):
+        groups.group_frame(padded, ["skin_type_group"], side, side_source=str(text_table))
 
 
 def test_named_skin_type_columns_are_normalised_with_unknown_values_left_out():

@@ -362,6 +362,7 @@ multimodal_classifier:
     assert report["head"]["fusion_strategy"] == "weighted_sum" and report["verification"]["ok"]
     assert report["unverifiable"] == {"use_l2_normalization": True}
     assert "use_l2_normalization=True is taken from --config" in done.stderr
+    assert "orbax" not in done.stderr.lower(), done.stderr  # its INFO lines are not shown
     assert "never stepped" in report["optimizers"]["vision"][0]
     meta, _ = assert_same_outputs(make_config("efficientnet_b0", h), out, vision, head)
     assert meta["epoch"] == 7
