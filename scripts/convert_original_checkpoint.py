@@ -140,13 +140,12 @@ def config_problems(
         problems.append(f"data.img_size={tuple(cfg.data.img_size)}: the saved ViT is {size} px")
     trained_size = (saved.get("vision_model") or {}).get("img_size")
     if size is None and trained_size is not None:
-        trained = (
-            tuple(trained_size) if isinstance(trained_size, list | tuple) else (trained_size,) * 2
-        )
-        if tuple(int(x) for x in trained) != tuple(cfg.data.img_size):
+        sides = trained_size if isinstance(trained_size, list | tuple) else [trained_size] * 2
+        trained = tuple(int(x) for x in sides)
+        if trained != tuple(cfg.data.img_size):
             problems.append(
                 f"data.img_size={tuple(cfg.data.img_size)}, but the checkpoint was trained at "
-                f"{tuple(int(x) for x in trained)}"
+                f"{trained}"
             )
     problems += _normalization_problems(ckpt.info, cfg.training)
     count = len(ckpt.classes)

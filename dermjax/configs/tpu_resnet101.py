@@ -4,7 +4,8 @@ ResNet-101 (ImageNet weights, concat pooling) at 324x324 + PubMedBERT-256-cls te
 fusion with auxiliary vision/text heads (0.5/0.3), focal loss, weighted sampling, random text
 masking (0.1), AdamW, cosine schedule over 100 epochs after 5 warm-up epochs, global batch 64,
 and each dataset split 0.9/0.1 (train/validation) on its own: `configs/final_model.py:final_run`
-in bfloat16. Data is read from `data.gcs_root` (gs://); every TPU host reads its own slice of each batch.
+in bfloat16. Data is read from `data.gcs_root` (gs://); every TPU host reads its own slice of
+each batch.
 
 Once, on a machine with internet and torch, convert the backbone weights and write the text
 embeddings to the bucket:

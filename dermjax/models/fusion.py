@@ -191,12 +191,15 @@ class MultimodalClassifier(nnx.Module):
                 projection_dim, num_classes, rngs=rngs, dtype=dtype
             )
 
-    def _project(self, projection: MLP, emb: jax.Array, valid: jax.Array | None) -> jax.Array:
-        """Projection; rows of masked samples zeroed (if enabled) *before* the L2 norm."""
+    def _project(
+        self, projection: MLP, emb: jax.Array, valid: jax.Array | None, l2: bool = True
+    ) -> jax.Array:
+        """Projection; rows of masked samples zeroed (if enabled) *before* the L2 norm (if
+        enabled and `l2`)."""
         p = projection(emb)
         if valid is not None and self.zero_masked_projections:
             p = p * valid.astype(p.dtype)[:, None]
-        return l2_normalize(p).astype(p.dtype) if self.use_l2_normalization else p
+        return l2_normalize(p).astype(p.dtype) if self.use_l2_normalization and l2 else p
 
     def _multimodal(self, vision_emb, text_emb, vision_valid, text_valid) -> dict[str, jax.Array]:
         pv = self._project(self.vision_projection, vision_emb, vision_valid)
@@ -228,9 +231,9 @@ class MultimodalClassifier(nnx.Module):
         as in the multimodal path unless `vision_only_l2_normalization` is off (the original)."""
         if not self.use_auxiliary_loss:
             raise ValueError("the vision-only path needs use_auxiliary_loss (the aux vision head)")
-        p = self.vision_projection(vision_emb)
-        if self.use_l2_normalization and self.vision_only_l2_normalization:
-            p = l2_normalize(p).astype(p.dtype)
+        p = self._project(
+            self.vision_projection, vision_emb, None, l2=self.vision_only_l2_normalization
+        )
         return {"logits": self.aux_vision_classifier(p).astype(jnp.float32)}
 
     def __call__(

@@ -3,11 +3,11 @@
 Optimisation follows the original: two optimizer groups with learning rates set once per epoch
 (cosine after the warm-up), the whole backbone frozen for the first `n_warmup_epochs`, then the
 `unfreeze_layers` rule; validation every `validation_interval` epochs (and, unlike the original,
-after the last) with early stopping on `training.monitor`. Unlike the original, the best model is evaluated on the test split at the end
-(on the validation split when there is no test split, which the summary names). With
-`training.vision_only_pretraining` the first epochs run the vision-only step, with their own
-early-stopping state; auxiliary weights and epoch masks are evaluated per epoch on the host
-(`experiment.epoch_schedule`) and passed to the steps as values.
+after the last) with early stopping on `training.monitor`. Unlike the original, the best model
+is evaluated on the test split at the end (on the validation split when there is no test split,
+which the summary names). With `training.vision_only_pretraining` the first epochs run the
+vision-only step, with their own early-stopping state; auxiliary weights and epoch masks are
+evaluated per epoch on the host (`experiment.epoch_schedule`) and passed to the steps as values.
 Everything needed to continue (state, data position, early-stopping state, the partial epoch's
 metrics, counters) is checkpointed, so a resumed run is the same run. What the loop works with
 is composed from the config by `dermjax.experiment`.
